@@ -1,0 +1,29 @@
+# ideal-ray: two commands do all the set-up on a fresh machine.
+#   make demo   create .venv (once), generate the synthetic set, train the tiny tokenizer, report PSNR/usage
+#   make test   create .venv (once), run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) jobs/bench.py params --preset paper
+	$(PY) jobs/bench.py tokenizer --preset tiny
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,522 @@
+"""Typed configuration for every part of ideal-ray.
+
+One dataclass per part, composed into :class:`TokenizerTrainConfig` for the tokenizer stage.
+Named presets (``tiny``, ``paper``) and ablation variants (``paper+fusion-none``) are built by
+:func:`load_config`; ``a.b=c`` overrides are applied on top and the result is validated with one
+clear sentence per error, before any model is built or any cluster time is spent.
+
+Numbers for ``paper`` come from ``shared/design/ideal-spec.md`` (the paper and the authors' release).
+Layer numbers are 1-based like the paper ("block 8 and block 24"); code converts to 0-based indices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message is one sentence a user can act on."""
+
+
+# --------------------------------------------------------------------------------------------- parts
+@dataclass
+class VFMConfig:
+    """The frozen vision foundation model whose features are tokenized."""
+
+    backbone: str = "siglip2"  # siglip2 | dinov2 | dinov3 | tiny
+    # open_clip model name (siglip2, tiny) or timm model name (dinov2, dinov3)
+    model_name: str = "ViT-L-16-SigLIP2-384"
+    # open_clip pretrained tag ("webli") or timm pretrained tag; "" builds random weights (tiny only)
+    pretrained: str = "webli"
+    # a local weights file (.safetensors / .bin / .pth); "" looks in the HF / torch hub cache
+    weights_path: str = ""
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    heads: int = 16  # used only by tiny (registered) architectures; real backbones bring their own
+    mlp_ratio: float = 4.0
+    shallow_layer: int = 8  # 1-based block number; output read before the final norm
+    deep_layer: int = 24
+    single_layer: bool = False  # layer probe (paper Table 1): tokenize deep_layer only
+    shallow_norm_trainable: bool = True  # paper: learnable; release: frozen at 1/0
+    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class FusionConfig:
+    """AttnFuse: deep tokens query shallow tokens (spec section 2)."""
+
+    mode: str = "attention"  # attention | linear | none
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+
+
+@dataclass
+class QuantizerConfig:
+    """Factorized, l2-normalized VQ (spec section 3)."""
+
+    codebook_size: int = 16384
+    dim: int = 64
+    l2_norm: bool = True
+    codebook_weight: float = 1.0
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.01
+    entropy_temperature: float = 0.01
+    usage_window: int = 524288  # indices remembered for the rolling codebook-usage figure
+
+
+@dataclass
+class FeatureDecoderConfig:
+    """ViT feature decoder with CLS + registers and deep/shallow heads (spec section 4)."""
+
+    width: int = 1024
+    depth: int = 6
+    heads: int = 8
+    mlp_dim: int = 2048
+    dropout: float = 0.1
+    num_registers: int = 4
+
+
+@dataclass
+class PixelDecoderConfig:
+    """CNN pixel decoder from the deep-feature grid to pixels (spec section 5)."""
+
+    base_channels: int = 128
+    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2  # ResBlocks per up level
+    dropout: float = 0.0
+    norm_groups: int = 32
+    out_channels: int = 3
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Frozen DINO ViT-S/16 trunk with five trainable heads (spec section 6)."""
+
+    model_name: str = "vit_small_patch16_224.dino"  # timm name
+    pretrained: bool = True
+    weights_path: str = ""
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    tap_blocks: Tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks tapped after; the embedding is tapped too
+    head_kernel: int = 9
+    crop_prob: float = 0.5  # one random crop for the batch with this probability, else area-resize
+    # a tap's tokens: "add_cls" = class token added to each patch token, (image/patch)^2 tokens (release);
+    # "cls_token" = class token kept as its own token, 1 + (image/patch)^2 tokens
+    tap_readout: str = "add_cls"
+
+
+@dataclass
+class TokenizerConfig:
+    vfm: VFMConfig = field(default_factory=VFMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    feature_decoder: FeatureDecoderConfig = field(default_factory=FeatureDecoderConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    image_size: int = 384  # pixel-space resolution the tokenizer reconstructs
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and schedule (spec section 6)."""
+
+    recon_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_warmup_steps: int = 10  # w_p = min(1, step / warmup)
+    lpips_net: str = "vgg"  # lpips package backbone: vgg | alex | squeeze
+    lpips_pretrained: bool = True  # False: random trunk (tiny/CPU tests), shipped linear heads
+    lpips_weights_path: str = ""  # local torchvision VGG16 file; "" looks in $TORCH_HOME/hub/checkpoints
+    deep_mse_weight: float = 1.0
+    deep_cos_weight: float = 1.0
+    shallow_align: bool = True
+    shallow_mse_weight: float = 1.0
+    shallow_cos_weight: float = 1.0
+    adv_weight: float = 0.5  # lambda_adv for hinge_G, from disc_start
+    disc_weight: float = 0.5  # lambda_d for the discriminator hinge (+ LeCAM)
+    disc_start: int = 20000
+    lecam_weight: float = 0.001
+    lecam_decay: float = 0.999
+    cr_weight: float = 4.0
+    diffaug: bool = True
+    diffaug_prob: float = 0.5
+    use_discriminator: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for G and D, cosine schedule with warm-up (spec section 6)."""
+
+    lr: float = 1e-4
+    base_batch: int = 256  # lr is scaled linearly by global_batch / base_batch
+    betas: Tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_start_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_epochs: float = 4.0
+    epochs: float = 50.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast is used on GPU only)
+    seed: int = 42
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented."""
+
+    root: str = "data/imagenet"  # ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+    class_index: str = ""  # "" = <root>/class_index.json
+    image_size: int = 384  # random crop size
+    resize_min: int = 384  # shorter side resized to U[resize_min, resize_max]
+    resize_max: int = 480
+    hflip_prob: float = 0.5
+    global_batch: int = 256
+    loader_workers: int = 8
+    # synthetic set (demo, tests): written under root when it does not exist
+    synthetic_classes: int = 10
+    synthetic_train_per_class: int = 100
+    synthetic_val_per_class: int = 10
+    synthetic_size: int = 96
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and how often to do things; steps are optimizer steps."""
+
+    steps: int = 0  # 0 = derive from optim.epochs and the dataset size
+    steps_per_epoch: int = 5005  # ImageNet-1k at batch 256; recomputed from the data when known
+    log_every: int = 50
+    ckpt_every: int = 10000
+    vis_every: int = 5000
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Everything the tokenizer stage needs."""
+
+    preset: str = "paper"
+    name: str = "ideal-tokenizer"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    output_dir: str = "runs"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        """Dotted-key view, e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+
+# ------------------------------------------------------------------------------------------- presets
+def paper() -> TokenizerTrainConfig:
+    return TokenizerTrainConfig(preset="paper")
+
+
+def tiny() -> TokenizerTrainConfig:
+    """Real architecture code with tiny widths: runs in seconds on a CPU, random weights, no downloads."""
+    cfg = TokenizerTrainConfig(preset="tiny", name="ideal-tokenizer-tiny")
+    cfg.model = TokenizerConfig(
+        vfm=VFMConfig(
+            backbone="tiny",
+            model_name="ideal-tiny-vit",  # registered open_clip config (see models/vfm.py)
+            pretrained="",
+            image_size=64,
+            patch_size=8,
+            width=64,
+            depth=4,
+            heads=4,
+            shallow_layer=2,
+            deep_layer=4,
+        ),
+        fusion=FusionConfig(heads=4),
+        quantizer=QuantizerConfig(codebook_size=256, dim=8, usage_window=4096),
+        feature_decoder=FeatureDecoderConfig(width=64, depth=2, heads=4, mlp_dim=128),
+        pixel_decoder=PixelDecoderConfig(base_channels=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        image_size=64,
+    )
+    cfg.discriminator = DiscriminatorConfig(
+        model_name="ideal_tiny_dino",  # registered timm model (see models/discriminator.py)
+        pretrained=False,
+        image_size=32,
+        patch_size=8,
+        width=64,
+        depth=4,
+        heads=4,
+        tap_blocks=(0, 1, 2, 3),
+    )
+    cfg.loss = LossConfig(lpips_net="alex", lpips_pretrained=False, disc_start=100)
+    cfg.optim = OptimConfig(lr=1e-3, base_batch=8, warmup_epochs=0.5, epochs=10, min_lr=1e-4,
+                            warmup_start_lr=1e-4, ema_decay=0.99, precision="fp32", seed=0)
+    cfg.data = DataConfig(root="data/synthetic", image_size=64, resize_min=64, resize_max=80,
+                          global_batch=8, loader_workers=0, synthetic_classes=10,
+                          synthetic_train_per_class=32, synthetic_val_per_class=8, synthetic_size=96)
+    cfg.schedule = ScheduleConfig(steps=300, steps_per_epoch=40, log_every=25, ckpt_every=100, vis_every=100)
+    return cfg
+
+
+PRESETS: Dict[str, Callable[[], TokenizerTrainConfig]] = {"paper": paper, "tiny": tiny}
+
+# Ablation variants (paper Tables 1 and 7): override bundles applied on top of a base preset,
+# named as "<base>+<variant>", e.g. "paper+fusion-linear" or "tiny+layer-probe".
+_DINO_COMMON = ["model.vfm.mean=0.485,0.456,0.406", "model.vfm.std=0.229,0.224,0.225",
+                "model.vfm.width=1024", "model.vfm.depth=24", "model.vfm.pretrained=default"]
+ABLATIONS: Dict[str, List[str]] = {
+    "fusion-attention": ["model.fusion.mode=attention"],
+    "fusion-linear": ["model.fusion.mode=linear"],
+    "fusion-none": ["model.fusion.mode=none"],
+    "shallow-align-on": ["loss.shallow_align=true"],
+    "shallow-align-off": ["loss.shallow_align=false"],
+    # DINOv2 ViT-L/14 at 336 px and DINOv3 ViT-L/16 at 384 px both give 24 x 24 = 576 tokens.
+    "backbone-siglip2": [],
+    "backbone-dinov2": ["model.vfm.backbone=dinov2", "model.vfm.model_name=vit_large_patch14_dinov2.lvd142m",
+                        "model.vfm.image_size=336", "model.vfm.patch_size=14"] + _DINO_COMMON,
+    "backbone-dinov3": ["model.vfm.backbone=dinov3", "model.vfm.model_name=vit_large_patch16_dinov3.lvd1689m",
+                        "model.vfm.image_size=384", "model.vfm.patch_size=16"] + _DINO_COMMON,
+    # Single-layer tokenization for the layer probe: add model.vfm.deep_layer=L (paper: 8/12/16/20/24).
+    "layer-probe": ["model.vfm.single_layer=true", "model.fusion.mode=none", "loss.shallow_align=false"],
+}
+for _layer in (8, 12, 16, 20, 24):
+    ABLATIONS[f"layer-{_layer}"] = ABLATIONS["layer-probe"] + [f"model.vfm.deep_layer={_layer}"]
+
+
+# Variants that make sense at tiny scale (the backbone and layer-number variants name paper-scale networks).
+TINY_ABLATIONS = ("fusion-attention", "fusion-linear", "fusion-none", "shallow-align-on", "shallow-align-off",
+                  "layer-probe")
+
+
+def preset_names() -> List[str]:
+    """Every meaningful preset name: the bases, paper with each variant, tiny with its tiny-scale variants."""
+    return (list(PRESETS) + [f"paper+{a}" for a in ABLATIONS if a != "layer-probe"]
+            + [f"tiny+{a}" for a in TINY_ABLATIONS])
+
+
+def load_config(preset: str = "tiny", overrides: Sequence[str] = ()) -> TokenizerTrainConfig:
+    """Build a preset (``base`` or ``base+variant[+variant]``), apply ``a.b=c`` overrides, validate."""
+    base, *variants = preset.split("+")
+    if base not in PRESETS:
+        raise ConfigError(f"Unknown preset '{base}'; choose one of {sorted(PRESETS)}.")
+    cfg = PRESETS[base]()
+    for v in variants:
+        if v not in ABLATIONS:
+            raise ConfigError(f"Unknown ablation variant '{v}'; choose one of {sorted(ABLATIONS)}.")
+        cfg = apply_overrides(cfg, ABLATIONS[v])
+    cfg.preset = preset
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- overrides
+def _coerce(value: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"Override {key}={value} needs a boolean (true/false).")
+    if tp is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"Override {key}={value} needs an integer.") from None
+    if tp is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"Override {key}={value} needs a number.") from None
+    if tp is str:
+        return value
+    if origin in (tuple, list, Tuple, List):
+        args = typing.get_args(tp)
+        elem = args[0] if args else str
+        text = value.strip().strip("[]()")
+        parts = [p.strip() for p in text.split(",") if p.strip()] if text else []
+        items = [_coerce(p, elem, key) for p in parts]
+        if origin in (tuple, Tuple) and args and args[-1] is not Ellipsis and len(args) != len(items):
+            raise ConfigError(f"Override {key}={value} needs exactly {len(args)} comma-separated values.")
+        return tuple(items) if origin in (tuple, Tuple) else items
+    raise ConfigError(f"Override {key} has a type ({tp}) that cannot be set from the command line.")
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Return a copy of ``cfg`` with each ``a.b=c`` override applied (values typed by the field)."""
+    cfg = _deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key.sub=value.")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        node = cfg
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"Override key '{key}' goes below a plain value at '{'.'.join(parts[:i])}'.")
+            hints = typing.get_type_hints(type(node))
+            if part not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(node))
+                where = ".".join(parts[:i]) or "the config"
+                raise ConfigError(f"Override key '{key}' is unknown: {where} has no field '{part}' (fields: {known}).")
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(getattr(node, part)):
+                    raise ConfigError(f"Override key '{key}' names a section; set one of its fields instead.")
+                setattr(node, part, _coerce(value.strip(), hints[part], key))
+            else:
+                node = getattr(node, part)
+    return cfg
+
+
+def _deepcopy(cfg: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(cfg)
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def from_dict(cls: Any, data: Dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`dataclasses.asdict` output (e.g. a checkpoint)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, v = hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            v = from_dict(tp, v)
+        elif typing.get_origin(tp) in (tuple, Tuple) and v is not None:
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------- validation
+BACKBONES = ("siglip2", "dinov2", "dinov3", "tiny")
+FUSION_MODES = ("attention", "linear", "none")
+LPIPS_NETS = ("vgg", "alex", "squeeze")
+PRECISIONS = ("bf16", "fp32")
+
+
+def _check(ok: bool, sentence: str) -> None:
+    if not ok:
+        raise ConfigError(sentence)
+
+
+def validate_tokenizer(m: TokenizerConfig) -> None:
+    v, f, q, fd, pd = m.vfm, m.fusion, m.quantizer, m.feature_decoder, m.pixel_decoder
+    _check(v.backbone in BACKBONES, f"model.vfm.backbone '{v.backbone}' is unknown; choose one of {BACKBONES}.")
+    _check(f.mode in FUSION_MODES, f"model.fusion.mode '{f.mode}' is unknown; choose one of {FUSION_MODES}.")
+    _check(v.image_size % v.patch_size == 0,
+           f"model.vfm.image_size {v.image_size} is not a multiple of model.vfm.patch_size {v.patch_size}.")
+    _check(1 <= v.deep_layer <= v.depth,
+           f"model.vfm.deep_layer {v.deep_layer} is beyond the backbone's depth {v.depth} (layers are 1..{v.depth}).")
+    if not v.single_layer:
+        _check(1 <= v.shallow_layer <= v.depth,
+               f"model.vfm.shallow_layer {v.shallow_layer} is beyond the backbone's depth {v.depth} "
+               f"(layers are 1..{v.depth}).")
+        _check(v.shallow_layer < v.deep_layer,
+               f"model.vfm.shallow_layer {v.shallow_layer} must come before model.vfm.deep_layer {v.deep_layer}.")
+    else:
+        _check(f.mode == "none", "Single-layer tokenization (model.vfm.single_layer=true) has no shallow tokens "
+               "to fuse: set model.fusion.mode=none.")
+    _check(v.width % f.heads == 0 or f.mode != "attention",
+           f"model.fusion.heads {f.heads} does not divide the VFM width {v.width}.")
+    _check(0 <= f.dropout < 1, f"model.fusion.dropout {f.dropout} must be in [0, 1).")
+    _check(q.codebook_size >= 2, f"model.quantizer.codebook_size {q.codebook_size} must be at least 2.")
+    _check(q.codebook_size <= 65536,
+           f"model.quantizer.codebook_size {q.codebook_size} exceeds 65536, the range of the uint16 token shards.")
+    _check(1 <= q.dim <= v.width,
+           f"model.quantizer.dim {q.dim} must be between 1 and the VFM width {v.width}.")
+    _check(q.entropy_temperature > 0, "model.quantizer.entropy_temperature must be positive.")
+    _check(q.usage_window > 0, "model.quantizer.usage_window must be positive.")
+    _check(fd.width % fd.heads == 0,
+           f"model.feature_decoder.heads {fd.heads} does not divide its width {fd.width}.")
+    _check(fd.depth >= 1, "model.feature_decoder.depth must be at least 1.")
+    _check(fd.num_registers >= 0, "model.feature_decoder.num_registers cannot be negative.")
+    _check(len(pd.ch_mult) >= 1, "model.pixel_decoder.ch_mult needs at least one level.")
+    for c in pd.ch_mult:
+        _check(pd.base_channels * c % pd.norm_groups == 0,
+               f"model.pixel_decoder channels {pd.base_channels * c} are not divisible by norm_groups "
+               f"{pd.norm_groups}.")
+    up = 2 ** (len(pd.ch_mult) - 1)
+    _check(v.grid * up == m.image_size,
+           f"The pixel decoder upsamples the {v.grid}x{v.grid} token grid by {up} to {v.grid * up}, "
+           f"but model.image_size is {m.image_size}: change model.pixel_decoder.ch_mult or model.image_size.")
+
+
+def validate(cfg: TokenizerTrainConfig) -> None:
+    """Raise :class:`ConfigError` with one sentence for the first wrong value."""
+    validate_tokenizer(cfg.model)
+    d, l, o, dc, s = cfg.discriminator, cfg.loss, cfg.optim, cfg.data, cfg.schedule
+    _check(l.lpips_net in LPIPS_NETS, f"loss.lpips_net '{l.lpips_net}' is unknown; choose one of {LPIPS_NETS}.")
+    _check(not (cfg.model.vfm.single_layer and l.shallow_align),
+           "Single-layer tokenization has no shallow target: set loss.shallow_align=false.")
+    _check(l.perceptual_warmup_steps >= 0, "loss.perceptual_warmup_steps cannot be negative.")
+    _check(l.disc_start >= 0, "loss.disc_start cannot be negative.")
+    _check(0 < l.lecam_decay < 1, f"loss.lecam_decay {l.lecam_decay} must be in (0, 1).")
+    _check(0 <= l.diffaug_prob <= 1, f"loss.diffaug_prob {l.diffaug_prob} must be in [0, 1].")
+    _check(d.image_size % d.patch_size == 0,
+           f"discriminator.image_size {d.image_size} is not a multiple of discriminator.patch_size {d.patch_size}.")
+    _check(d.width % d.heads == 0, f"discriminator.heads {d.heads} does not divide its width {d.width}.")
+    for b in d.tap_blocks:
+        _check(0 <= b < d.depth,
+               f"discriminator.tap_blocks has block {b}, beyond the trunk's depth {d.depth} (0-based 0..{d.depth - 1}).")
+    _check(0 <= d.crop_prob <= 1, f"discriminator.crop_prob {d.crop_prob} must be in [0, 1].")
+    _check(o.lr > 0, "optim.lr must be positive.")
+    _check(o.precision in PRECISIONS, f"optim.precision '{o.precision}' is unknown; choose one of {PRECISIONS}.")
+    _check(0 <= o.ema_decay < 1, f"optim.ema_decay {o.ema_decay} must be in [0, 1).")
+    _check(o.min_lr <= o.lr * max(1.0, dc.global_batch / o.base_batch),
+           "optim.min_lr is above the peak learning rate.")
+    _check(o.warmup_epochs <= o.epochs, "optim.warmup_epochs is longer than optim.epochs.")
+    _check(o.grad_clip >= 0, "optim.grad_clip cannot be negative (0 turns clipping off).")
+    _check(dc.global_batch >= 1, "data.global_batch must be at least 1.")
+    _check(dc.resize_min >= dc.image_size,
+           f"data.resize_min {dc.resize_min} is smaller than the crop data.image_size {dc.image_size}.")
+    _check(dc.resize_max >= dc.resize_min, "data.resize_max is smaller than data.resize_min.")
+    _check(dc.image_size == cfg.model.image_size,
+           f"data.image_size {dc.image_size} differs from model.image_size {cfg.model.image_size}.")
+    _check(0 <= dc.hflip_prob <= 1, f"data.hflip_prob {dc.hflip_prob} must be in [0, 1].")
+    _check(s.steps >= 0, "schedule.steps cannot be negative.")
+    _check(s.log_every >= 1 and s.ckpt_every >= 1 and s.vis_every >= 1,
+           "schedule.log_every, ckpt_every and vis_every must be at least 1.")

@@ -1,0 +1,230 @@
+"""Read an ImageNet-layout image folder as a torch Dataset (in-process; no Ray).
+
+Layout: ``root/<split>/<wnid>/<file>.{JPEG,jpeg,jpg,png}`` with labels from a class index
+(``root/class_index.json`` in the torchvision/Keras style ``{"0": ["n01440764", "tench"], ...}``), so label
+numbers match the standard ImageNet-1k order rather than whatever folders happen to exist. Without a class
+index the sorted folder names are the classes (name = wnid).
+
+Every layout problem is reported before any image is opened, with one sentence naming the folder. At read
+time an undecodable file (zero bytes, not an image, truncated) must not kill a multi-day training run: it is
+skipped, the next good sample is returned instead and the path is recorded in ``dataset.skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case, so .JPEG (ImageNet) matches
+CLASS_INDEX_FILE = "class_index.json"
+
+# What PIL raises for files it cannot decode: UnidentifiedImageError is an OSError; truncated data raises
+# OSError on load; some corrupt headers raise SyntaxError / ValueError; huge bogus sizes DecompressionBombError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_class_index(root_or_file: str | os.PathLike) -> list[tuple[str, str]]:
+    """Return ``[(wnid, name), ...]`` ordered by label from a class-index file or a dataset root.
+
+    Accepts a directory (reads ``<dir>/class_index.json``), a JSON file ``{"0": [wnid, name], ...}`` (labels
+    must be exactly 0..N-1) or a text file with one ``wnid name...`` per line in label order (the Kaggle
+    ``LOC_synset_mapping.txt`` style).
+    """
+    path = Path(root_or_file).expanduser()
+    if path.is_dir():
+        path = path / CLASS_INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"class index {path} does not exist; pass a class_index.json file or its folder.")
+
+    if path.suffix.lower() == ".txt":
+        entries = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(maxsplit=1)
+            entries.append((parts[0], parts[1] if len(parts) > 1 else parts[0]))
+        if not entries:
+            raise ValueError(f"class index {path} has no entries; expected one 'wnid name' per line.")
+        _check_unique(entries, path)
+        return entries
+
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"class index {path} is not valid JSON ({e}); expected {{\"0\": [wnid, name], ...}}.")
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"class index {path} must be a non-empty JSON object like {{\"0\": [wnid, name], ...}}.")
+    try:
+        by_label = {int(k): v for k, v in raw.items()}
+    except ValueError:
+        raise ValueError(f"class index {path} has a non-integer key; keys must be the labels \"0\", \"1\", ...")
+    if sorted(by_label) != list(range(len(by_label))):
+        raise ValueError(f"class index {path} labels must be exactly 0..{len(by_label) - 1} with no gaps.")
+    entries = []
+    for label in range(len(by_label)):
+        v = by_label[label]
+        if isinstance(v, str):  # {"0": "n01440764"} -- tolerated, name = wnid
+            entries.append((v, v))
+        elif isinstance(v, (list, tuple)) and len(v) >= 1 and all(isinstance(x, str) for x in v):
+            entries.append((v[0], v[1] if len(v) > 1 else v[0]))
+        else:
+            raise ValueError(f"class index {path} entry {label} is {v!r}; expected [wnid, name].")
+    _check_unique(entries, path)
+    return entries
+
+
+def _check_unique(entries: list[tuple[str, str]], path: Path) -> None:
+    seen: set[str] = set()
+    for wnid, _ in entries:
+        if wnid in seen:
+            raise ValueError(f"class index {path} lists wnid {wnid!r} twice; each class folder needs one label.")
+        seen.add(wnid)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; images with transparency are composited over white, not over garbage."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits first
+        img = img.point(lambda x: x * (1 / 256)).convert("L")
+    return img.convert("RGB")
+
+
+def default_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float (3, H, W) in [-1, 1] at the original size (used when no transform is given)."""
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.pil_to_tensor(img)  # (3, H, W) uint8
+    return x.float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """ImageNet-layout folder ``root/<split>/<wnid>/*`` as (image_tensor, label) samples.
+
+    Attributes: ``samples`` [(path, label)], ``targets`` [label], ``classes`` [wnid by label], ``class_names``
+    [name by label], ``class_to_idx`` {wnid: label}, ``skipped`` (paths that failed to decode, in the order met;
+    per process -- each DataLoader worker has its own copy) and ``num_skipped``.
+
+    ``transform`` takes an RGB PIL image; without one the image becomes a float (3, H, W) tensor in [-1, 1].
+    ``return_path=True`` makes samples ``(image, label, path)`` (the path is the sample id).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        class_index: str | os.PathLike = "",
+        return_path: bool = False,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.transform = transform
+        self.return_path = return_path
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder; check data.root.")
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"split folder {split_dir} does not exist; expected {self.root}/{split}/<wnid>/<images>."
+            )
+        class_dirs = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        if not class_dirs:
+            raise FileNotFoundError(
+                f"split folder {split_dir} has no class folders; expected {split_dir}/<wnid>/<images>."
+            )
+
+        index_path = Path(class_index).expanduser() if str(class_index) else self.root / CLASS_INDEX_FILE
+        if str(class_index) or index_path.is_file():
+            entries = load_class_index(index_path)
+            self.class_index_path: Path | None = index_path
+        else:  # no class index anywhere: sorted folder names are the classes
+            entries = [(d, d) for d in class_dirs]
+            self.class_index_path = None
+        self.classes = [wnid for wnid, _ in entries]
+        self.class_names = [name for _, name in entries]
+        self.class_to_idx = {wnid: i for i, wnid in enumerate(self.classes)}
+
+        unknown = [d for d in class_dirs if d not in self.class_to_idx]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ValueError(
+                f"class folder {split_dir / unknown[0]}{more} is not in the class index {index_path}; "
+                f"remove the folder or add its wnid to the index."
+            )
+
+        self.samples: list[tuple[str, int]] = []
+        for d in class_dirs:
+            label = self.class_to_idx[d]
+            files = sorted(
+                e.name
+                for e in os.scandir(split_dir / d)
+                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            )
+            self.samples.extend((str(split_dir / d / f), label) for f in files)
+        if not self.samples:
+            raise FileNotFoundError(
+                f"split folder {split_dir} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)})."
+            )
+        self.targets = [label for _, label in self.samples]
+        self.skipped: list[str] = []
+        self._bad: set[int] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decode sample ``index`` to an RGB PIL image; raises on an undecodable file."""
+        path = self.samples[index][0]
+        with Image.open(path) as img:
+            img.load()  # decode now, inside the caller's error handling (PIL is lazy)
+            return to_rgb(img)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for a dataset of {n} images.")
+        index %= n
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            path, label = self.samples[i]
+            try:
+                img = self.load_image(i)
+            except _DECODE_ERRORS as e:
+                self._bad.add(i)
+                self.skipped.append(path)
+                log.warning("skipping undecodable image %s (%s: %s)", path, type(e).__name__, e)
+                continue
+            x = self.transform(img) if self.transform is not None else default_to_tensor(img)
+            return (x, label, path) if self.return_path else (x, label)
+        raise RuntimeError(f"no image under {self.root / self.split} could be decoded; check the files.")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={self.num_classes}, skipped={self.num_skipped})"
+        )
