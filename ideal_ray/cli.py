@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, load_config, preset_names
 

@@ -89,7 +89,7 @@ def cmd_tokenizer(args) -> None:
           f"TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {cfg.preset} | {name} | {args.batch} | {cfg.optim.precision if device.type == 'cuda' else 'fp32'} | "
-          f"{med:.4f} | {args.batch / med:.1f} | {flops / 1e12:.4f} | {flops / med / 1e12:.2f} | {mem:.1f} |")
+          f"{med:.4f} | {args.batch / med:.3g} | {flops / 1e12:.4f} | {flops / med / 1e12:.2f} | {mem:.1f} |")
 
 
 def main(argv=None) -> None:

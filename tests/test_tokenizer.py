@@ -1,6 +1,5 @@
 """The assembled Ideal tokenizer at tiny scale: encode/decode, fusion and alignment switches, training signal,
 checkpoints (ours and the authors' release layout) and the paper preset's exact parameter counts."""
-import copy
 import os
 import re
 import sys
@@ -235,3 +234,17 @@ def test_bench_params_prints_one_line_per_module(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "total 97839555 316283904"
     assert all(len(line.split()) == 3 for line in lines)
+
+
+def test_paper_training_offline_fails_fast_naming_the_file(offline):
+    import time
+
+    from ideal_ray.train.tokenizer_step import TokenizerSystem
+    from ideal_ray.weights import MissingWeightsError
+
+    t0 = time.perf_counter()
+    with pytest.raises(MissingWeightsError) as e:
+        TokenizerSystem(load_config("paper"))
+    assert time.perf_counter() - t0 < 10
+    msg = str(e.value)
+    assert "open_clip_model.safetensors" in msg and "model.vfm.weights_path" in msg

@@ -3,9 +3,7 @@ and the fail-fast path when pretrained weights are not on the machine (no networ
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import socket
 import time
 
 import pytest
@@ -36,23 +34,6 @@ def images(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 def vfm() -> FrozenVFM:
     torch.manual_seed(0)
     return FrozenVFM(tiny_cfg())
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Empty HF / torch caches and a machine where any connection attempt fails loudly."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    return tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- shapes

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ideal_ray.config import FeatureDecoderConfig
+from ideal_ray.models.layers import mlp
 
 
 class DecoderBlock(nn.Module):
@@ -29,13 +30,7 @@ class DecoderBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.drop1 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, mlp_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(mlp_dim, width),
-            nn.Dropout(dropout),
-        )
+        self.mlp = mlp(width, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)  # (B, S, W)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ideal_ray.config import FusionConfig
+from ideal_ray.models.layers import mlp
 
 
 def _require_shallow(shallow: Optional[torch.Tensor], deep: torch.Tensor, mode: str) -> torch.Tensor:
@@ -45,13 +46,7 @@ class AttnFusion(nn.Module):
         self.kv_norm = nn.LayerNorm(width, eps=1e-5)
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, bias=True, batch_first=True)
         self.ffn_norm = nn.LayerNorm(width, eps=1e-5)
-        self.ffn = nn.Sequential(
-            nn.Linear(width, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, width),
-            nn.Dropout(dropout),
-        )
+        self.ffn = mlp(width, hidden, dropout)
 
     def forward(self, deep: torch.Tensor, shallow: Optional[torch.Tensor]) -> torch.Tensor:
         shallow = _require_shallow(shallow, deep, "attention")

@@ -34,17 +34,24 @@ def autocast(device: torch.device, precision: str):
 
 
 class TokenizerSystem(nn.Module):
-    """Everything a tokenizer training step needs, as one module tree (for .to(device) and state dicts)."""
+    """Everything a tokenizer training step needs, as one module tree (for .to(device) and state dicts).
+
+    ``load_weights=False`` builds every network with random weights (benchmarks, parameter counts); training
+    runs load the pretrained VFM, DINO trunk and LPIPS trunk, and fail fast when a file is missing.
+    """
 
     def __init__(self, cfg: TokenizerTrainConfig, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = IdealTokenizer(cfg.model, load_weights=load_weights)
         lc = cfg.loss
-        self.discriminator = DinoDiscriminator(cfg.discriminator) if lc.use_discriminator else None
+        self.discriminator = None
+        if lc.use_discriminator:
+            self.discriminator = DinoDiscriminator(cfg.discriminator, load_weights=load_weights)
         self.lpips = None
         if lc.perceptual_weight > 0:
-            self.lpips = lpips_model(lc.lpips_net, lc.lpips_pretrained, lc.lpips_weights_path)
+            # load_weights=False (benchmarks): a random LPIPS trunk with the same architecture and cost
+            self.lpips = lpips_model(lc.lpips_net, lc.lpips_pretrained and load_weights, lc.lpips_weights_path)
         self.lecam = LeCAM(lc.lecam_decay)
 
     def g_loss(self, images: torch.Tensor, step: int, generator: Optional[torch.Generator] = None):
