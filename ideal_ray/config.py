@@ -208,6 +208,22 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a stage runs on Ray Train + DeepSpeed, and where its results go."""
+
+    num_workers: int = 8  # Ray Train workers (one per GPU)
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0  # leave the rest of each node's CPUs to Ray Data (decode, augment)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage for the generator and discriminator engines (0, 1 or 2)
+    storage_path: str = "runs"  # Ray Train storage: local dir, NFS path, or s3:// / gs:// (pyarrow filesystems)
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
+    keep_checkpoints: int = 3  # most recent checkpoints kept in storage
+    max_bad_steps: int = 10  # NaN guard: stop after this many non-finite steps in a row
+    prefetch_batches: int = 2  # Ray Data batches prefetched per worker
+    ray_address: str = ""  # "" = RAY_ADDRESS or a local cluster
+
+
+@dataclass
 class TokenizerTrainConfig:
     """Everything the tokenizer stage needs."""
 
@@ -219,6 +235,7 @@ class TokenizerTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -273,6 +290,7 @@ def tiny() -> TokenizerTrainConfig:
                           global_batch=8, loader_workers=0, synthetic_classes=10,
                           synthetic_train_per_class=32, synthetic_val_per_class=8, synthetic_size=96)
     cfg.schedule = ScheduleConfig(steps=300, steps_per_epoch=40, log_every=25, ckpt_every=100, vis_every=100)
+    cfg.dist = DistributedConfig(num_workers=2, use_gpu=False, cpus_per_worker=1.0, zero_stage=1)
     return cfg
 
 
@@ -518,5 +536,17 @@ def validate(cfg: TokenizerTrainConfig) -> None:
            f"data.image_size {dc.image_size} differs from model.image_size {cfg.model.image_size}.")
     _check(0 <= dc.hflip_prob <= 1, f"data.hflip_prob {dc.hflip_prob} must be in [0, 1].")
     _check(s.steps >= 0, "schedule.steps cannot be negative.")
+    t = cfg.dist
+    _check(t.num_workers >= 1, "dist.num_workers must be at least 1.")
+    _check(dc.global_batch % t.num_workers == 0,
+           f"data.global_batch {dc.global_batch} does not divide evenly over dist.num_workers {t.num_workers}; "
+           f"choose a global batch that is a multiple of the worker count.")
+    _check(t.zero_stage in (0, 1, 2),
+           f"dist.zero_stage {t.zero_stage} is not supported for the tokenizer (0, 1 or 2): the EMA and the frozen "
+           f"VFM need full parameters on every rank.")
+    _check(t.cpus_per_worker > 0, "dist.cpus_per_worker must be positive.")
+    _check(t.max_failures >= 0, "dist.max_failures cannot be negative.")
+    _check(t.keep_checkpoints >= 1, "dist.keep_checkpoints must be at least 1.")
+    _check(t.max_bad_steps >= 1, "dist.max_bad_steps must be at least 1.")
     _check(s.log_every >= 1 and s.ckpt_every >= 1 and s.vis_every >= 1,
            "schedule.log_every, ckpt_every and vis_every must be at least 1.")

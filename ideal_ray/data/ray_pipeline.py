@@ -1,0 +1,480 @@
+"""Ray Data training pipeline with an exactly deterministic, resumable sample order.
+
+Why it exists: "train to step k, resume, continue to 2k" must reach the same parameters as one uninterrupted
+run, so which image (and which crop/flip of it) rank r sees at step t has to be a pure function of
+``(seed, t, r)`` -- never of block boundaries, task placement, actor count or when the job was restarted.
+
+The schedule (pure functions below, unit-testable without Ray):
+
+* epoch ``e`` visits the N training images in the order ``np.random.default_rng([seed, e]).permutation(N)``;
+  each epoch drops its last partial batch, so ``steps_per_epoch = N // global_batch``;
+* global step ``t`` (0-based) is epoch ``e = t // spe`` and uses the epoch positions
+  ``[(t % spe) * GB, (t % spe + 1) * GB)``; rank ``r`` of ``W`` takes the contiguous ``local_batch = GB // W``
+  positions ``[r * LB, (r + 1) * LB)`` of that step;
+* the augmentation of the sample at ``(e, position)`` draws from its own generator seeded by
+  ``(seed, e, position)`` only, so its bytes do not depend on the world size either.
+
+Each rank gets its OWN dataset in exact consumption order (no ``streaming_split``), built lazily from
+``ray.data.range(num_steps * LB)``: row ``i`` is step ``start_step + i // LB``. A callable class running in an
+actor pool maps rows to (epoch, position) -> image -> decode -> augment. The image list travels once through
+the object store (numpy arrays: zero-copy on every actor of a node) and is read once per actor process.
+
+Ray Train integration (issue 3): pass ``datasets={dataset_name(r): ds_r}`` with
+:func:`train_data_config` -- Train replaces every dataset's execution options with its own and, by default,
+takes ``preserve_order`` from the *driver's* DataContext, which would silently drop the order guarantee set
+here. A ``FailureConfig`` restart re-iterates a dataset object handed to the trainer from its first row, so
+resuming from a checkpoint at step c needs a dataset built with ``start_step=c``: Train V2 accepts a
+zero-argument callable per dataset and calls it at every worker-group (re)start (or build it inside
+``train_loop_per_worker`` with :func:`rank_dataset`). List the folder once and pass ``images=`` (a
+:func:`put_images` ref) rather than re-listing ImageNet for every rank.
+
+Output rows (``COLUMNS``; pass ``TORCH_DTYPES`` to ``iter_torch_batches``): ``image`` uint8 (S, S, 3) -- 4x
+smaller than float over the wire, the trainer converts with :func:`to_model_input` on its device -- ``label``,
+``step`` and ``position`` (within the epoch). ``provenance=True`` adds ``index`` (the image used, in
+``list_training_images`` order) and ``substituted`` (1 where the scheduled file could not be decoded and the
+next decodable image of the permutation stood in for it): the way for a trainer to count bad files per step;
+then use ``torch_dtypes(provenance=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, to_rgb
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("image", "label", "step", "position")
+PROVENANCE_COLUMNS = ("index", "substituted")  # added by provenance=True
+
+
+def torch_dtypes(provenance: bool = False) -> dict[str, torch.dtype]:
+    """``iter_torch_batches(dtypes=...)`` for the pipeline's columns (Ray 2.60 needs every column named)."""
+    cols = COLUMNS + (PROVENANCE_COLUMNS if provenance else ())
+    return {c: torch.uint8 if c == "image" else torch.int64 for c in cols}
+
+
+TORCH_DTYPES = torch_dtypes()
+# Last word of the augmentation seed: SeedSequence pads short entropy with zeros, so [seed, e, 0] would
+# otherwise equal the epoch-permutation seed [seed, e]; a non-zero tag keeps the two streams apart.
+_AUG_STREAM = 0x6175676D  # "augm"
+_PERM_CACHE_EPOCHS = 2  # an actor only ever straddles one epoch boundary at a time
+
+
+# ------------------------------------------------------------------------------------- pure schedule
+def schedule_info(num_images: int, global_batch: int) -> int:
+    """Steps per epoch with drop_last: ``num_images // global_batch`` (at least one full batch required)."""
+    if global_batch < 1:
+        raise ValueError(f"global_batch={global_batch} must be at least 1.")
+    if num_images < global_batch:
+        raise ValueError(
+            f"the training set has {num_images} images, fewer than one global batch of {global_batch}; "
+            f"add images or lower data.global_batch."
+        )
+    return num_images // global_batch
+
+
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    """``global_batch // world_size``; rejects a global batch that does not split evenly over the workers."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be at least 1.")
+    if global_batch < 1 or global_batch % world_size:
+        raise ValueError(
+            f"global batch {global_batch} does not divide by the {world_size} workers; "
+            f"choose a global batch that is a multiple of the worker count."
+        )
+    return global_batch // world_size
+
+
+def epoch_permutation(seed: int, epoch: int, num_images: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: ``default_rng([seed, epoch]).permutation(num_images)``."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def position_of(
+    step: int, rank: int, world_size: int, global_batch: int, steps_per_epoch: int
+) -> tuple[int, np.ndarray]:
+    """(epoch, positions (LB,)) that rank ``rank`` consumes at global step ``step`` (positions in the epoch)."""
+    lb = local_batch_size(global_batch, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size}).")
+    if step < 0:
+        raise ValueError(f"step={step} must be non-negative.")
+    epoch, k = divmod(step, steps_per_epoch)
+    first = k * global_batch + rank * lb
+    return epoch, np.arange(first, first + lb, dtype=np.int64)
+
+
+def row_schedule(
+    row_ids: np.ndarray, start_step: int, rank: int, local_batch: int, global_batch: int, steps_per_epoch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised row -> (step, epoch, position) of one rank's dataset whose row 0 is ``start_step``."""
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    step = start_step + row_ids // local_batch  # (n,)
+    epoch = step // steps_per_epoch  # (n,)
+    position = (step % steps_per_epoch) * global_batch + rank * local_batch + row_ids % local_batch  # (n,)
+    return step, epoch, position
+
+
+def sample_indices(
+    step: int, rank: int, world_size: int, global_batch: int, num_images: int, seed: int
+) -> np.ndarray:
+    """Image indices (LB,) scheduled for rank ``rank`` at ``step`` (before any bad-file substitution)."""
+    spe = schedule_info(num_images, global_batch)
+    epoch, positions = position_of(step, rank, world_size, global_batch, spe)
+    return epoch_permutation(seed, epoch, num_images)[positions]
+
+
+# ------------------------------------------------------------------------------------- augmentation
+def check_augmentation(data_cfg) -> None:
+    """Reject crop/resize/flip settings the train augmentation cannot honour (same rules as transforms.py)."""
+    s, lo, hi, p = data_cfg.image_size, data_cfg.resize_min, data_cfg.resize_max, data_cfg.hflip_prob
+    if s < 1:
+        raise ValueError(f"data.image_size={s} must be positive.")
+    if not s <= lo <= hi:
+        raise ValueError(
+            f"need data.image_size <= data.resize_min <= data.resize_max, got {s}, {lo}, {hi}; "
+            f"the random crop must fit inside the resized image."
+        )
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"data.hflip_prob={p} must be in [0, 1].")
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The augmentation generator of one sample: a function of (seed, epoch, position) only."""
+    return np.random.default_rng([int(seed), int(epoch), int(position), _AUG_STREAM])
+
+
+def augment(
+    img: Image.Image, rng: np.random.Generator, image_size: int, resize_min: int, resize_max: int, hflip_prob: float
+) -> np.ndarray:
+    """Spec section 6 train augmentation of an RGB PIL image -> uint8 (image_size, image_size, 3).
+
+    Shorter side to a random integer in [resize_min, resize_max] (bicubic; PIL always antialiases, as the
+    in-process ``transforms.train_transform`` does), random crop, horizontal flip with ``hflip_prob``. All four
+    draws are always taken, in a fixed order, so the stream layout does not depend on the image or on p.
+    """
+    short = int(rng.integers(resize_min, resize_max + 1))
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = short, max(short, int(round(h * short / w)))
+    else:
+        new_w, new_h = max(short, int(round(w * short / h))), short
+    top = int(rng.integers(0, new_h - image_size + 1))
+    left = int(rng.integers(0, new_w - image_size + 1))
+    flip = bool(rng.random() < hflip_prob)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.crop((left, top, left + image_size, top + image_size))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    out = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+    if out.shape != (image_size, image_size, 3):  # to_rgb guarantees RGB; this guards against PIL surprises
+        raise RuntimeError(f"augmentation produced shape {out.shape}, expected ({image_size}, {image_size}, 3).")
+    return out
+
+
+def decode(path: str) -> Image.Image:
+    """Open and fully decode ``path`` as RGB (raises one of folder's decode errors on a bad file)."""
+    with Image.open(path) as img:
+        img.load()  # PIL is lazy: decode here, inside the caller's error handling
+        return to_rgb(img)
+
+
+def load_sample(path: str, data_cfg, seed: int, epoch: int, position: int) -> np.ndarray:
+    """Decode + augment one file exactly as the pipeline does for (seed, epoch, position): uint8 (S, S, 3)."""
+    return augment(
+        decode(path),
+        sample_rng(seed, epoch, position),
+        data_cfg.image_size,
+        data_cfg.resize_min,
+        data_cfg.resize_max,
+        data_cfg.hflip_prob,
+    )
+
+
+def to_model_input(batch_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> ``dtype`` (B, 3, H, W) in [-1, 1]; call it after moving the uint8 batch to the device."""
+    if batch_uint8.dim() != 4 or batch_uint8.shape[-1] != 3 or batch_uint8.dtype != torch.uint8:
+        raise ValueError(
+            f"to_model_input expects a uint8 (B, H, W, 3) batch, got {batch_uint8.dtype} "
+            f"{tuple(batch_uint8.shape)}; pass the pipeline's 'image' column."
+        )
+    x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W) in [0, 255]
+    x = x.div(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1], same arithmetic as folder.default_to_tensor
+    return x.to(dtype).contiguous()  # (B, 3, H, W)
+
+
+# ------------------------------------------------------------------------------------- image list
+def list_training_images(
+    root: str | os.PathLike, split: str = "train", class_index: str | os.PathLike = ""
+) -> tuple[list[str], np.ndarray]:
+    """(paths, labels int64 (N,)) of an ImageNet-layout split, in the folder reader's (sorted) order.
+
+    Reuses ``ImageFolderDataset``'s listing, so a missing/empty folder, a split without class folders or a
+    class folder missing from the class index raises its clear error here, before any Ray work.
+    """
+    ds = ImageFolderDataset(root, split=split, class_index=class_index)
+    paths = [p for p, _ in ds.samples]
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    return paths, labels
+
+
+def _pack_images(paths: Sequence[str], labels: np.ndarray) -> dict[str, Any]:
+    """Compact, pickle-5 friendly form of the list: a common folder + fixed-width byte paths + labels.
+
+    Numpy arrays come out of the object store zero-copy, so every actor of a node maps one shared buffer
+    (ImageNet: ~40 MB of relative paths) instead of unpickling 1.28M Python strings.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(paths) == 0:
+        raise ValueError("the image list is empty; the training split needs at least one image.")
+    if labels.shape != (len(paths),):
+        raise ValueError(f"got {len(paths)} paths but labels of shape {labels.shape}; pass one label per path.")
+    paths = [p if os.path.isabs(p) else os.path.abspath(p) for p in map(os.fspath, paths)]
+    base = os.path.commonpath(sorted({os.path.dirname(p) for p in paths}))
+    cut = len(base) if base.endswith(os.sep) else len(base) + 1  # commonpath ends on a path component
+    rel = np.array([os.fsencode(p[cut:]) for p in paths], dtype=np.bytes_)  # (N,) e.g. b"n01440764/x.JPEG"
+    return {"base": base, "rel": rel, "labels": labels}
+
+
+def put_images(paths: Sequence[str], labels: np.ndarray):
+    """Put the image list into the object store once; share the ref (e.g. via ``train_loop_config``)."""
+    import ray
+
+    return ray.put(_pack_images(paths, labels))
+
+
+# ------------------------------------------------------------------------------------- map function
+class _DecodeAugment:
+    """Callable class of the actor pool: receives the packed image list once per actor process."""
+
+    def __init__(
+        self,
+        images,  # ObjectRef of _pack_images(...) output
+        seed: int,
+        start_step: int,
+        rank: int,
+        local_batch: int,
+        global_batch: int,
+        image_size: int,
+        resize_min: int,
+        resize_max: int,
+        hflip_prob: float,
+        provenance: bool = False,
+    ) -> None:
+        import ray
+
+        packed = ray.get(images) if isinstance(images, ray.ObjectRef) else images
+        self.base: str = packed["base"]
+        self.rel: np.ndarray = packed["rel"]  # (N,) bytes, zero-copy view into the object store
+        self.labels: np.ndarray = packed["labels"]  # (N,) int64
+        self.n = len(self.labels)
+        self.seed, self.start_step, self.rank = seed, start_step, rank
+        self.lb, self.gb = local_batch, global_batch
+        self.spe = schedule_info(self.n, global_batch)
+        self.aug = (image_size, resize_min, resize_max, hflip_prob)
+        self.provenance = provenance
+        self._perms: dict[int, np.ndarray] = {}
+        self._bad: set[int] = set()  # indices known undecodable in this process
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            while len(self._perms) >= _PERM_CACHE_EPOCHS:
+                self._perms.pop(min(self._perms))
+            perm = self._perms[epoch] = epoch_permutation(self.seed, epoch, self.n)
+        return perm
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.base, os.fsdecode(bytes(self.rel[index])))
+
+    def _decode_from(self, epoch: int, position: int) -> tuple[int, Image.Image, bool]:
+        """Decode the image at ``position``; if it is bad, the next decodable one along the permutation."""
+        perm = self._perm(epoch)
+        for k in range(self.n):
+            index = int(perm[(position + k) % self.n])
+            if index in self._bad:
+                continue
+            path = self._path(index)
+            try:
+                return index, decode(path), k > 0
+            except _DECODE_ERRORS as e:
+                self._bad.add(index)
+                log.warning("undecodable image %s (%s: %s): the next decodable image of the epoch order stands "
+                            "in for it (%d bad files met by this actor)", path, type(e).__name__, e, len(self._bad))
+        raise RuntimeError(f"no training image under {self.base} could be decoded; check the files.")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        step, epoch, position = row_schedule(batch["id"], self.start_step, self.rank, self.lb, self.gb, self.spe)
+        n = len(step)
+        images = np.empty((n, self.aug[0], self.aug[0], 3), dtype=np.uint8)  # (n, S, S, 3)
+        index = np.empty(n, dtype=np.int64)
+        substituted = np.zeros(n, dtype=np.int64)
+        for j in range(n):
+            e, p = int(epoch[j]), int(position[j])
+            index[j], img, substituted[j] = self._decode_from(e, p)
+            images[j] = augment(img, sample_rng(self.seed, e, p), *self.aug)
+        out = {"image": images, "label": self.labels[index], "step": step, "position": position}
+        if self.provenance:
+            out["index"] = index
+            out["substituted"] = substituted
+        return out
+
+
+# ------------------------------------------------------------------------------------- datasets
+def dataset_name(rank: int) -> str:
+    """Name under which rank ``rank``'s dataset is handed to Ray Train (``get_dataset_shard(name)``)."""
+    return f"train_{rank}"
+
+
+def ingest_execution_options():
+    """The driver DataContext's execution options (resource limits etc., as Train would use) with order preserved."""
+    import copy
+
+    from ray.data import DataContext
+
+    opts = copy.deepcopy(DataContext.get_current().execution_options)
+    opts.preserve_order = True
+    return opts
+
+
+def train_data_config():
+    """``ray.train.DataConfig`` for the rank datasets: nothing split, order preserved on every worker."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[], execution_options=ingest_execution_options())
+
+
+def _resolve_images(data_cfg, split: str, images):
+    """(ObjectRef of the packed list, number of images); lists the folder when ``images`` is None."""
+    import ray
+
+    if images is None:
+        images = list_training_images(data_cfg.root, split, data_cfg.class_index)
+    if isinstance(images, ray.ObjectRef):
+        return images, len(ray.get(images)["labels"])
+    paths, labels = images
+    packed = _pack_images(paths, labels)
+    return ray.put(packed), len(packed["labels"])
+
+
+def _check_request(
+    data_cfg, world_size: int, start_step: int, num_steps: int, steps_per_block: int, num_actors: int | None
+) -> int:
+    """Validate everything that needs no image list (so errors come before any Ray work); returns the LB."""
+    actors = num_actors if num_actors is not None else data_cfg.loader_workers
+    if actors < 1:
+        raise ValueError(f"num_actors={actors} must be at least 1 (defaults to data.loader_workers).")
+    local_batch = local_batch_size(data_cfg.global_batch, world_size)  # rejects uneven batches up front
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be non-negative.")
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps} must be non-negative (0 gives an empty dataset).")
+    if steps_per_block < 1:
+        raise ValueError(f"steps_per_block={steps_per_block} must be at least 1.")
+    check_augmentation(data_cfg)
+    return local_batch
+
+
+def rank_dataset(
+    data_cfg,
+    world_size: int,
+    rank: int,
+    start_step: int,
+    num_steps: int,
+    seed: int,
+    split: str = "train",
+    *,
+    images=None,
+    num_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    steps_per_block: int = 1,
+    provenance: bool = False,
+):
+    """Rank ``rank``'s dataset: ``num_steps * LB`` rows for steps ``[start_step, start_step + num_steps)``.
+
+    ``images``: None (list ``data_cfg.root/split``), ``(paths, labels)``, or a ref from :func:`put_images`
+    (list once on the driver, share with every worker). ``num_actors`` defaults to ``data_cfg.loader_workers``.
+    ``steps_per_block``: steps decoded per actor task. One keeps what the ordered actor pool buffers small (a
+    task that finishes early holds only its own step until the earlier ones are consumed). ``provenance``
+    adds the ``index`` and ``substituted`` columns. ``num_steps=0`` gives an empty dataset (a finished run).
+    """
+    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size}).")
+    ref, n = _resolve_images(data_cfg, split, images)
+    schedule_info(n, data_cfg.global_batch)  # at least one global batch
+    return _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
+                  steps_per_block, provenance)
+
+
+def rank_datasets(
+    data_cfg,
+    world_size: int,
+    start_step: int,
+    num_steps: int,
+    seed: int,
+    split: str = "train",
+    *,
+    images=None,
+    num_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    steps_per_block: int = 1,
+    provenance: bool = False,
+) -> list:
+    """One dataset per rank (list index = rank), all sharing one image list in the object store.
+
+    Hand them to Ray Train as ``{dataset_name(r): ds}`` with :func:`train_data_config`. Arguments as in
+    :func:`rank_dataset`.
+    """
+    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
+    ref, n = _resolve_images(data_cfg, split, images)
+    schedule_info(n, data_cfg.global_batch)
+    return [
+        _build(ref, data_cfg, local_batch, r, start_step, num_steps, seed, num_actors, cpus_per_actor,
+               steps_per_block, provenance)
+        for r in range(world_size)
+    ]
+
+
+def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
+           steps_per_block, provenance):
+    import ray
+
+    actors = int(num_actors if num_actors is not None else data_cfg.loader_workers)
+    rows = num_steps * local_batch
+    # Few, large read blocks (cheap to plan, whatever num_steps is), then streamed into step-sized blocks so
+    # every actor task decodes one step: an ordered actor pool then buffers at most a few steps ahead.
+    ds = ray.data.range(rows).repartition(target_num_rows_per_block=steps_per_block * local_batch)
+    ds = ds.map_batches(
+        _DecodeAugment,
+        fn_constructor_args=(
+            ref,
+            int(seed),
+            int(start_step),
+            int(rank),
+            int(local_batch),
+            int(data_cfg.global_batch),
+            int(data_cfg.image_size),
+            int(data_cfg.resize_min),
+            int(data_cfg.resize_max),
+            float(data_cfg.hflip_prob),
+            bool(provenance),
+        ),
+        batch_size=local_batch,
+        batch_format="numpy",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+    )
+    ds.context.execution_options.preserve_order = True
+    # One bar per rank dataset would flood a training job's log; the training loop logs throughput instead.
+    ds.context.enable_progress_bars = False
+    return ds

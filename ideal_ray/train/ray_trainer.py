@@ -1,0 +1,235 @@
+"""The driver side of a training stage on Ray Train: checks, datasets, ``TorchTrainer``, resume, export.
+
+``train_tokenizer(cfg)`` is the whole tokenizer stage as one function call: it validates the config and the data
+folder before any worker starts, builds one deterministic Ray dataset per rank, runs the workers of
+``tokenizer_stage.train_loop_per_worker`` with DeepSpeed, and finally exports a single-file inference checkpoint.
+A rerun with the same run name continues from the latest checkpoint (Ray Train keeps a checkpoint index in the run
+folder); a worker that dies is replaced and the group resumes from the latest checkpoint (``FailureConfig``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict
+
+import torch
+
+from ideal_ray.checkpoint import save_inference_checkpoint
+from ideal_ray.config import ConfigError, TokenizerTrainConfig, validate
+from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
+
+CONFIG_FILE = "ideal_config.json"
+# Fields a rerun of an existing run may change: how long, how often, on how many workers. Anything else (model,
+# loss, optimizer, data) would silently mix two experiments in one run folder.
+# The worker count and ZeRO stage cannot change: ZeRO optimizer shards are per rank.
+RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dist.keep_checkpoints",
+                     "dist.max_bad_steps", "dist.prefetch_batches", "dist.ray_address", "dist.cpus_per_worker",
+                     "output_dir", "preset", "data.loader_workers", "data.root")
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def _fs(uri: str):
+    """(pyarrow filesystem, path) for a local path, NFS path, or s3:// / gs:// URI."""
+    import pyarrow.fs
+
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+        return pyarrow.fs.LocalFileSystem(), uri
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def storage_uri(cfg: TokenizerTrainConfig) -> str:
+    s = cfg.dist.storage_path
+    return s if "://" in s else os.path.abspath(s)
+
+
+def run_uri(cfg: TokenizerTrainConfig) -> str:
+    return storage_uri(cfg).rstrip("/") + "/" + cfg.name
+
+
+def latest_checkpoint_step(run_path: str) -> int:
+    """Step of the latest checkpoint Ray Train registered for this run (0 when there is none)."""
+    from ray.train import Result  # Train V2's Result (V2 is the default in Ray 2.60)
+
+    fs, path = _fs(run_path)
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return 0
+    try:
+        result = Result.from_path(run_path)
+    except RuntimeError:  # the folder exists but holds no checkpoint index yet
+        return 0
+    return int((result.metrics or {}).get("step", 0)) if result.checkpoint else 0
+
+
+def check_or_record_config(cfg: TokenizerTrainConfig) -> bool:
+    """Record the config in the run folder; on a rerun, refuse a config that changes the experiment.
+
+    Returns True when the run folder already held this run (a resume)."""
+    import pyarrow.fs
+
+    fs, path = _fs(run_uri(cfg))
+    cfg_path = path.rstrip("/") + "/" + CONFIG_FILE
+    new = cfg.flat()
+    if fs.get_file_info(cfg_path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(cfg_path) as f:
+            old = json.loads(f.read().decode())
+        changed = sorted(k for k in set(old) | set(new) if _norm(old.get(k)) != _norm(new.get(k))
+                         and not k.startswith(RESUMABLE_CHANGES))
+        if changed:
+            raise ConfigError(f"Run '{cfg.name}' already exists in {storage_uri(cfg)} with a different "
+                              f"{', '.join(changed[:5])}; choose a new name or restore those values to resume it.")
+        resumed = True
+    else:
+        resumed = False
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(cfg_path) as f:
+        f.write(json.dumps(new, indent=1, sort_keys=True, default=str).encode())
+    return resumed
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+# -------------------------------------------------------------------------------------------- the stage
+def prepare_data(cfg: TokenizerTrainConfig):
+    """List the training images (clear errors before any worker starts); make the synthetic set for tiny."""
+    from ideal_ray.data.ray_pipeline import list_training_images
+    from ideal_ray.train.local import ensure_dataset
+
+    ensure_dataset(cfg)
+    paths, labels = list_training_images(cfg.data.root, "train", cfg.data.class_index)
+    if len(paths) < cfg.data.global_batch:
+        raise ConfigError(f"data.root {cfg.data.root} has {len(paths)} training images, fewer than one global batch "
+                          f"of {cfg.data.global_batch}.")
+    return paths, labels
+
+
+def init_ray(cfg: TokenizerTrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+        return
+    # A local cluster: give Ray Data logical CPUs beyond the train workers' (on a 2-core laptop Ray Data and Train
+    # deadlock when workers take every logical CPU).
+    # Logical CPUs: the train workers', one decode actor pool per rank, and room for Ray Data's read tasks.
+    need = int(cfg.dist.num_workers * (cfg.dist.cpus_per_worker + max(1, cfg.data.loader_workers))) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.dist.use_gpu else None)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info, train_data_config
+    from ideal_ray.tracking import default_tracking_uri
+    from ideal_ray.train.tokenizer_stage import train_loop_per_worker
+
+    validate(cfg)
+    paths, labels = prepare_data(cfg)
+    num_images = len(paths)
+    steps_per_epoch = schedule_info(num_images, cfg.data.global_batch)
+    total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
+    resumed = check_or_record_config(cfg)
+    init_ray(cfg)
+    images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
+    world = cfg.dist.num_workers
+    path = run_uri(cfg)
+    local_dir = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
+    tracking_uri = default_tracking_uri(local_dir)
+    log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {num_images} images, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, {world} workers, storage {path}, "
+        f"MLflow {tracking_uri}")
+
+    def dataset_for(rank: int):
+        def build():
+            # Evaluated at every (re)start of the worker group: the data resumes where the latest checkpoint is.
+            start = latest_checkpoint_step(path)
+            return rank_dataset(cfg.data, world, rank, start_step=start, num_steps=max(total_steps - start, 0),
+                                seed=cfg.optim.seed, images=images, num_actors=max(1, cfg.data.loader_workers))
+        return build
+
+    from ray.data import DataContext
+
+    # One progress bar per rank dataset would flood the job log; the loop logs throughput instead.
+    DataContext.get_current().enable_progress_bars = False
+    d = cfg.dist
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "total_steps": total_steps,
+                           "steps_per_epoch": steps_per_epoch, "tracking_uri": tracking_uri,
+                           "experiment": "ideal-tokenizer"},
+        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=d.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage_uri(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints)),
+        datasets={f"train_{r}": dataset_for(r) for r in range(world)},
+        dataset_config=train_data_config(),  # no splitting, order preserved: rank r reads only train_r
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    final_step = latest_checkpoint_step(path)
+    if final_step < total_steps:
+        raise NonFiniteLossError(
+            f"Run '{cfg.name}' stopped at step {final_step} of {total_steps}: {d.max_bad_steps} non-finite losses in "
+            f"a row (see the worker log). The latest good checkpoint (step {final_step}) is kept; rerun the same "
+            f"name after lowering the learning rate or fixing the data to resume from it.")
+    export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
+                                   step=final_step)
+    _record_export(tracking_uri, result.checkpoint, export_path, log)
+    log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
+    return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
+            "tracking_uri": tracking_uri, "run_path": path}
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step: int = 0,
+                     overwrite: bool = False) -> str:
+    """Single-file inference checkpoint from a training checkpoint: the tokenizer with EMA weights + config.
+
+    The frozen VFM trunk is included when it has no weights file of its own (random-init tiny runs); with a
+    pretrained VFM it is left out and the loader takes it from the VFM's weights file (full fp32 precision).
+    """
+    from ideal_ray.models.tokenizer import IdealTokenizer
+    from ideal_ray.train import ds as dsu
+
+    if os.path.exists(out_path) and not overwrite:
+        return out_path  # an earlier export of the same step; never replaced silently
+    with checkpoint.as_directory() as d:
+        module_state = dsu.load_module_state(d, "generator")
+        ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
+    model = IdealTokenizer(cfg.model, load_weights=False)
+    model.load_state_dict(module_state)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ema.items():
+            params[name].copy_(value)
+    include_vfm = not (cfg.model.vfm.pretrained or cfg.model.vfm.weights_path)
+    return save_inference_checkpoint(out_path, model, cfg, step=step, include_vfm=include_vfm, overwrite=overwrite)
+
+
+def _record_export(tracking_uri: str, checkpoint, export_path: str, log) -> None:
+    """Attach the final checkpoint and export paths to the run's MLflow record (the run id is in the checkpoint)."""
+    from ideal_ray.tracking import Tracker
+
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, LOOP_STATE)) as f:
+            run_id = json.load(f).get("tracker_run_id")
+    if not run_id:
+        return
+    t = Tracker(tracking_uri, "ideal-tokenizer", run_name="", run_id=run_id)
+    t.set_tags({"final_checkpoint": str(checkpoint.path), "inference_export": export_path})
+    t.finish("FINISHED")

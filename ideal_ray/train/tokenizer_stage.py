@@ -1,0 +1,196 @@
+"""The tokenizer stage on Ray Train + DeepSpeed: the per-worker step (:class:`TokenizerStage`) and the worker
+entry point (:func:`train_loop_per_worker`). The driver side (building the trainer) is in ``ray_trainer.py``.
+
+Each worker holds a :class:`~ideal_ray.train.tokenizer_step.TokenizerSystem` with two DeepSpeed engines: one over
+the tokenizer (the frozen VFM trunk stays frozen inside it) and one over the discriminator heads. Step order as in
+the release: G step -> (EMA, by the shared loop) -> D step. Weights stay fp32 in the engines; on GPU the forward
+runs under bf16 autocast, as the authors' release trains.
+
+Determinism: the data order is fixed by the schedule of ``ideal_ray.data.ray_pipeline`` and every random draw of
+a step (dropout, DiffAugment, the discriminator's crop) is seeded from (seed, step, rank), so a resumed run takes
+exactly the steps an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ideal_ray.config import TokenizerTrainConfig, from_dict
+from ideal_ray.data.ray_pipeline import TORCH_DTYPES, to_model_input
+from ideal_ray.data.transforms import make_grid_png
+from ideal_ray.train import ds as dsu
+from ideal_ray.train.loop import LoopConfig, NonFiniteLossError, StepResult, run_loop
+from ideal_ray.train.schedule import lr_at, scaled_lr
+from ideal_ray.train.tokenizer_step import TokenizerSystem, autocast
+
+LECAM_FILE = "lecam_rank{rank}.pt"
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """One independent seed per (run seed, step, rank), so no random draw depends on what ran before."""
+    return (seed * 1_000_003 + step * 8191 + rank * 131) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def frozen(module: Optional[torch.nn.Module]):
+    """Temporarily stop gradients into ``module``'s parameters (the generator's adversarial term must not touch
+    the discriminator's gradients, which DeepSpeed owns)."""
+    if module is None:
+        yield
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class TokenizerStage:
+    """The tokenizer's step for the shared loop, on DeepSpeed engines."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, device: torch.device, rank: int, world_size: int,
+                 steps_per_epoch: int, load_weights: bool = True):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        o = cfg.optim
+        self.peak_lr = scaled_lr(o.lr, cfg.data.global_batch, o.base_batch)
+        self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
+        self.decay_steps = int(o.epochs * steps_per_epoch)
+        self.micro_batch = cfg.data.global_batch // world_size
+        torch.manual_seed(o.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+        self.system = TokenizerSystem(cfg, load_weights=load_weights).to(device)
+        self.system.train()
+        dsu.prepare_deepspeed(device.type)
+        engine_optim = dataclasses.replace(o, precision="fp32")  # fp32 weights; bf16 comes from autocast
+        self.g = dsu.build_engine(self.system.tokenizer, engine_optim, self.peak_lr, self.micro_batch, world_size,
+                                  cfg.dist.zero_stage, device.type)
+        self.d = None
+        if self.system.discriminator is not None:
+            self.d = dsu.build_engine(self.system.discriminator, engine_optim, self.peak_lr, self.micro_batch,
+                                      world_size, cfg.dist.zero_stage, device.type)
+        self.generator = torch.Generator(device="cpu")
+
+    # ------------------------------------------------------------------------------------------ Stage
+    def ema_module(self) -> torch.nn.Module:
+        return self.system.tokenizer
+
+    def lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(step - 1, self.peak_lr, self.warmup_steps, self.decay_steps, o.warmup_start_lr, o.min_lr)
+
+    def train_step(self, batch: Dict[str, torch.Tensor], step: int,
+                   all_finite: Callable[[torch.Tensor], bool]) -> StepResult:
+        expected = step - 1
+        got = int(batch["step"][0])
+        if got != expected:
+            raise RuntimeError(f"Data order broke: rank {self.rank} got the batch of step {got} for step {expected}.")
+        images = to_model_input(batch["image"].to(self.device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
+        seed = step_seed(self.cfg.optim.seed, step, self.rank)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
+        lr = self.lr(step)
+        tok = self.system.tokenizer
+
+        # generator step
+        dsu.set_lr(self.g, lr)
+        with autocast(self.device, self.cfg.optim.precision), frozen(self.system.discriminator):
+            g_loss, metrics, out = self.system.g_loss(images, step, generator=self.generator)
+        if not all_finite(g_loss):
+            return StepResult(metrics={}, samples=0, skipped=True)
+        self.g.backward(g_loss)
+        self.g.step()
+        metrics["grad_norm_g"] = dsu.grad_norm(self.g) or 0.0
+        with torch.no_grad():
+            tok.quantizer.update_usage(out.quant.indices)
+        metrics["usage"] = tok.quantizer.usage()
+        metrics["lr"] = lr
+
+        # discriminator step (its grads were never touched by the generator step)
+        if self.d is not None:
+            dsu.set_lr(self.d, lr)
+            with autocast(self.device, self.cfg.optim.precision):
+                d_loss, d_metrics = self.system.d_loss(images, out.recon, step, generator=self.generator)
+            metrics.update(d_metrics)
+            if all_finite(d_loss):
+                self.d.backward(d_loss)
+                self.d.step()
+                metrics["grad_norm_d"] = dsu.grad_norm(self.d) or 0.0
+                metrics["d_skipped"] = 0.0
+            else:  # keep G's update, skip only D's; counted in the metrics
+                metrics["d_skipped"] = 1.0
+        return StepResult(metrics=metrics, samples=images.shape[0])
+
+    def save(self, ckpt_dir: str) -> None:
+        dsu.save_engine(self.g, ckpt_dir, "generator", {})
+        if self.d is not None:
+            dsu.save_engine(self.d, ckpt_dir, "discriminator", {})
+        torch.save(self.system.lecam.state_dict(), os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank)))
+
+    def load(self, ckpt_dir: str) -> None:
+        dsu.load_engine(self.g, ckpt_dir, "generator")
+        if self.d is not None:
+            dsu.load_engine(self.d, ckpt_dir, "discriminator")
+        path = os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank))
+        if os.path.exists(path):  # a restart with more workers starts the new ranks' LeCAM averages fresh
+            self.system.lecam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    @torch.no_grad()
+    def visualize(self, batch: Dict[str, torch.Tensor], out_dir: str, step: int) -> Optional[str]:
+        tok = self.system.tokenizer
+        was_training = tok.training
+        tok.eval()
+        images = to_model_input(batch["image"][:8].to(self.device))
+        with autocast(self.device, self.cfg.optim.precision):
+            recon = tok.decode(tok.encode(images))
+        tok.train(was_training)
+        return str(make_grid_png(images.float().cpu(), recon.float().cpu(),
+                                 os.path.join(out_dir, f"recon_step{step:08d}.png"), nrow=4))
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    """Ray Train worker entry point. ``config``: {"cfg": asdict(TokenizerTrainConfig), "total_steps",
+    "steps_per_epoch", "tracking_uri", "experiment"}."""
+    import ray.train
+    import ray.train.torch
+
+    from ideal_ray.tracking import make_tracker
+
+    from ray.data import DataContext
+
+    cfg = from_dict(TokenizerTrainConfig, config["cfg"])
+    # one progress bar per rank's dataset would flood the job log; the loop logs throughput instead
+    DataContext.get_current().enable_progress_bars = False
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    from ideal_ray.train.sessions import RaySession
+
+    session = RaySession(device)
+    stage = TokenizerStage(cfg, device, rank, world, config["steps_per_epoch"])
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = iter(shard.iter_torch_batches(
+        batch_size=stage.micro_batch, drop_last=True, prefetch_batches=cfg.dist.prefetch_batches,
+        dtypes=TORCH_DTYPES))
+    loop_cfg = LoopConfig(total_steps=config["total_steps"], log_every=cfg.schedule.log_every,
+                          ckpt_every=cfg.schedule.ckpt_every, vis_every=cfg.schedule.vis_every,
+                          max_bad_steps=cfg.dist.max_bad_steps, ema_decay=cfg.optim.ema_decay)
+
+    def tracker_for(run_id):
+        t = make_tracker(rank, tracking_uri=config["tracking_uri"], experiment=config["experiment"],
+                         run_name=cfg.name, run_id=run_id, tags={"preset": cfg.preset, "stage": "tokenizer"})
+        if run_id is None:
+            t.log_params(cfg.flat())
+        return t
+
+    try:
+        run_loop(stage, batches, session, loop_cfg, tracker_for, log=lambda line: print(line, flush=True))
+    except NonFiniteLossError as e:
+        # Ending the worker normally keeps FailureConfig from restarting into the same non-finite steps; the
+        # driver sees that the run stopped short of its last step and raises this message.
+        print(f"[ideal-ray] {e}", flush=True)

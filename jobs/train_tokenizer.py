@@ -1,0 +1,50 @@
+"""Train the Ideal tokenizer on Ray Train + DeepSpeed, tracked in MLflow.
+
+Laptop (starts a local Ray cluster, CPU workers):
+    python jobs/train_tokenizer.py --preset tiny --num-workers 2
+Cluster (from a machine that can reach the head node's dashboard):
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python jobs/train_tokenizer.py --preset paper --num-workers 8 --gpus \\
+        data.root=/datasets/imagenet dist.storage_path=s3://bucket/ideal-runs
+
+A rerun with the same name (``name=...``) resumes from the latest checkpoint. Results: Ray checkpoints under
+``dist.storage_path/<name>``, the MLflow run (``MLFLOW_TRACKING_URI``, default ``<output_dir>/<name>/mlflow.db``),
+and the single-file inference export ``<output_dir>/<name>/tokenizer_step<N>.pt``.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.config import ConfigError, validate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, default_preset="tiny")
+    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (dist.num_workers)")
+    parser.add_argument("--gpus", action="store_true", default=None, help="one GPU per worker (dist.use_gpu=true)")
+    parser.add_argument("--cpu", dest="gpus", action="store_false", help="CPU workers (dist.use_gpu=false)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.num_workers is not None:
+        cfg.dist.num_workers = args.num_workers
+    if args.gpus is not None:
+        cfg.dist.use_gpu = args.gpus
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from ideal_ray.train.ray_trainer import train_tokenizer
+
+    try:
+        train_tokenizer(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The tokenizer stage on real Ray Train + DeepSpeed + MLflow, 2 CPU workers, tiny preset.
+
+Slow (each run starts a worker group and two DeepSpeed engines per worker): ~3-4 minutes for the file on 2 cores.
+"""
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from ideal_ray.checkpoint import load_tokenizer
+from ideal_ray.config import ConfigError, load_config
+from ideal_ray.data.synthetic import make_synthetic_imagenet
+from ideal_ray.tracking import find_runs
+from ideal_ray.train.ds import load_module_state
+from ideal_ray.train.loop import NonFiniteLossError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_imagenet(str(root), num_classes=4, train_per_class=8, val_per_class=2, size=72, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+def tiny(data_root, runs_dir, name, steps, *overrides):
+    return load_config("tiny", [f"data.root={data_root}", f"dist.storage_path={runs_dir}", f"output_dir={runs_dir}",
+                                f"name={name}", f"schedule.steps={steps}", "schedule.ckpt_every=2",
+                                "schedule.log_every=1", "schedule.vis_every=2", "loss.disc_start=1",
+                                "data.loader_workers=1", *overrides])
+
+
+def train(cfg):
+    from ideal_ray.train.ray_trainer import train_tokenizer
+
+    return train_tokenizer(cfg, log=lambda line: None)
+
+
+def final_states(run_dir):
+    """(generator module state, EMA) of the latest checkpoint in a run folder."""
+    from ray.train import Result  # Train V2's Result (V2 is the default in Ray 2.60)
+
+    ckpt = Result.from_path(run_dir).checkpoint
+    with ckpt.as_directory() as d:
+        return load_module_state(d, "generator"), torch.load(os.path.join(d, "ema.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_cluster, data_root, runs_dir):
+    cfg = tiny(data_root, runs_dir, "full", 4)
+    return cfg, train(cfg)
+
+
+def test_two_workers_write_checkpoint_mlflow_run_and_export(full_run):
+    cfg, result = full_run
+    assert result["steps"] == 4
+    ckpt = result["checkpoint"]
+    for part in ("generator/mp_rank_00_model_states.pt", "generator/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                 "discriminator/mp_rank_00_model_states.pt", "ema.pt", "loop_state.json", "lecam_rank1.pt"):
+        assert os.path.exists(os.path.join(ckpt, part)), part
+    runs = find_runs(result["tracking_uri"], "ideal-tokenizer")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["status"] == "FINISHED"
+    assert run["params"]["model.quantizer.codebook_size"] == "256"
+    assert len(run["params"]) == len(cfg.flat())
+    for key in ("g_loss", "d_loss", "lr", "grad_norm_g", "usage", "samples_per_s", "rec_mse", "deep_cos"):
+        assert key in run["metrics"], key
+    assert run["tags"]["final_checkpoint"] == ckpt and run["tags"]["inference_export"] == result["export"]
+    artifacts = os.listdir(os.path.join(run["artifact_uri"].replace("file://", ""), "reconstructions"))
+    assert any(a.endswith(".png") for a in artifacts)
+    tok = load_tokenizer(result["export"])  # weights_only=True inside
+    assert tok.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8)
+
+
+def test_resume_reaches_the_same_parameters(full_run, data_root, runs_dir):
+    cfg_full, _ = full_run
+    first = train(tiny(data_root, runs_dir, "halves", 2))
+    assert first["steps"] == 2
+    second = train(tiny(data_root, runs_dir, "halves", 4))  # same name: resumes from step 2
+    assert second["steps"] == 4
+    model_a, ema_a = final_states(os.path.join(runs_dir, "full"))
+    model_b, ema_b = final_states(os.path.join(runs_dir, "halves"))
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), k
+    for k in ema_a:
+        assert torch.equal(ema_a[k], ema_b[k]), k
+    runs = {r["run_name"]: r for r in find_runs(second["tracking_uri"], "ideal-tokenizer")}
+    assert runs["halves"]["status"] == "FINISHED"  # one MLflow run continued, not two
+
+
+def test_changed_experiment_under_the_same_name_is_refused(full_run, data_root, runs_dir):
+    from ideal_ray.train.ray_trainer import check_or_record_config
+
+    with pytest.raises(ConfigError, match="already exists .* model.fusion.mode"):
+        check_or_record_config(tiny(data_root, runs_dir, "full", 4, "model.fusion.mode=linear"))
+
+
+def test_killed_worker_is_restarted_and_the_run_finishes(ray_cluster, data_root, runs_dir):
+    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+
+    cfg = tiny(data_root, runs_dir, "killed", 8, "dist.max_failures=2")
+    out, errors = {}, []
+
+    def target():
+        try:
+            out.update(train(cfg))
+        except BaseException as e:  # surfaced by the main thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    run_dir = os.path.join(runs_dir, "killed")
+    deadline = time.time() + 240
+    while time.time() < deadline and latest_checkpoint_step(run_dir) < 2 and thread.is_alive():
+        time.sleep(1)
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert victims, "no Ray Train worker process found to kill"
+    killed_at = latest_checkpoint_step(run_dir)
+    assert 2 <= killed_at < 8, "the kill must land mid-run"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert not errors, errors
+    assert out["steps"] == 8
+    run = {r["run_name"]: r for r in find_runs(out["tracking_uri"], "ideal-tokenizer")}["killed"]
+    assert run["status"] == "FINISHED"
+    # the restarted group resumed from a checkpoint and logged some steps again, into the same MLflow run
+    import mlflow
+
+    history = mlflow.MlflowClient(out["tracking_uri"]).get_metric_history(run["run_id"], "g_loss")
+    steps = [m.step for m in history]
+    assert max(steps) == 8 and len(steps) > len(set(steps))
+
+
+def test_nan_guard_stops_with_the_last_good_checkpoint(ray_cluster, data_root, runs_dir):
+    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+
+    cfg = tiny(data_root, runs_dir, "diverges", 10, "optim.lr=1e30", "optim.warmup_epochs=0",
+               "optim.min_lr=1e29", "optim.warmup_start_lr=1e29", "schedule.ckpt_every=1", "dist.max_bad_steps=2")
+    with pytest.raises(NonFiniteLossError, match="non-finite losses in a row") as e:
+        train(cfg)
+    step = latest_checkpoint_step(os.path.join(runs_dir, "diverges"))
+    assert 1 <= step < 10 and f"step {step}" in str(e.value)
+    model, _ = final_states(os.path.join(runs_dir, "diverges"))
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
+def test_bad_data_folder_is_an_error_before_any_worker(tmp_path):
+    from ideal_ray.train.ray_trainer import prepare_data
+
+    (tmp_path / "train").mkdir()
+    cfg = load_config("paper", [f"data.root={tmp_path}"])
+    with pytest.raises(Exception, match="class"):
+        prepare_data(cfg)
