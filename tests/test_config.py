@@ -73,6 +73,8 @@ def test_overrides_do_not_touch_the_input():
     (["model.nope=1"], "has no field 'nope'"),
     (["model=1"], "names a section"),
     (["optim.lr"], "not of the form"),
+    (["data.global_batch=9"], "does not divide evenly over dist.num_workers 2"),
+    (["dist.zero_stage=3"], "dist.zero_stage 3"),
 ])
 def test_validation_errors_are_one_clear_sentence(overrides, fragment):
     with pytest.raises(ConfigError) as e:

@@ -2,6 +2,7 @@
 
 Slow (each run starts a worker group and two DeepSpeed engines per worker): ~3-4 minutes for the file on 2 cores.
 """
+import json
 import os
 import signal
 import threading
@@ -76,8 +77,13 @@ def test_two_workers_write_checkpoint_mlflow_run_and_export(full_run):
     assert result["steps"] == 4
     ckpt = result["checkpoint"]
     for part in ("generator/mp_rank_00_model_states.pt", "generator/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                 "discriminator/mp_rank_00_model_states.pt", "ema.pt", "loop_state.json", "lecam_rank1.pt"):
+                 "discriminator/mp_rank_00_model_states.pt", "ema.pt", "loop_state.json", "lecam_rank1.pt",
+                 "config.json"):
         assert os.path.exists(os.path.join(ckpt, part)), part
+    with open(os.path.join(ckpt, "config.json")) as f:
+        described = json.load(f)
+    assert described["data_position"] == {"step": 4, "epoch": 1, "step_in_epoch": 0, "steps_per_epoch": 4}
+    assert described["config"]["model"]["quantizer"]["codebook_size"] == 256
     runs = find_runs(result["tracking_uri"], "ideal-tokenizer")
     assert len(runs) == 1
     run = runs[0]
@@ -107,6 +113,21 @@ def test_resume_reaches_the_same_parameters(full_run, data_root, runs_dir):
         assert torch.equal(ema_a[k], ema_b[k]), k
     runs = {r["run_name"]: r for r in find_runs(second["tracking_uri"], "ideal-tokenizer")}
     assert runs["halves"]["status"] == "FINISHED"  # one MLflow run continued, not two
+
+
+def test_a_half_written_checkpoint_is_never_the_latest(full_run, runs_dir):
+    """Ray registers a checkpoint only after every rank's upload finished; a folder left by an interrupted write
+    is not in its index, so resume (and the data position) ignores it."""
+    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+
+    run_dir = os.path.join(runs_dir, "full")
+    partial = os.path.join(run_dir, "checkpoint_2099-01-01_00-00-00.000000")
+    os.makedirs(os.path.join(partial, "generator"))
+    with open(os.path.join(partial, "generator", "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(b"truncated")
+    assert latest_checkpoint_step(run_dir) == 4
+    model, _ = final_states(run_dir)  # still loads the complete one
+    assert model
 
 
 def test_changed_experiment_under_the_same_name_is_refused(full_run, data_root, runs_dir):

@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, to_rgb
+from ideal_ray.data.transforms import check_train_augmentation
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,9 @@ def sample_indices(
 
 # ------------------------------------------------------------------------------------- augmentation
 def check_augmentation(data_cfg) -> None:
-    """Reject crop/resize/flip settings the train augmentation cannot honour (same rules as transforms.py)."""
-    s, lo, hi, p = data_cfg.image_size, data_cfg.resize_min, data_cfg.resize_max, data_cfg.hflip_prob
-    if s < 1:
-        raise ValueError(f"data.image_size={s} must be positive.")
-    if not s <= lo <= hi:
-        raise ValueError(
-            f"need data.image_size <= data.resize_min <= data.resize_max, got {s}, {lo}, {hi}; "
-            f"the random crop must fit inside the resized image."
-        )
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"data.hflip_prob={p} must be in [0, 1].")
+    """Reject crop/resize/flip settings the train augmentation cannot honour (the rules of transforms.py)."""
+    check_train_augmentation(data_cfg.image_size, data_cfg.resize_min, data_cfg.resize_max, data_cfg.hflip_prob,
+                             prefix="data.")
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -434,14 +427,12 @@ def rank_datasets(
     Hand them to Ray Train as ``{dataset_name(r): ds}`` with :func:`train_data_config`. Arguments as in
     :func:`rank_dataset`.
     """
-    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
-    ref, n = _resolve_images(data_cfg, split, images)
-    schedule_info(n, data_cfg.global_batch)
-    return [
-        _build(ref, data_cfg, local_batch, r, start_step, num_steps, seed, num_actors, cpus_per_actor,
-               steps_per_block, provenance)
-        for r in range(world_size)
-    ]
+    _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
+    ref, _ = _resolve_images(data_cfg, split, images)  # listed and put once, shared by every rank
+    return [rank_dataset(data_cfg, world_size, r, start_step, num_steps, seed, split, images=ref,
+                         num_actors=num_actors, cpus_per_actor=cpus_per_actor, steps_per_block=steps_per_block,
+                         provenance=provenance)
+            for r in range(world_size)]
 
 
 def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,

@@ -27,17 +27,23 @@ def _to_pm1() -> list:
     ]
 
 
-def train_transform(image_size: int, resize_min: int, resize_max: int, hflip_prob: float = 0.5) -> v2.Compose:
-    """Random shorter-side resize in [resize_min, resize_max] -> random crop -> flip -> float (3, S, S) in [-1, 1]."""
+def check_train_augmentation(image_size: int, resize_min: int, resize_max: int, hflip_prob: float,
+                             prefix: str = "") -> None:
+    """Reject crop/resize/flip settings the train augmentation cannot honour (``prefix``: e.g. "data.")."""
     if image_size < 1:
-        raise ValueError(f"image_size={image_size} must be positive.")
+        raise ValueError(f"{prefix}image_size={image_size} must be positive.")
     if not image_size <= resize_min <= resize_max:
         raise ValueError(
-            f"need image_size <= resize_min <= resize_max, got {image_size}, {resize_min}, {resize_max}; "
-            f"the random crop must fit inside the resized image."
+            f"need {prefix}image_size <= {prefix}resize_min <= {prefix}resize_max, got {image_size}, {resize_min}, "
+            f"{resize_max}; the random crop must fit inside the resized image."
         )
     if not 0.0 <= hflip_prob <= 1.0:
-        raise ValueError(f"hflip_prob={hflip_prob} must be in [0, 1].")
+        raise ValueError(f"{prefix}hflip_prob={hflip_prob} must be in [0, 1].")
+
+
+def train_transform(image_size: int, resize_min: int, resize_max: int, hflip_prob: float = 0.5) -> v2.Compose:
+    """Random shorter-side resize in [resize_min, resize_max] -> random crop -> flip -> float (3, S, S) in [-1, 1]."""
+    check_train_augmentation(image_size, resize_min, resize_max, hflip_prob)
     return v2.Compose(
         [
             # Picks the shorter side uniformly from the integer list; PIL resizes are always antialiased.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -28,6 +29,7 @@ from ideal_ray.train.schedule import lr_at, scaled_lr
 from ideal_ray.train.tokenizer_step import TokenizerSystem, autocast
 
 LECAM_FILE = "lecam_rank{rank}.pt"
+CONFIG_FILE = "config.json"
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -63,6 +65,8 @@ class TokenizerStage:
         self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
         self.decay_steps = int(o.epochs * steps_per_epoch)
         self.micro_batch = cfg.data.global_batch // world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.last_step = 0  # the last step taken (the next batch of the data stream is step last_step + 1)
         torch.manual_seed(o.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
         self.system = TokenizerSystem(cfg, load_weights=load_weights).to(device)
         self.system.train()
@@ -86,6 +90,7 @@ class TokenizerStage:
 
     def train_step(self, batch: Dict[str, torch.Tensor], step: int,
                    all_finite: Callable[[torch.Tensor], bool]) -> StepResult:
+        self.last_step = step
         expected = step - 1
         got = int(batch["step"][0])
         if got != expected:
@@ -127,13 +132,18 @@ class TokenizerStage:
         return StepResult(metrics=metrics, samples=images.shape[0])
 
     def save(self, ckpt_dir: str) -> None:
-        dsu.save_engine(self.g, ckpt_dir, "generator", {})
+        position = {"step": self.last_step, "epoch": self.last_step // self.steps_per_epoch,
+                    "step_in_epoch": self.last_step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
+        dsu.save_engine(self.g, ckpt_dir, "generator", {"data_position": position})
         if self.d is not None:
-            dsu.save_engine(self.d, ckpt_dir, "discriminator", {})
+            dsu.save_engine(self.d, ckpt_dir, "discriminator", {"data_position": position})
         torch.save(self.system.lecam.state_dict(), os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank)))
+        if self.rank == 0:  # the checkpoint describes itself: the config and where the data stream stands
+            with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
+                json.dump({"config": dataclasses.asdict(self.cfg), "data_position": position}, f, indent=1)
 
     def load(self, ckpt_dir: str) -> None:
-        dsu.load_engine(self.g, ckpt_dir, "generator")
+        self.last_step = dsu.load_engine(self.g, ckpt_dir, "generator")["data_position"]["step"]
         if self.d is not None:
             dsu.load_engine(self.d, ckpt_dir, "discriminator")
         path = os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank))
