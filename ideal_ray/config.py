@@ -172,6 +172,7 @@ class OptimConfig:
     warmup_epochs: float = 4.0
     epochs: float = 50.0
     grad_clip: float = 1.0
+    lr_schedule: str = "cosine"  # cosine (tokenizer) | constant (AR); both after the optional warm-up
     ema_decay: float = 0.9999
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast is used on GPU only)
     seed: int = 42
@@ -244,6 +245,71 @@ class TokenizerTrainConfig:
     def flat(self) -> Dict[str, Any]:
         """Dotted-key view, e.g. for MLflow params."""
         return flatten(self.to_dict())
+
+
+# ------------------------------------------------------------------------------------- the AR stage
+@dataclass
+class GPTConfig:
+    """Class-conditional LlamaGen-style GPT over the tokenizer's codes (spec section 7)."""
+
+    size: str = "B"  # B | L | XXL | 3B | tiny (informational; the numbers below are what counts)
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256  # SwiGLU hidden = 8d/3 rounded up to a multiple of this
+    ffn_dim_multiplier: float = 0.0  # 0 = none
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    initializer_range: float = 0.02
+    vocab_size: int = 16384
+    num_classes: int = 1000  # class id num_classes is the CFG null class
+    grid: int = 24  # tokens per image = grid * grid
+    cls_token_num: int = 1
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+GPT_SIZES: Dict[str, Dict[str, int]] = {
+    "B": dict(n_layer=12, n_head=12, dim=768),
+    "L": dict(n_layer=24, n_head=16, dim=1024),
+    "XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "3B": dict(n_layer=24, n_head=32, dim=3200),
+    "tiny": dict(n_layer=2, n_head=4, dim=64),
+}
+
+
+def gpt_config(size: str, **overrides: Any) -> GPTConfig:
+    """A GPT preset by name (B, L, XXL, 3B, tiny), optionally with field overrides."""
+    if size not in GPT_SIZES:
+        raise ConfigError(f"Unknown GPT size '{size}'; choose one of {sorted(GPT_SIZES)}.")
+    fields = dict(GPT_SIZES[size], size=size)
+    if size == "tiny":
+        fields.update(vocab_size=256, num_classes=10, grid=8, multiple_of=32)
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+@dataclass
+class SampleConfig:
+    """Class-conditional sampling (spec section 7)."""
+
+    cfg_scale: float = 1.75  # logits u + s (c - u); 1.0 = no guidance
+    cfg_interval: Tuple[float, float] = (0.0, 1.0)  # guidance only for token fractions in [start, end)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    per_class: int = 50
+    batch_size: int = 64
+    seed: int = 0
+    out_size: int = 256  # decoded 384 px images are resized (bicubic) to this, uint8
 
 
 # ------------------------------------------------------------------------------------------- presets
@@ -454,6 +520,7 @@ BACKBONES = ("siglip2", "dinov2", "dinov3", "tiny")
 FUSION_MODES = ("attention", "linear", "none")
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 PRECISIONS = ("bf16", "fp32")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def _check(ok: bool, sentence: str) -> None:
@@ -522,6 +589,8 @@ def validate(cfg: TokenizerTrainConfig) -> None:
                f"discriminator.tap_blocks has block {b}, beyond the trunk's depth {d.depth} (0-based 0..{d.depth - 1}).")
     _check(0 <= d.crop_prob <= 1, f"discriminator.crop_prob {d.crop_prob} must be in [0, 1].")
     _check(o.lr > 0, "optim.lr must be positive.")
+    _check(o.lr_schedule in LR_SCHEDULES,
+           f"optim.lr_schedule '{o.lr_schedule}' is unknown; choose one of {LR_SCHEDULES}.")
     _check(o.precision in PRECISIONS, f"optim.precision '{o.precision}' is unknown; choose one of {PRECISIONS}.")
     _check(0 <= o.ema_decay < 1, f"optim.ema_decay {o.ema_decay} must be in [0, 1).")
     _check(o.min_lr <= o.lr * max(1.0, dc.global_batch / o.base_batch),

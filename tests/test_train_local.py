@@ -24,6 +24,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert scaled_lr(1e-4, 512, 256) == pytest.approx(2e-4)
 
 
+def test_lr_schedule_object_matches_the_config():
+    from ideal_ray.config import OptimConfig
+    from ideal_ray.train.schedule import LRSchedule
+
+    o = OptimConfig(lr=1e-4, base_batch=256, warmup_epochs=1, epochs=10, warmup_start_lr=1e-5, min_lr=1e-5)
+    s = LRSchedule.from_config(o, global_batch=512, steps_per_epoch=10)
+    assert s.peak_lr == pytest.approx(2e-4) and s.warmup_steps == 10 and s.decay_steps == 100
+    assert s(0) == pytest.approx(1e-5) and s(10) == pytest.approx(2e-4) and s(110) == pytest.approx(1e-5)
+    const = LRSchedule.from_config(OptimConfig(lr=1e-4, base_batch=512, warmup_epochs=0, lr_schedule="constant"),
+                                   global_batch=512, steps_per_epoch=10)
+    assert {const(i) for i in (0, 5, 10_000)} == {1e-4}
+
+
 def test_perceptual_warmup():
     assert perceptual_weight(0, 1.0, 10) == 0.0
     assert perceptual_weight(5, 1.0, 10) == pytest.approx(0.5)

@@ -125,56 +125,50 @@ def init_ray(cfg: TokenizerTrainConfig) -> None:
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.dist.use_gpu else None)
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary."""
+def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn: Callable[[int, int], Any],
+              total_steps: int, experiment: str, extra_config: Dict[str, Any], log: Callable[[str], None]):
+    """Run a stage's workers on Ray Train and return ``(result, final_step, tracking_uri, local_dir)``.
+
+    Shared by every stage: records/checks the config in the run folder, starts Ray, builds one dataset per rank
+    (``rank_dataset_fn(rank, start_step)``, evaluated at every (re)start of the worker group so the data resumes
+    at the latest checkpoint), and runs ``worker_fn`` on ``cfg.dist.num_workers`` workers with restarts
+    (``FailureConfig``) and checkpoints in ``cfg.dist.storage_path/cfg.name``.
+    """
     import ray.train
+    from ray.data import DataContext
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info, train_data_config
+    from ideal_ray.data.ray_pipeline import train_data_config
     from ideal_ray.tracking import default_tracking_uri
-    from ideal_ray.train.tokenizer_stage import train_loop_per_worker
 
-    validate(cfg)
-    paths, labels = prepare_data(cfg)
-    num_images = len(paths)
-    steps_per_epoch = schedule_info(num_images, cfg.data.global_batch)
-    total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
     resumed = check_or_record_config(cfg)
     init_ray(cfg)
-    images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
-    world = cfg.dist.num_workers
+    d = cfg.dist
     path = run_uri(cfg)
     local_dir = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
     tracking_uri = default_tracking_uri(local_dir)
-    log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {num_images} images, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, {world} workers, storage {path}, "
-        f"MLflow {tracking_uri}")
+    log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {total_steps} steps on "
+        f"{d.num_workers} workers, storage {path}, MLflow {tracking_uri}")
 
     def dataset_for(rank: int):
         def build():
-            # Evaluated at every (re)start of the worker group: the data resumes where the latest checkpoint is.
-            start = latest_checkpoint_step(path)
-            return rank_dataset(cfg.data, world, rank, start_step=start, num_steps=max(total_steps - start, 0),
-                                seed=cfg.optim.seed, images=images, num_actors=max(1, cfg.data.loader_workers))
+            return rank_dataset_fn(rank, latest_checkpoint_step(path))
         return build
-
-    from ray.data import DataContext
 
     # One progress bar per rank dataset would flood the job log; the loop logs throughput instead.
     DataContext.get_current().enable_progress_bars = False
-    d = cfg.dist
     resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "total_steps": total_steps,
-                           "steps_per_epoch": steps_per_epoch, "tracking_uri": tracking_uri,
-                           "experiment": "ideal-tokenizer"},
-        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=d.use_gpu, resources_per_worker=resources),
+        worker_fn,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "total_steps": total_steps, "tracking_uri": tracking_uri,
+                           "experiment": experiment, **extra_config},
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage_uri(cfg),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints)),
-        datasets={f"train_{r}": dataset_for(r) for r in range(world)},
+        datasets={f"train_{r}": dataset_for(r) for r in range(d.num_workers)},
         dataset_config=train_data_config(),  # no splitting, order preserved: rank r reads only train_r
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
     )
@@ -187,12 +181,36 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
             f"Run '{cfg.name}' stopped at step {final_step} of {total_steps}: {d.max_bad_steps} non-finite losses in "
             f"a row (see the worker log). The latest good checkpoint (step {final_step}) is kept; rerun the same "
             f"name after lowering the learning rate or fixing the data to resume from it.")
+    return result, final_step, tracking_uri, local_dir
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary."""
+    from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info
+    from ideal_ray.train.tokenizer_stage import train_loop_per_worker
+
+    validate(cfg)
+    paths, labels = prepare_data(cfg)
+    steps_per_epoch = schedule_info(len(paths), cfg.data.global_batch)
+    total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
+    log(f"[ideal-ray] tokenizer: {len(paths)} images, {steps_per_epoch} steps/epoch")
+    init_ray(cfg)
+    images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
+
+    def rank_data(rank: int, start: int):
+        return rank_dataset(cfg.data, cfg.dist.num_workers, rank, start_step=start,
+                            num_steps=max(total_steps - start, 0), seed=cfg.optim.seed, images=images,
+                            num_actors=max(1, cfg.data.loader_workers))
+
+    result, final_step, tracking_uri, local_dir = run_stage(
+        cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",
+        {"steps_per_epoch": steps_per_epoch}, log)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
-    _record_export(tracking_uri, result.checkpoint, export_path, log)
+    record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})
     log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
     return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri, "run_path": path}
+            "tracking_uri": tracking_uri, "run_path": run_uri(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -221,8 +239,9 @@ def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step:
     return save_inference_checkpoint(out_path, model, cfg, step=step, include_vfm=include_vfm, overwrite=overwrite)
 
 
-def _record_export(tracking_uri: str, checkpoint, export_path: str, log) -> None:
-    """Attach the final checkpoint and export paths to the run's MLflow record (the run id is in the checkpoint)."""
+def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str]) -> None:
+    """Attach the final checkpoint (and e.g. the export path) to the run's MLflow record; the run id is in the
+    checkpoint's loop state."""
     from ideal_ray.tracking import Tracker
 
     with checkpoint.as_directory() as d:
@@ -230,6 +249,6 @@ def _record_export(tracking_uri: str, checkpoint, export_path: str, log) -> None
             run_id = json.load(f).get("tracker_run_id")
     if not run_id:
         return
-    t = Tracker(tracking_uri, "ideal-tokenizer", run_name="", run_id=run_id)
-    t.set_tags({"final_checkpoint": str(checkpoint.path), "inference_export": export_path})
+    t = Tracker(tracking_uri, experiment, run_name="", run_id=run_id)
+    t.set_tags({"final_checkpoint": str(checkpoint.path), **tags})
     t.finish("FINISHED")

@@ -7,6 +7,7 @@ runs from ``warmup_start_lr`` to the peak over ``warmup_steps``; the cosine then
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, decay_steps: int, warmup_start_lr: float,
@@ -22,3 +23,30 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, decay_steps: int, warmup
 def scaled_lr(lr: float, global_batch: int, base_batch: int) -> float:
     """Linear scaling rule: the paper's lr 1e-4 is for a global batch of 256."""
     return lr * global_batch / base_batch
+
+
+@dataclass
+class LRSchedule:
+    """The learning rate of every step of a run, from its optimizer config (shared by all trainers)."""
+
+    kind: str  # cosine | constant
+    peak_lr: float
+    warmup_steps: int
+    decay_steps: int
+    warmup_start_lr: float
+    min_lr: float
+
+    @classmethod
+    def from_config(cls, optim, global_batch: int, steps_per_epoch: int) -> "LRSchedule":
+        return cls(kind=optim.lr_schedule, peak_lr=scaled_lr(optim.lr, global_batch, optim.base_batch),
+                   warmup_steps=int(optim.warmup_epochs * steps_per_epoch),
+                   decay_steps=int(optim.epochs * steps_per_epoch), warmup_start_lr=optim.warmup_start_lr,
+                   min_lr=optim.min_lr)
+
+    def __call__(self, step: int) -> float:
+        """lr of the 0-based step ``step`` (the step about to be taken)."""
+        if self.kind == "constant":
+            if self.warmup_steps > 0 and step < self.warmup_steps:
+                return self.warmup_start_lr + step * (self.peak_lr - self.warmup_start_lr) / self.warmup_steps
+            return self.peak_lr
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.decay_steps, self.warmup_start_lr, self.min_lr)

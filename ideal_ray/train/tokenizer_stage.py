@@ -25,7 +25,7 @@ from ideal_ray.data.ray_pipeline import TORCH_DTYPES, to_model_input
 from ideal_ray.data.transforms import make_grid_png
 from ideal_ray.train import ds as dsu
 from ideal_ray.train.loop import LoopConfig, NonFiniteLossError, StepResult, run_loop
-from ideal_ray.train.schedule import lr_at, scaled_lr
+from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.tokenizer_step import TokenizerSystem, autocast
 
 LECAM_FILE = "lecam_rank{rank}.pt"
@@ -61,9 +61,7 @@ class TokenizerStage:
                  steps_per_epoch: int, load_weights: bool = True):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         o = cfg.optim
-        self.peak_lr = scaled_lr(o.lr, cfg.data.global_batch, o.base_batch)
-        self.warmup_steps = int(o.warmup_epochs * steps_per_epoch)
-        self.decay_steps = int(o.epochs * steps_per_epoch)
+        self.schedule = LRSchedule.from_config(o, cfg.data.global_batch, steps_per_epoch)
         self.micro_batch = cfg.data.global_batch // world_size
         self.steps_per_epoch = steps_per_epoch
         self.last_step = 0  # the last step taken (the next batch of the data stream is step last_step + 1)
@@ -72,21 +70,17 @@ class TokenizerStage:
         self.system.train()
         dsu.prepare_deepspeed(device.type)
         engine_optim = dataclasses.replace(o, precision="fp32")  # fp32 weights; bf16 comes from autocast
-        self.g = dsu.build_engine(self.system.tokenizer, engine_optim, self.peak_lr, self.micro_batch, world_size,
+        self.g = dsu.build_engine(self.system.tokenizer, engine_optim, self.schedule.peak_lr, self.micro_batch, world_size,
                                   cfg.dist.zero_stage, device.type)
         self.d = None
         if self.system.discriminator is not None:
-            self.d = dsu.build_engine(self.system.discriminator, engine_optim, self.peak_lr, self.micro_batch,
+            self.d = dsu.build_engine(self.system.discriminator, engine_optim, self.schedule.peak_lr, self.micro_batch,
                                       world_size, cfg.dist.zero_stage, device.type)
         self.generator = torch.Generator(device="cpu")
 
     # ------------------------------------------------------------------------------------------ Stage
     def ema_module(self) -> torch.nn.Module:
         return self.system.tokenizer
-
-    def lr(self, step: int) -> float:
-        o = self.cfg.optim
-        return lr_at(step - 1, self.peak_lr, self.warmup_steps, self.decay_steps, o.warmup_start_lr, o.min_lr)
 
     def train_step(self, batch: Dict[str, torch.Tensor], step: int,
                    all_finite: Callable[[torch.Tensor], bool]) -> StepResult:
@@ -99,7 +93,7 @@ class TokenizerStage:
         seed = step_seed(self.cfg.optim.seed, step, self.rank)
         torch.manual_seed(seed)
         self.generator.manual_seed(seed)
-        lr = self.lr(step)
+        lr = self.schedule(step - 1)
         tok = self.system.tokenizer
 
         # generator step

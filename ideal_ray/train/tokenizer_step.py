@@ -22,7 +22,7 @@ from ideal_ray.models.discriminator import DinoDiscriminator
 from ideal_ray.models.tokenizer import IdealTokenizer
 from ideal_ray.train.ema import EMA
 from ideal_ray.train.optim import adamw
-from ideal_ray.train.schedule import lr_at, scaled_lr
+from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.weights import lpips_model
 
 
@@ -78,22 +78,19 @@ class LocalTrainer:
         self.system = TokenizerSystem(cfg, load_weights=load_weights).to(self.device)
         self.system.train()
         o = cfg.optim
-        self.peak_lr = scaled_lr(o.lr, cfg.data.global_batch, o.base_batch)
         spe = cfg.schedule.steps_per_epoch
+        self.schedule = LRSchedule.from_config(o, cfg.data.global_batch, spe)
         self.total_steps = total_steps or cfg.schedule.steps or int(o.epochs * spe)
-        self.warmup_steps = int(o.warmup_epochs * spe)
-        self.decay_steps = int(o.epochs * spe)
-        self.opt_g = adamw(self.system.tokenizer, self.peak_lr, o.betas, o.weight_decay)
+        self.opt_g = adamw(self.system.tokenizer, self.schedule.peak_lr, o.betas, o.weight_decay)
         self.opt_d = None
         if self.system.discriminator is not None:
-            self.opt_d = adamw(self.system.discriminator, self.peak_lr, o.betas, o.weight_decay)
+            self.opt_d = adamw(self.system.discriminator, self.schedule.peak_lr, o.betas, o.weight_decay)
         self.ema = EMA(self.system.tokenizer, o.ema_decay)
         self.step = 0
         self.rng = torch.Generator(device="cpu").manual_seed(o.seed)
 
     def lr(self) -> float:
-        o = self.cfg.optim
-        return lr_at(self.step, self.peak_lr, self.warmup_steps, self.decay_steps, o.warmup_start_lr, o.min_lr)
+        return self.schedule(self.step)
 
     def train_step(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg, sys_ = self.cfg, self.system
