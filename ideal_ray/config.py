@@ -312,6 +312,92 @@ class SampleConfig:
     out_size: int = 256  # decoded 384 px images are resized (bicubic) to this, uint8
 
 
+@dataclass
+class TokenDataConfig:
+    """Token shards written by jobs/extract_tokens.py (one random view per image per epoch)."""
+
+    shards: str = "data/tokens"  # folder with tokens-*.parquet + manifest.json
+    global_batch: int = 512
+    loader_workers: int = 1  # shard-reader actors per rank
+
+
+@dataclass
+class ARTrainConfig:
+    """Everything the AR stage needs."""
+
+    preset: str = "ar-B"
+    name: str = "ideal-ar-B"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-4, base_batch=0, warmup_epochs=0.0, epochs=300.0, lr_schedule="constant", seed=0))
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(log_every=100, ckpt_every=25000,
+                                                                            vis_every=10**9))
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    output_dir: str = "runs"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        return flatten(self.to_dict())
+
+
+def ar_preset(size: str) -> ARTrainConfig:
+    """Spec section 7: global batch B/L 512, XXL 256, 3B 128; epochs B/L 300, XXL/3B 200; ZeRO-1 for B/L and
+    ZeRO-2 for XXL/3B (architecture.md: an H200 never needs ZeRO-3 for these sizes)."""
+    batch = {"B": 512, "L": 512, "XXL": 256, "3B": 128, "tiny": 8}[size]
+    epochs = {"B": 300.0, "L": 300.0, "XXL": 200.0, "3B": 200.0, "tiny": 10.0}[size]
+    cfg = ARTrainConfig(preset=f"ar-{size}", name=f"ideal-ar-{size}", model=gpt_config(size))
+    cfg.data.global_batch = batch
+    cfg.optim.epochs = epochs
+    cfg.dist.zero_stage = 2 if size in ("XXL", "3B") else 1
+    if size == "tiny":
+        cfg.optim.lr = 1e-3
+        cfg.data.shards = "data/tokens-tiny"
+        cfg.schedule = ScheduleConfig(steps=60, log_every=10, ckpt_every=30, vis_every=10**9)
+        cfg.dist = DistributedConfig(num_workers=2, use_gpu=False, cpus_per_worker=1.0, zero_stage=1)
+    return cfg
+
+
+AR_PRESETS: Dict[str, Callable[[], ARTrainConfig]] = {
+    f"ar-{s}": (lambda s=s: ar_preset(s)) for s in ("B", "L", "XXL", "3B", "tiny")}
+
+
+def load_ar_config(preset: str = "ar-tiny", overrides: Sequence[str] = ()) -> ARTrainConfig:
+    """An AR preset (ar-B, ar-L, ar-XXL, ar-3B, ar-tiny) with ``a.b=c`` overrides, validated."""
+    if preset not in AR_PRESETS:
+        raise ConfigError(f"Unknown AR preset '{preset}'; choose one of {sorted(AR_PRESETS)}.")
+    cfg = apply_overrides(AR_PRESETS[preset](), overrides)
+    validate_ar(cfg)
+    return cfg
+
+
+def validate_ar(cfg: ARTrainConfig) -> None:
+    m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.dist
+    _check(m.dim % m.n_head == 0, f"model.n_head {m.n_head} does not divide model.dim {m.dim}.")
+    _check((m.dim // m.n_head) % 4 == 0, f"The head dimension {m.dim // m.n_head} must be a multiple of 4 "
+           f"(2D RoPE splits it into rows and columns).")
+    _check(m.cls_token_num == 1, "model.cls_token_num must be 1 (class-conditional generation).")
+    _check(2 <= m.vocab_size <= 65536, f"model.vocab_size {m.vocab_size} must be in [2, 65536] (uint16 shards).")
+    for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout", "drop_path"):
+        v = getattr(m, name)
+        _check(0 <= v < 1, f"model.{name} {v} must be in [0, 1).")
+    _check(o.lr > 0, "optim.lr must be positive.")
+    _check(o.lr_schedule in LR_SCHEDULES,
+           f"optim.lr_schedule '{o.lr_schedule}' is unknown; choose one of {LR_SCHEDULES}.")
+    _check(o.precision in PRECISIONS, f"optim.precision '{o.precision}' is unknown; choose one of {PRECISIONS}.")
+    _check(0 <= o.ema_decay < 1, f"optim.ema_decay {o.ema_decay} must be in [0, 1).")
+    _check(d.global_batch >= 1, "data.global_batch must be at least 1.")
+    _check(d.global_batch % t.num_workers == 0,
+           f"data.global_batch {d.global_batch} does not divide evenly over dist.num_workers {t.num_workers}; "
+           f"choose a global batch that is a multiple of the worker count.")
+    _check(d.loader_workers >= 1, "data.loader_workers must be at least 1.")
+    _check(t.zero_stage in (0, 1, 2), f"dist.zero_stage {t.zero_stage} is not supported (0, 1 or 2): the EMA keeps "
+           f"full parameters on every rank.")
+    _check(cfg.schedule.steps >= 0, "schedule.steps cannot be negative.")
+
+
 # ------------------------------------------------------------------------------------------- presets
 def paper() -> TokenizerTrainConfig:
     return TokenizerTrainConfig(preset="paper")
@@ -593,7 +679,8 @@ def validate(cfg: TokenizerTrainConfig) -> None:
            f"optim.lr_schedule '{o.lr_schedule}' is unknown; choose one of {LR_SCHEDULES}.")
     _check(o.precision in PRECISIONS, f"optim.precision '{o.precision}' is unknown; choose one of {PRECISIONS}.")
     _check(0 <= o.ema_decay < 1, f"optim.ema_decay {o.ema_decay} must be in [0, 1).")
-    _check(o.min_lr <= o.lr * max(1.0, dc.global_batch / o.base_batch),
+    _check(o.base_batch >= 0, "optim.base_batch cannot be negative (0 turns linear lr scaling off).")
+    _check(o.min_lr <= o.lr * (max(1.0, dc.global_batch / o.base_batch) if o.base_batch else 1.0),
            "optim.min_lr is above the peak learning rate.")
     _check(o.warmup_epochs <= o.epochs, "optim.warmup_epochs is longer than optim.epochs.")
     _check(o.grad_clip >= 0, "optim.grad_clip cannot be negative (0 turns clipping off).")

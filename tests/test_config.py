@@ -95,3 +95,33 @@ def test_round_trip_through_dict():
     c = load_config("paper+fusion-linear")
     again = from_dict(TokenizerTrainConfig, dataclasses.asdict(c))
     assert again == c
+
+
+# ---- the AR stage ------------------------------------------------------------------------------------------
+def test_ar_presets_follow_the_spec():
+    from ideal_ray.config import load_ar_config
+
+    b, l_, xxl, b3 = (load_ar_config(f"ar-{s}") for s in ("B", "L", "XXL", "3B"))
+    assert (b.model.n_layer, b.model.n_head, b.model.dim) == (12, 12, 768)
+    assert (b3.model.n_layer, b3.model.n_head, b3.model.dim) == (24, 32, 3200)
+    assert [c.data.global_batch for c in (b, l_, xxl, b3)] == [512, 512, 256, 128]
+    assert [c.optim.epochs for c in (b, l_, xxl, b3)] == [300, 300, 200, 200]
+    assert [c.dist.zero_stage for c in (b, l_, xxl, b3)] == [1, 1, 2, 2]
+    assert b.optim.lr == 1e-4 and b.optim.lr_schedule == "constant" and b.optim.base_batch == 0
+    assert b.model.vocab_size == 16384 and b.model.num_tokens == 576 and b.model.class_dropout == 0.1
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.n_head=7"], "does not divide model.dim"),
+    (["data.global_batch=9"], "does not divide evenly"),
+    (["dist.zero_stage=3"], "dist.zero_stage 3"),
+    (["model.token_dropout=1.5"], "model.token_dropout"),
+    (["optim.lr_schedule=step"], "optim.lr_schedule 'step'"),
+])
+def test_ar_validation_errors(overrides, fragment):
+    from ideal_ray.config import load_ar_config
+
+    with pytest.raises(ConfigError, match=fragment):
+        load_ar_config("ar-tiny", overrides)
+    with pytest.raises(ConfigError, match="Unknown AR preset"):
+        load_ar_config("ar-huge")

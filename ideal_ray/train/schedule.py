@@ -21,8 +21,9 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, decay_steps: int, warmup
 
 
 def scaled_lr(lr: float, global_batch: int, base_batch: int) -> float:
-    """Linear scaling rule: the paper's lr 1e-4 is for a global batch of 256."""
-    return lr * global_batch / base_batch
+    """Linear scaling rule (the tokenizer's lr 1e-4 is for a global batch of 256); ``base_batch`` 0 = no scaling
+    (the AR stage's constant 1e-4, as LlamaGen)."""
+    return lr * global_batch / base_batch if base_batch > 0 else lr
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ideal_ray.config import TokenizerTrainConfig, from_dict
 from ideal_ray.data.ray_pipeline import TORCH_DTYPES, to_model_input
 from ideal_ray.data.transforms import make_grid_png
 from ideal_ray.train import ds as dsu
-from ideal_ray.train.loop import LoopConfig, NonFiniteLossError, StepResult, run_loop
+from ideal_ray.train.loop import StepResult
 from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.tokenizer_step import TokenizerSystem, autocast
 
@@ -158,43 +158,10 @@ class TokenizerStage:
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``config``: {"cfg": asdict(TokenizerTrainConfig), "total_steps",
-    "steps_per_epoch", "tracking_uri", "experiment"}."""
-    import ray.train
-    import ray.train.torch
-
-    from ideal_ray.tracking import make_tracker
-
-    from ray.data import DataContext
+    """Ray Train worker entry point of the tokenizer stage (see ``worker.run_worker``)."""
+    from ideal_ray.train.worker import run_worker
 
     cfg = from_dict(TokenizerTrainConfig, config["cfg"])
-    # one progress bar per rank's dataset would flood the job log; the loop logs throughput instead
-    DataContext.get_current().enable_progress_bars = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    from ideal_ray.train.sessions import RaySession
-
-    session = RaySession(device)
-    stage = TokenizerStage(cfg, device, rank, world, config["steps_per_epoch"])
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(shard.iter_torch_batches(
-        batch_size=stage.micro_batch, drop_last=True, prefetch_batches=cfg.dist.prefetch_batches,
-        dtypes=TORCH_DTYPES))
-    loop_cfg = LoopConfig(total_steps=config["total_steps"], log_every=cfg.schedule.log_every,
-                          ckpt_every=cfg.schedule.ckpt_every, vis_every=cfg.schedule.vis_every,
-                          max_bad_steps=cfg.dist.max_bad_steps, ema_decay=cfg.optim.ema_decay)
-
-    def tracker_for(run_id):
-        t = make_tracker(rank, tracking_uri=config["tracking_uri"], experiment=config["experiment"],
-                         run_name=cfg.name, run_id=run_id, tags={"preset": cfg.preset, "stage": "tokenizer"})
-        if run_id is None:
-            t.log_params(cfg.flat())
-        return t
-
-    try:
-        run_loop(stage, batches, session, loop_cfg, tracker_for, log=lambda line: print(line, flush=True))
-    except NonFiniteLossError as e:
-        # Ending the worker normally keeps FailureConfig from restarting into the same non-finite steps; the
-        # driver sees that the run stopped short of its last step and raises this message.
-        print(f"[ideal-ray] {e}", flush=True)
+    run_worker(config, cfg, lambda device, rank, world: TokenizerStage(cfg, device, rank, world,
+                                                                       config["steps_per_epoch"]),
+               TORCH_DTYPES, micro_batch=cfg.data.global_batch // cfg.dist.num_workers, stage_name="tokenizer")

@@ -1,0 +1,170 @@
+"""The AR stage on Ray Train + DeepSpeed: the per-worker step (:class:`ARStage`), the worker entry point, and the
+driver (:func:`train_ar`), on the same shared loop and driver pieces as the tokenizer stage.
+
+Training (spec section 7): inputs [class, codes 0..574], targets codes 0..575, cross-entropy; class/token/residual
+dropout inside the model; AdamW (fused on GPU) at a constant lr 1e-4, betas (0.9, 0.95), wd 0.05 on matrices,
+grad clip 1.0, EMA; bf16 autocast on GPU with fp32 weights in the engine. Data: token shards, one random view per
+image per epoch, in a fixed order per rank (``ideal_ray.data.tokens.ar_rank_dataset``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ideal_ray.config import ARTrainConfig, ConfigError, from_dict, validate_ar
+from ideal_ray.models.gpt import GPT
+from ideal_ray.train import ds as dsu
+from ideal_ray.train.loop import StepResult
+from ideal_ray.train.schedule import LRSchedule
+from ideal_ray.train.tokenizer_stage import CONFIG_FILE, step_seed
+from ideal_ray.train.tokenizer_step import autocast
+
+GPT_FORMAT = "ideal-ray/gpt/v1"
+
+
+class ARStage:
+    def __init__(self, cfg: ARTrainConfig, device: torch.device, rank: int, world_size: int, steps_per_epoch: int):
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.micro_batch = cfg.data.global_batch // world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.last_step = 0
+        self.schedule = LRSchedule.from_config(cfg.optim, cfg.data.global_batch, steps_per_epoch)
+        torch.manual_seed(cfg.optim.seed)
+        self.model = GPT(cfg.model).to(device)
+        self.model.train()
+        dsu.prepare_deepspeed(device.type)
+        self.engine = dsu.build_engine(self.model, dataclasses.replace(cfg.optim, precision="fp32"),
+                                       self.schedule.peak_lr, self.micro_batch, world_size, cfg.dist.zero_stage,
+                                       device.type)
+
+    def ema_module(self) -> torch.nn.Module:
+        return self.model
+
+    def train_step(self, batch: Dict[str, torch.Tensor], step: int,
+                   all_finite: Callable[[torch.Tensor], bool]) -> StepResult:
+        self.last_step = step
+        got = int(batch["step"][0])
+        if got != step - 1:
+            raise RuntimeError(f"Data order broke: rank {self.rank} got the batch of step {got} for step {step - 1}.")
+        tokens = batch["tokens"].to(self.device, non_blocking=True)  # (B, N)
+        labels = batch["label"].to(self.device, non_blocking=True)  # (B,)
+        seed = step_seed(self.cfg.optim.seed, step, self.rank)
+        torch.manual_seed(seed)  # class/token dropout, drop path
+        lr = self.schedule(step - 1)
+        dsu.set_lr(self.engine, lr)
+        with autocast(self.device, self.cfg.optim.precision):
+            logits = self.model(tokens, labels)  # (B, N, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        if not all_finite(loss):
+            return StepResult(metrics={}, samples=0, skipped=True)
+        self.engine.backward(loss)
+        self.engine.step()
+        return StepResult(metrics={"loss": loss.detach(), "lr": lr, "grad_norm": dsu.grad_norm(self.engine) or 0.0},
+                          samples=tokens.shape[0])
+
+    def _position(self) -> Dict[str, int]:
+        return {"step": self.last_step, "epoch": self.last_step // self.steps_per_epoch,
+                "step_in_epoch": self.last_step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
+
+    def save(self, ckpt_dir: str) -> None:
+        dsu.save_engine(self.engine, ckpt_dir, "gpt", {"data_position": self._position()})
+        if self.rank == 0:
+            with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
+                json.dump({"config": dataclasses.asdict(self.cfg), "data_position": self._position()}, f, indent=1)
+
+    def load(self, ckpt_dir: str) -> None:
+        self.last_step = dsu.load_engine(self.engine, ckpt_dir, "gpt")["data_position"]["step"]
+
+    def visualize(self, batch: Any, out_dir: str, step: int) -> Optional[str]:
+        return None  # sample grids need the tokenizer's decoder: jobs/sample.py
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    from ideal_ray.data.tokens import AR_TORCH_DTYPES
+    from ideal_ray.train.worker import run_worker
+
+    cfg = from_dict(ARTrainConfig, config["cfg"])
+    run_worker(config, cfg, lambda device, rank, world: ARStage(cfg, device, rank, world, config["steps_per_epoch"]),
+               AR_TORCH_DTYPES, micro_batch=cfg.data.global_batch // cfg.dist.num_workers, stage_name="ar")
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def check_shards(cfg: ARTrainConfig) -> dict:
+    """The shards' manifest, checked against the model before any worker starts."""
+    from ideal_ray.data.tokens import read_manifest
+
+    if not os.path.isfile(os.path.join(cfg.data.shards, "manifest.json")):
+        raise ConfigError(f"No token shards at data.shards={cfg.data.shards} (no manifest.json); write them first "
+                          f"with jobs/extract_tokens.py.")
+    manifest = read_manifest(cfg.data.shards)
+    if not manifest.get("complete"):
+        raise ConfigError(f"The token shards at {cfg.data.shards} are incomplete; rerun jobs/extract_tokens.py with "
+                          f"the same arguments to finish them.")
+    if manifest["vocab"] > cfg.model.vocab_size or manifest["grid"] != cfg.model.grid:
+        raise ConfigError(f"The shards at {cfg.data.shards} hold {manifest['grid']}x{manifest['grid']} codes from a "
+                          f"{manifest['vocab']}-entry codebook; set model.grid={manifest['grid']} and "
+                          f"model.vocab_size={manifest['vocab']}.")
+    if manifest["num_images"] < cfg.data.global_batch:
+        raise ConfigError(f"The shards hold {manifest['num_images']} images, fewer than one global batch of "
+                          f"{cfg.data.global_batch}.")
+    return manifest
+
+
+def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (or resume) a GPT on token shards on Ray Train + DeepSpeed; export the EMA weights."""
+    from ideal_ray.data.tokens import ar_rank_dataset
+    from ideal_ray.train.ray_trainer import record_final, run_stage
+
+    validate_ar(cfg)
+    manifest = check_shards(cfg)
+    steps_per_epoch = manifest["num_images"] // cfg.data.global_batch
+    total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
+    log(f"[ideal-ray] AR {cfg.model.size}: {manifest['num_images']} images x {manifest['num_views']} views, "
+        f"{steps_per_epoch} steps/epoch")
+
+    def rank_data(rank: int, start: int):
+        return ar_rank_dataset(cfg.data.shards, cfg.data.global_batch, cfg.dist.num_workers, rank, start,
+                               max(total_steps - start, 0), cfg.optim.seed, manifest=manifest,
+                               num_actors=cfg.data.loader_workers)
+
+    result, final_step, tracking_uri, local_dir = run_stage(
+        cfg, train_loop_per_worker, rank_data, total_steps, "ideal-ar", {"steps_per_epoch": steps_per_epoch}, log)
+    export_path = export_gpt(result.checkpoint, cfg, os.path.join(local_dir, f"gpt_step{final_step}.pt"), final_step)
+    record_final(tracking_uri, "ideal-ar", result.checkpoint, {"inference_export": export_path})
+    log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
+    return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
+            "tracking_uri": tracking_uri}
+
+
+def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
+    """Single-file GPT export: EMA weights + model config, loadable with ``weights_only=True``."""
+    from ideal_ray.checkpoint import atomic_torch_save
+    from ideal_ray.train.loop import EMA_FILE
+
+    if os.path.exists(out_path):
+        return out_path  # an earlier export of the same step; never replaced silently
+    with checkpoint.as_directory() as d:
+        state = dsu.load_module_state(d, "gpt")
+        ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
+    state = {k: v.clone() for k, v in state.items()}
+    state.update({k: v.to(state[k].dtype) for k, v in ema.items()})
+    return atomic_torch_save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg.model), "model": state,
+                              "step": int(step)}, out_path)
+
+
+def load_gpt(path: str, device: str = "cpu") -> GPT:
+    """Rebuild a GPT from :func:`export_gpt`'s file."""
+    from ideal_ray.config import GPTConfig
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != GPT_FORMAT:
+        raise ValueError(f"{path} is not an ideal-ray GPT export (no format '{GPT_FORMAT}'); for LlamaGen "
+                         f"checkpoints use ideal_ray.models.gpt.load_llamagen_state_dict.")
+    model = GPT(from_dict(GPTConfig, ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
