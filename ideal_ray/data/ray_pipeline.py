@@ -68,6 +68,22 @@ _AUG_STREAM = 0x6175676D  # "augm"
 _PERM_CACHE_EPOCHS = 2  # an actor only ever straddles one epoch boundary at a time
 
 
+class PermutationCache:
+    """The epoch permutations a reader actor needs, computed once and kept for the last two epochs."""
+
+    def __init__(self, seed: int, num_items: int):
+        self.seed, self.n = int(seed), int(num_items)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            while len(self._perms) >= _PERM_CACHE_EPOCHS:
+                self._perms.pop(min(self._perms))
+            perm = self._perms[epoch] = epoch_permutation(self.seed, epoch, self.n)
+        return perm
+
+
 # ------------------------------------------------------------------------------------- pure schedule
 def schedule_info(num_images: int, global_batch: int) -> int:
     """Steps per epoch with drop_last: ``num_images // global_batch`` (at least one full batch required)."""
@@ -274,16 +290,8 @@ class _DecodeAugment:
         self.spe = schedule_info(self.n, global_batch)
         self.aug = (image_size, resize_min, resize_max, hflip_prob)
         self.provenance = provenance
-        self._perms: dict[int, np.ndarray] = {}
+        self._perm = PermutationCache(seed, self.n)
         self._bad: set[int] = set()  # indices known undecodable in this process
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            while len(self._perms) >= _PERM_CACHE_EPOCHS:
-                self._perms.pop(min(self._perms))
-            perm = self._perms[epoch] = epoch_permutation(self.seed, epoch, self.n)
-        return perm
 
     def _path(self, index: int) -> str:
         return os.path.join(self.base, os.fsdecode(bytes(self.rel[index])))

@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ideal_ray.data.ray_pipeline import (
+    PermutationCache,
     epoch_permutation,
     local_batch_size,
     position_of,
@@ -85,7 +86,6 @@ AR_TORCH_DTYPES = {c: torch.int64 for c in AR_COLUMNS}  # iter_torch_batches(dty
 # Last word of the view seed, so [seed, e, i, tag] never equals the permutation seed [seed, e] or ray_pipeline's
 # augmentation stream [seed, e, position, "augm"].
 _VIEW_STREAM = 0x76696577  # "view"
-_PERM_CACHE_EPOCHS = 2
 
 
 class TokenShardError(ValueError):
@@ -520,15 +520,7 @@ class _ARTokenRows:
         self.seed, self.start_step, self.rank = int(seed), int(start_step), int(rank)
         self.lb, self.gb = int(local_batch), int(global_batch)
         self.spe = schedule_info(self.n, self.gb)
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            while len(self._perms) >= _PERM_CACHE_EPOCHS:
-                self._perms.pop(min(self._perms))
-            perm = self._perms[epoch] = epoch_permutation(self.seed, epoch, self.n)
-        return perm
+        self._perm = PermutationCache(self.seed, self.n)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         step, epoch, position = row_schedule(batch["id"], self.start_step, self.rank, self.lb, self.gb, self.spe)
