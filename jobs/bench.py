@@ -4,14 +4,24 @@
     python jobs/bench.py params --preset paper --discriminator
     python jobs/bench.py tokenizer --preset tiny --batch 8 --steps 10
     python jobs/bench.py tokenizer --preset paper --batch 32 --steps 20   # on a GPU: img/s, memory, TFLOP/s
+    python jobs/bench.py ar-train --preset B --batch 64 --steps 20        # seq/s, tokens/s, TFLOP/s, MFU
+    python jobs/bench.py sample --preset B --batch 64 --cfg-scale 1.75 --llamagen-dir third_party/LlamaGen
 
 ``params`` builds the model on the meta device (no weights, no memory). ``tokenizer`` times one full training step
 (G forward/backward/step, EMA, D forward/backward/step) with random weights: warm-up steps first, then the median of
 the timed steps; FLOPs are counted once with torch's FlopCounterMode.
+
+``ar-train`` times one GPT training step (forward, cross-entropy, backward, clip 1.0, AdamW -- fused on GPU -- with
+bf16 autocast on GPU, fp32 on CPU) on random tokens. FLOPs per sequence are the performance.md formula
+``6 N T + 12 L D T^2`` (N parameters, T tokens, L layers, D width); MFU is against ``--peak-tflops``.
+``sample`` times ``ideal_ray.sampling.Sampler`` for a batch at a CFG scale (images/s = tokens per second / tokens
+per image); with ``--llamagen-dir`` (a local, git-ignored LlamaGen checkout) it also times LlamaGen's eager
+``generate`` on the same weights, batch and CFG, in the same process, and prints the speed ratio.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -92,6 +102,214 @@ def cmd_tokenizer(args) -> None:
           f"{med:.4f} | {args.batch / med:.3g} | {flops / 1e12:.4f} | {flops / med / 1e12:.2f} | {mem:.1f} |")
 
 
+# ------------------------------------------------------------------------------------------ AR stage
+def _device(arg):
+    return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpt_cfg(args):
+    from ideal_ray.config import gpt_config
+
+    over = {}
+    if args.vocab:
+        over["vocab_size"] = args.vocab
+    if args.grid:
+        over["grid"] = args.grid
+    return gpt_config(args.preset, **over)
+
+
+def ar_train_flops_per_seq(n_params: int, n_layer: int, dim: int, tokens: int) -> float:
+    """performance.md: 6 N T (matmuls, forward + backward) + 12 L D T^2 (attention scores and values)."""
+    return 6.0 * n_params * tokens + 12.0 * n_layer * dim * tokens ** 2
+
+
+def cmd_ar_train(args) -> None:
+    import torch.nn.functional as F
+
+    from ideal_ray.models.gpt import GPT
+
+    device = _device(args.device)
+    cfg = _gpt_cfg(args)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                            fused=device.type == "cuda")
+    bf16 = device.type == "cuda"
+    n, b = cfg.num_tokens, args.batch
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)  # (B, N)
+    labels = torch.randint(0, cfg.num_classes, (b,), generator=g).to(device)  # (B,)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(tokens, labels)  # (B, N, V) float32
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    n_params = model.num_params()
+    flops = ar_train_flops_per_seq(n_params, cfg.n_layer, cfg.dim, n) * b
+    tflops = flops / med / 1e12
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    print(f"FLOPs/seq = 6 x N_params x T + 12 x layers x width x T^2 = {flops / b / 1e12:.4g} TFLOP "
+          f"(N_params {n_params:,}, T {n}); MFU against {args.peak_tflops:g} TFLOP/s")
+    print(f"| preset | device | batch | precision | step s (median of {args.steps}) | seq/s | tokens/s | "
+          f"TFLOP/s | MFU % | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| GPT-{cfg.size} | {_device_name(device)} | {b} | {'bf16 autocast' if bf16 else 'fp32'} | {med:.4f} | "
+          f"{b / med:.4g} | {b * n / med:.4g} | {tflops:.4g} | {100 * tflops / args.peak_tflops:.3g} | {mem:.1f} |")
+
+
+_TO_LLAMAGEN = [  # our GPT key -> LlamaGen's (the inverse of ideal_ray.models.gpt.convert_llamagen_state_dict)
+    (r"^class_embed\.weight$", "cls_embedding.embedding_table.weight"),
+    (r"^tok_embed\.weight$", "tok_embeddings.weight"),
+    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"layers.\1.attention.wqkv.weight"),
+    (r"^blocks\.(\d+)\.attn\.proj\.weight$", r"layers.\1.attention.wo.weight"),
+    (r"^blocks\.(\d+)\.ffn\.w_gate\.weight$", r"layers.\1.feed_forward.w1.weight"),
+    (r"^blocks\.(\d+)\.ffn\.w_up\.weight$", r"layers.\1.feed_forward.w3.weight"),
+    (r"^blocks\.(\d+)\.ffn\.w_down\.weight$", r"layers.\1.feed_forward.w2.weight"),
+    (r"^blocks\.(\d+)\.attn_norm\.weight$", r"layers.\1.attention_norm.weight"),
+    (r"^blocks\.(\d+)\.ffn_norm\.weight$", r"layers.\1.ffn_norm.weight"),
+    (r"^norm\.weight$", "norm.weight"),
+    (r"^head\.weight$", "output.weight"),
+]
+
+
+def to_llamagen_state_dict(state):
+    """Our GPT state dict -> LlamaGen ``Transformer`` keys (tensors shared, not copied)."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        for pat, repl in _TO_LLAMAGEN:
+            if re.match(pat, k):
+                out[re.sub(pat, repl, k)] = v
+                break
+        else:
+            raise KeyError(f"No LlamaGen name for GPT tensor '{k}'.")
+    return out
+
+
+def _llamagen_model(llamagen_dir: str, cfg, state, device, dtype):
+    """LlamaGen's c2i Transformer with the same sizes, loaded with our weights."""
+    root = os.path.abspath(llamagen_dir)
+    if not os.path.isfile(os.path.join(root, "autoregressive", "models", "gpt.py")):
+        raise SystemExit(f"--llamagen-dir {llamagen_dir} is not a LlamaGen checkout (no autoregressive/models/gpt.py);"
+                         f" clone FoundationVision/LlamaGen into third_party/LlamaGen.")
+    sys.path.insert(0, root)
+    from autoregressive.models.generate import generate
+    from autoregressive.models.gpt import ModelArgs, Transformer
+
+    args = ModelArgs(dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, multiple_of=cfg.multiple_of,
+                     ffn_dim_multiplier=cfg.ffn_dim_multiplier or None, rope_base=cfg.rope_base,
+                     norm_eps=cfg.norm_eps, vocab_size=cfg.vocab_size, num_classes=cfg.num_classes,
+                     cls_token_num=cfg.cls_token_num, block_size=cfg.num_tokens, class_dropout_prob=0.1,
+                     token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, model_type="c2i")
+    theirs = Transformer(args)
+    missing, unexpected = theirs.load_state_dict(to_llamagen_state_dict(state), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"LlamaGen's Transformer does not match our GPT: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}.")
+    return theirs.to(device=device, dtype=dtype).eval(), generate
+
+
+def cmd_sample(args) -> None:
+    from ideal_ray.config import SampleConfig
+    from ideal_ray.models.gpt import GPT
+    from ideal_ray.sampling import Sampler
+
+    device = _device(args.device)
+    cfg = _gpt_cfg(args)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    for p in model.head.parameters():  # the zero-init head gives uniform logits; random weights are more typical
+        torch.nn.init.normal_(p, std=cfg.initializer_range)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.precision != "fp32" else torch.float32
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model = model.to(device=device, dtype=dtype).eval()
+    sc = SampleConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    b, n = args.batch, cfg.num_tokens
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, cfg.num_classes, (b,), generator=g).to(device)
+    compile_ = None if args.compile == "auto" else args.compile == "on"
+
+    def timed(fn):
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_build = time.perf_counter()
+    sampler = Sampler(model, b, sc, compile=compile_)
+    seeds = list(range(b))
+    sampler(labels, seeds)  # first call: compile / graph capture
+    _sync(device)
+    t_build = time.perf_counter() - t_build
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ours = timed(lambda: sampler(labels, seeds))
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    rows = [("ideal_ray Sampler" + (" (compiled" + (" + CUDA graph)" if sampler.use_graph else ")")
+                                    if sampler.use_compile else " (eager)"), ours, mem)]
+    ratio = None
+    if args.llamagen_dir:
+        theirs, generate = _llamagen_model(args.llamagen_dir, cfg, state, device, dtype)
+        kw = dict(cfg_scale=args.cfg_scale, cfg_interval=-1, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, sample_logits=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_theirs = timed(lambda: generate(theirs, labels, n, **kw))
+        mem_t = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows.append(("LlamaGen generate (eager)", t_theirs, mem_t))
+        ratio = t_theirs / ours
+        # same weights, same model: greedy decoding with the same CFG must give (nearly) the same tokens
+        greedy = dataclasses.replace(sc, temperature=0.0, top_k=0, top_p=1.0)
+        mine = Sampler(model, b, greedy, compile=False, cuda_graph=False)(labels, seeds)  # (B, N)
+        kw.update(top_k=0, top_p=1.0, sample_logits=False)
+        other = generate(theirs, labels, n, **kw).long()  # (B, N)
+        agree = (mine == other).float().mean().item()
+    print(f"GPT-{cfg.size} ({model.num_params():,} params, {n} tokens/image), batch {b}, CFG {args.cfg_scale} "
+          f"({'doubled batch' if args.cfg_scale != 1.0 else 'no guidance'}), {str(dtype).replace('torch.', '')}, "
+          f"{_device_name(device)}; first call (build + compile/capture) {t_build:.2f} s")
+    print(f"| sampler | batch s (median of {args.iters}) | tokens/s | images/s (= tokens/s / {n}) | peak GiB |")
+    print("|---|---|---|---|---|")
+    for name, t, m in rows:
+        print(f"| {name} | {t:.4f} | {b * n / t:.4g} | {b * n / t / n:.4g} | {m:.1f} |")
+    if ratio is not None:
+        print(f"same weights check: greedy tokens equal to LlamaGen's for {100 * agree:.1f}% of positions")
+        print(f"speedup over LlamaGen eager generate: {ratio:.2f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -106,6 +324,33 @@ def main(argv=None) -> None:
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--device", default=None)
     t.set_defaults(fn=cmd_tokenizer)
+    presets = ["B", "L", "XXL", "3B", "tiny"]
+    a = sub.add_parser("ar-train", help="time a GPT training step (fwd + bwd + AdamW): seq/s, tokens/s, MFU")
+    a.add_argument("--preset", default="tiny", choices=presets)
+    a.add_argument("--batch", type=int, default=8)
+    a.add_argument("--steps", type=int, default=10)
+    a.add_argument("--warmup", type=int, default=3)
+    a.add_argument("--peak-tflops", type=float, default=790.0, help="MFU denominator (790 = measured H200 bf16)")
+    a.add_argument("--vocab", type=int, default=0, help="override the preset's vocab size")
+    a.add_argument("--grid", type=int, default=0, help="override the preset's token grid")
+    a.add_argument("--device", default=None)
+    a.set_defaults(fn=cmd_ar_train)
+    s = sub.add_parser("sample", help="time class-conditional sampling (images/s), optionally vs LlamaGen")
+    s.add_argument("--preset", default="tiny", choices=presets)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--cfg-scale", type=float, default=1.75)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--iters", type=int, default=3)
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="Sampler compile (auto: on CUDA)")
+    s.add_argument("--llamagen-dir", default="", help="local LlamaGen checkout to time its eager generate too")
+    s.add_argument("--vocab", type=int, default=0, help="override the preset's vocab size")
+    s.add_argument("--grid", type=int, default=0, help="override the preset's token grid")
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=cmd_sample)
     args = parser.parse_args(argv)
     args.fn(args)
 

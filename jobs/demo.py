@@ -1,9 +1,14 @@
-"""The demo: synthetic ImageNet-layout set -> tiny Ideal tokenizer trained on Ray Train + DeepSpeed (2 CPU workers),
-tracked in MLflow -> reconstruction PSNR and codebook usage of the trained model against an untrained one.
+"""The demo, end to end at tiny scale on a local Ray cluster (2 CPU workers), everything tracked in MLflow:
 
-    python jobs/demo.py                       # tiny preset, 300 steps, 2 CPU workers (a local Ray cluster)
-    python jobs/demo.py --in-process          # the same training loop order in one process, no Ray
-    python jobs/demo.py schedule.steps=100    # any a.b=c override
+1. synthetic ImageNet-layout set -> tiny Ideal tokenizer on Ray Train + DeepSpeed -> reconstruction PSNR and codebook
+   usage of the trained model against an untrained one;
+2. token extraction (center + flip views) -> tiny class-conditional GPT on Ray Train + DeepSpeed -> a
+   class-conditional sample grid (PNG + ADM-format npz), logged to MLflow.
+
+    python jobs/demo.py                       # both parts (a few minutes on 2 cores)
+    python jobs/demo.py --tokenizer-only      # part 1 only
+    python jobs/demo.py --in-process          # part 1 in one process, no Ray
+    python jobs/demo.py schedule.steps=100    # a.b=c overrides of the tokenizer config
 """
 import argparse
 import os
@@ -20,12 +25,15 @@ def main(argv=None) -> int:
     add_config_args(parser, default_preset="tiny")
     parser.add_argument("--in-process", action="store_true", help="train in this process (no Ray, no DeepSpeed)")
     parser.add_argument("--device", default=None, help="--in-process only: cpu or cuda")
+    parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (part 1)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     # a fresh run folder each time: a demo never resumes or overwrites an earlier one
     run_dir = unique_dir(os.path.join(cfg.output_dir, cfg.name))
     cfg.name = os.path.basename(run_dir)
     cfg.dist.storage_path = cfg.output_dir
+    # one MLflow database for the whole demo (tokenizer, AR and sampling runs), unless the user points elsewhere
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db")
 
     if args.in_process:
         from ideal_ray.train.local import train_tokenizer_local
@@ -33,10 +41,14 @@ def main(argv=None) -> int:
         result = train_tokenizer_local(cfg, device=args.device)
         before, after = result["before"], result["after_ema"]
     else:
-        before, after = _ray_demo(cfg)
+        before, after, export = _ray_demo(cfg)
     better = after["psnr"] > before["psnr"] and after["usage"] >= before["usage"]
     print(f"[ideal-ray] trained tokenizer beats the untrained one: {'yes' if better else 'NO'}")
-    return 0 if better else 1
+    if not better:
+        return 1
+    if not (args.in_process or args.tokenizer_only):
+        _ar_demo(cfg, export)
+    return 0
 
 
 def _ray_demo(cfg):
@@ -60,7 +72,32 @@ def _ray_demo(cfg):
     print(f"[ideal-ray] Ray checkpoints and MLflow run: {result['run_path']} ({result['tracking_uri']})\n"
           f"[ideal-ray] inference export: {result['export']}\n"
           f"[ideal-ray] compare runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
-    return before, after
+    return before, after, result["export"]
+
+
+def _ar_demo(tok_cfg, tokenizer_export: str) -> None:
+    """Part 2: codes of the synthetic set -> tiny GPT on Ray -> a class-conditional sample grid in MLflow."""
+    from ideal_ray.config import SampleConfig, load_ar_config
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+    from ideal_ray.pipelines.sample_local import sample_images
+    from ideal_ray.tracking import default_tracking_uri
+    from ideal_ray.train.ar_stage import train_ar
+
+    run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
+    shards = os.path.join(run_dir, "tokens")
+    summary = extract_tokens_local(tokenizer_export, tok_cfg.data.root, shards, views="release", batch_size=64)
+    print(f"[ideal-ray] token shards: {summary['rows']} rows ({summary['images']} images x 2 views) in {shards}")
+    ar_cfg = load_ar_config("ar-tiny", [f"data.shards={shards}", f"model.num_classes={tok_cfg.data.synthetic_classes}",
+                                        f"model.vocab_size={tok_cfg.model.quantizer.codebook_size}",
+                                        f"model.grid={tok_cfg.model.vfm.grid}", f"name={tok_cfg.name}-ar",
+                                        f"output_dir={tok_cfg.output_dir}", f"dist.storage_path={tok_cfg.output_dir}"])
+    ar = train_ar(ar_cfg)
+    tracking_uri = default_tracking_uri(run_dir)
+    samples = sample_images(ar["export"], tokenizer_export, SampleConfig(cfg_scale=1.75, per_class=8, batch_size=40),
+                            None, os.path.join(run_dir, "samples"), tracking_uri=tracking_uri, log=lambda line: None)
+    print(f"[ideal-ray] class-conditional samples (one row per class): {samples['grid']}\n"
+          f"[ideal-ray] ADM-format npz: {samples['samples']} ({samples['images_per_s']:.1f} images/s); "
+          f"MLflow experiment 'ideal-sample' at {tracking_uri}")
 
 
 if __name__ == "__main__":

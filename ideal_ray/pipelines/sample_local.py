@@ -1,0 +1,227 @@
+"""In-process class-conditional sampling: GPT tokens -> tokenizer decode -> ADM ``samples.npz`` + a PNG grid.
+
+One device, no Ray (issue 6 adds the actor-pool version writing the same files). Why it is shaped this way:
+
+- **Per-sample seeds.** Sample ``i`` of class ``c`` uses ``sample_seed(cfg.seed, c, per_class, i)``, independent of
+  which other classes or batches are in the run, so a (class, seed) pair gives the same image whether the run
+  covers all classes or a subset (the sampler's noise is a counter hash of the seed, see ``ideal_ray.sampling``).
+- **One Sampler for the whole run.** Its KV cache (and on GPU its compiled, CUDA-graphed decode step) is built
+  once; every batch of ``sample_cfg.batch_size`` reuses it (the last, smaller batch is padded internally).
+- **ADM format.** ``samples.npz`` holds ``arr_0`` uint8 (N, H, W, 3) -- what the ADM evaluation suite reads --
+  and ``labels`` int64 (N,), in class order then sample order.
+- **Never overwrite.** Both files are written to a temporary name and hard-linked into place, which fails if a
+  file of that name appeared meanwhile; an out_dir that already holds either file is refused before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ideal_ray.config import SampleConfig
+
+__all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image", "SAMPLES_FILE", "GRID_FILE",
+           "EXPERIMENT", "GRID_COLUMNS"]
+
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "grid.png"
+EXPERIMENT = "ideal-sample"
+GRID_COLUMNS = 8  # the grid shows the first 8 samples of each class
+_SEED_STRIDE = 1_000_003  # a prime, so different base seeds do not share per-sample seeds for per_class < it
+
+
+def sample_seed(base_seed: int, cls: int, per_class: int, i: int) -> int:
+    """The seed of sample ``i`` of class ``cls``: a pure function of (base seed, class, per_class, i)."""
+    return int(base_seed) * _SEED_STRIDE + int(cls) * int(per_class) + int(i)
+
+
+def plan_samples(classes: Sequence[int], per_class: int, base_seed: int):
+    """labels (N,) int64 and seeds (N,) int64 for ``per_class`` samples of each class, class-major."""
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)  # (N,)
+    idx = np.tile(np.arange(per_class, dtype=np.int64), len(classes))  # (N,)
+    seeds = np.asarray([sample_seed(base_seed, c, per_class, i) for c, i in zip(labels, idx)], dtype=np.int64)
+    if (seeds < 0).any():
+        raise ValueError(f"seed {base_seed} gives negative per-sample seeds; use a non-negative seed.")
+    return labels, seeds
+
+
+def grid_image(images: np.ndarray, rows: int, cols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """images (rows * cols, H, W, 3) uint8, row-major -> one (rows*H + (rows+1)*pad, cols*W + (cols+1)*pad, 3)
+    uint8 picture with ``pad`` pixels of ``pad_value`` around every cell."""
+    n, h, w, c = images.shape
+    if n != rows * cols:
+        raise ValueError(f"grid_image got {n} images for a {rows}x{cols} grid; pass exactly rows * cols images.")
+    out = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, c), pad_value, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        out[y: y + h, x: x + w] = images[k]
+    return out
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Move the finished ``tmp`` to ``path`` without ever replacing an existing ``path``."""
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        raise FileExistsError(f"{path} appeared while sampling; refusing to overwrite it (choose a new --out).")
+    except OSError:  # a filesystem without hard links: check, then rename (atomic, small race window)
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new --out).")
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
+def _write_atomic(path: str, write: Callable[[Any], None], suffix: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; samples are meant to be shared like any other output
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _resolve_classes(classes: Optional[Sequence[int]], num_classes: int) -> List[int]:
+    if classes is None:
+        return list(range(num_classes))
+    out = [int(c) for c in classes]
+    if not out:
+        raise ValueError("classes is empty; pass at least one class id or None for all classes.")
+    bad = [c for c in out if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad[:5]} are outside the GPT's [0, {num_classes}); pass ids of trained classes.")
+    if len(set(out)) != len(out):
+        raise ValueError("classes lists a class more than once; list each class id once.")
+    return out
+
+
+def _gpt_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision '{precision}' is unknown; use auto, fp32 or bf16.")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, classes: Optional[Sequence[int]],
+                  out_dir: str, device: str = "cpu", log: Callable[[str], None] = print,
+                  tracking_uri: Optional[str] = None, precision: str = "auto",
+                  compile: Optional[bool] = None) -> Dict[str, Any]:
+    """Sample ``per_class`` images for each class (None = all) and write ``samples.npz`` + ``grid.png``.
+
+    Returns a summary dict: paths, counts, seconds (total, sampling, decoding), images_per_s (all images over
+    the whole loop, compile/capture of the first batch included), images_per_s_steady (batches after the first)
+    and the MLflow run id when ``tracking_uri`` is given (experiment "ideal-sample": sample settings as params,
+    speed as metrics, the grid as an artifact). ``precision``: the GPT's dtype (auto = bf16 on CUDA, fp32 else).
+    """
+    from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.sampling import Sampler, decode_to_uint8, validate_sample_config
+    from ideal_ray.train.ar_stage import load_gpt
+
+    validate_sample_config(sample_cfg)
+    if sample_cfg.per_class < 1 or sample_cfg.batch_size < 1 or sample_cfg.out_size < 1:
+        raise ValueError(f"per_class ({sample_cfg.per_class}), batch_size ({sample_cfg.batch_size}) and out_size "
+                         f"({sample_cfg.out_size}) must all be at least 1.")
+    npz_path = os.path.join(out_dir, SAMPLES_FILE)
+    grid_path = os.path.join(out_dir, GRID_FILE)
+    for p in (npz_path, grid_path):
+        if os.path.exists(p):
+            raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
+    dev = torch.device(device)
+
+    gpt = load_gpt(gpt_path, device="cpu").to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
+    tok = load_tokenizer(tokenizer_path, device=str(dev))
+    if tok.grid != gpt.cfg.grid:
+        raise ValueError(f"The tokenizer's grid is {tok.grid}x{tok.grid} but the GPT generates "
+                         f"{gpt.cfg.grid}x{gpt.cfg.grid} tokens; pair a GPT trained on this tokenizer's codes.")
+    codebook = tok.cfg.quantizer.codebook_size
+    if gpt.cfg.vocab_size > codebook:
+        raise ValueError(f"The GPT's vocab ({gpt.cfg.vocab_size}) exceeds the tokenizer's codebook ({codebook}); "
+                         f"pair a GPT trained on this tokenizer's codes.")
+    cls_list = _resolve_classes(classes, gpt.cfg.num_classes)
+    labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
+    n, s = len(labels), sample_cfg.out_size
+    bs = min(sample_cfg.batch_size, n)
+    log(f"sampling {n} images ({len(cls_list)} classes x {sample_cfg.per_class}) at cfg {sample_cfg.cfg_scale}, "
+        f"batch {bs}, on {dev}")
+
+    sampler = Sampler(gpt, bs, sample_cfg, compile=compile)
+    images = np.empty((n, s, s, 3), dtype=np.uint8)  # (N, S, S, 3), filled batch by batch
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    t_sample = t_decode = first = 0.0
+    t_all = time.perf_counter()
+    for b0 in range(0, n, bs):
+        t0 = time.perf_counter()
+        lab = torch.from_numpy(labels[b0: b0 + bs])
+        tokens = sampler(lab, seeds[b0: b0 + bs].tolist())  # (b, N_tok)
+        sync()
+        t1 = time.perf_counter()
+        imgs = decode_to_uint8(tok.decode, tokens, s)  # (b, S, S, 3)
+        images[b0: b0 + len(lab)] = imgs.cpu().numpy()
+        t2 = time.perf_counter()
+        t_sample, t_decode = t_sample + (t1 - t0), t_decode + (t2 - t1)
+        if b0 == 0:
+            first = t2 - t0
+        log(f"  {min(b0 + bs, n)}/{n} images")
+    total = time.perf_counter() - t_all
+
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels), ".npz")
+    cols = min(GRID_COLUMNS, sample_cfg.per_class)
+    picks = np.concatenate([np.arange(cols) + r * sample_cfg.per_class for r in range(len(cls_list))])
+    grid = grid_image(images[picks], len(cls_list), cols)
+
+    def write_png(f):
+        from PIL import Image
+
+        Image.fromarray(grid).save(f, format="PNG")
+
+    _write_atomic(grid_path, write_png, ".png")
+
+    rest = n - min(bs, n)
+    summary: Dict[str, Any] = {
+        "samples": os.path.abspath(npz_path),
+        "grid": os.path.abspath(grid_path),
+        "num_images": int(n),
+        "num_classes": len(cls_list),
+        "per_class": int(sample_cfg.per_class),
+        "image_size": int(s),
+        "batch_size": int(bs),
+        "device": str(dev),
+        "seconds": round(total, 4),
+        "sample_seconds": round(t_sample, 4),
+        "decode_seconds": round(t_decode, 4),
+        "images_per_s": round(n / total, 4) if total > 0 else float("inf"),
+        "images_per_s_steady": round(rest / (total - first), 4) if rest and total > first else None,
+        "mlflow_run_id": None,
+    }
+    if tracking_uri is not None:
+        from ideal_ray.tracking import Tracker
+
+        with Tracker(tracking_uri, EXPERIMENT, run_name=os.path.basename(os.path.abspath(out_dir))) as tr:
+            params = {f"sample.{k}": v for k, v in dataclasses.asdict(sample_cfg).items()}
+            params.update({"gpt": os.path.abspath(gpt_path), "tokenizer": os.path.abspath(tokenizer_path),
+                           "classes": "all" if classes is None else ",".join(map(str, cls_list)),
+                           "device": str(dev), "precision": str(gpt.tok_embed.weight.dtype)})
+            tr.log_params(params)
+            tr.log_metrics({k: summary[k] for k in ("images_per_s", "seconds", "sample_seconds", "decode_seconds",
+                                                   "num_images")}, step=0)
+            tr.log_image(grid_path, "samples")
+            summary["mlflow_run_id"] = tr.run_id
+    log(f"wrote {npz_path} and {grid_path}: {summary['images_per_s']} images/s")
+    return summary

@@ -1,0 +1,60 @@
+"""jobs/bench.py ar-train and sample: run on CPU with the tiny preset and print tables with positive numbers."""
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jobs.bench import ar_train_flops_per_seq, main, to_llamagen_state_dict  # noqa: E402
+
+LLAMAGEN = os.path.join(os.path.dirname(__file__), "..", "third_party", "LlamaGen")
+
+
+def _row(out: str, first_cell: str):
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"| {first_cell}"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_ar_train_table(capsys):
+    main(["ar-train", "--preset", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    header = [c.strip() for c in next(ln for ln in out.splitlines() if ln.startswith("| preset")).strip("|").split("|")]
+    row = dict(zip(header, _row(out, "GPT-tiny")))
+    assert float(row["seq/s"]) > 0 and float(row["tokens/s"]) > 0 and float(row["TFLOP/s"]) > 0
+    assert float(row["MFU %"]) > 0
+    assert "6 x N_params x T + 12 x layers x width x T^2" in out
+
+
+def test_flops_formula_matches_performance_note():
+    # performance.md: AR-B ~0.42 TFLOP per 576-token sequence
+    assert ar_train_flops_per_seq(110_888_448, 12, 768, 576) / 1e12 == pytest.approx(0.42, abs=0.005)
+
+
+def test_sample_table(capsys):
+    main(["sample", "--preset", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    row = _row(out, "ideal_ray Sampler")
+    assert float(row[2]) > 0 and float(row[3]) > 0  # tokens/s, images/s
+
+
+def test_llamagen_names_are_the_loaders_inverse():
+    import torch
+
+    from ideal_ray.config import gpt_config
+    from ideal_ray.models.gpt import GPT, convert_llamagen_state_dict
+
+    state = GPT(gpt_config("tiny")).state_dict()
+    back = convert_llamagen_state_dict(to_llamagen_state_dict(state))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMAGEN, "autoregressive", "models", "generate.py")),
+                    reason="no local LlamaGen checkout in third_party/LlamaGen")
+def test_sample_vs_llamagen(capsys):
+    main(["sample", "--preset", "tiny", "--batch", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
+          "--llamagen-dir", LLAMAGEN])
+    out = capsys.readouterr().out
+    assert float(_row(out, "LlamaGen generate")[3]) > 0
+    assert float(re.search(r"equal to LlamaGen's for ([\d.]+)%", out).group(1)) > 99.0
+    assert float(re.search(r"speedup over LlamaGen eager generate: ([\d.]+)x", out).group(1)) > 0

@@ -1,0 +1,133 @@
+"""jobs/sample.py and ideal_ray.pipelines.sample_local: tiny random GPT + tiny tokenizer, on CPU."""
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ideal_ray.checkpoint import save_inference_checkpoint
+from ideal_ray.config import SampleConfig, gpt_config, load_config
+from ideal_ray.models.gpt import GPT
+from ideal_ray.models.tokenizer import IdealTokenizer
+from ideal_ray.pipelines.sample_local import GRID_COLUMNS, grid_image, sample_images, sample_seed
+from ideal_ray.train.ar_stage import GPT_FORMAT
+
+OUT = 16  # saved image size: small, the resize path is the same
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    cfg = gpt_config("tiny", num_classes=4)
+    gpt = GPT(cfg)
+    for p in gpt.parameters():  # the zero-init head would give uniform logits; make classes matter
+        torch.nn.init.normal_(p, std=0.2)
+    gpt_path = str(d / "gpt_step0.pt")
+    torch.save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg), "model": gpt.state_dict(), "step": 0},
+               gpt_path)
+    tcfg = load_config("tiny")
+    tok = IdealTokenizer(tcfg.model, load_weights=False)
+    tok_path = save_inference_checkpoint(str(d / "tokenizer.pt"), tok, tcfg)
+    return gpt_path, tok_path
+
+
+def _cfg(**kw):
+    base = dict(cfg_scale=2.0, per_class=3, batch_size=4, seed=7, out_size=OUT, top_k=50)
+    base.update(kw)
+    return SampleConfig(**base)
+
+
+def _run(ckpts, out, classes=None, tracking_uri=None, **kw):
+    return sample_images(ckpts[0], ckpts[1], _cfg(**kw), classes, str(out), log=lambda m: None,
+                         tracking_uri=tracking_uri)
+
+
+def test_npz_grid_and_summary(ckpts, tmp_path):
+    s = _run(ckpts, tmp_path / "a")
+    with np.load(s["samples"]) as z:
+        arr, labels = z["arr_0"], z["labels"]
+    assert arr.shape == (12, OUT, OUT, 3) and arr.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    cols = min(GRID_COLUMNS, 3)
+    with Image.open(s["grid"]) as im:
+        assert im.size == (cols * OUT + (cols + 1) * 2, 4 * OUT + 5 * 2)
+    assert s["num_images"] == 12 and s["images_per_s"] > 0
+    assert not [f for f in os.listdir(tmp_path / "a") if f.startswith(".tmp")]
+
+
+def test_seed_reproducible_and_subset_consistent(ckpts, tmp_path):
+    a = _run(ckpts, tmp_path / "a")
+    b = _run(ckpts, tmp_path / "b")
+    c = _run(ckpts, tmp_path / "c", classes=[3, 1])
+    with np.load(a["samples"]) as za, np.load(b["samples"]) as zb, np.load(c["samples"]) as zc:
+        xa, xb, xc, lc = za["arr_0"], zb["arr_0"], zc["arr_0"], zc["labels"]
+    np.testing.assert_array_equal(xa, xb)
+    assert lc.tolist() == [3, 3, 3, 1, 1, 1]
+    np.testing.assert_array_equal(xc[:3], xa[9:12])  # class 3 in both runs: same seeds -> same images
+    np.testing.assert_array_equal(xc[3:], xa[3:6])  # class 1
+    assert not np.array_equal(xa[0:3], xa[3:6])  # different classes/seeds differ
+
+
+def test_refuses_to_overwrite(ckpts, tmp_path):
+    _run(ckpts, tmp_path / "a", classes=[0], per_class=1)
+    before = os.path.getmtime(tmp_path / "a" / "samples.npz")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        _run(ckpts, tmp_path / "a", classes=[0], per_class=1)
+    assert os.path.getmtime(tmp_path / "a" / "samples.npz") == before
+
+
+def test_bad_classes(ckpts, tmp_path):
+    with pytest.raises(ValueError, match="outside"):
+        _run(ckpts, tmp_path / "a", classes=[4])
+    assert not (tmp_path / "a" / "samples.npz").exists()
+
+
+def test_grid_image_layout():
+    imgs = np.stack([np.full((2, 2, 3), k, np.uint8) for k in range(6)])
+    g = grid_image(imgs, 2, 3, pad=1)
+    assert g.shape == (7, 10, 3)
+    assert g[1, 1, 0] == 0 and g[4, 7, 0] == 5 and g[0, 0, 0] == 255
+    assert sample_seed(1, 2, 3, 1) == 1_000_003 + 7
+
+
+def test_mlflow_logs_grid(ckpts, tmp_path):
+    from ideal_ray.tracking import find_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = _run(ckpts, tmp_path / "a", classes=[0, 2], per_class=2, tracking_uri=uri)
+    (run,) = find_runs(uri, "ideal-sample")
+    assert run["run_id"] == s["mlflow_run_id"] and run["status"] == "FINISHED"
+    assert run["params"]["sample.cfg_scale"] == "2.0" and run["params"]["classes"] == "0,2"
+    assert run["metrics"]["images_per_s"] > 0
+    from mlflow import MlflowClient
+
+    arts = [f.path for f in MlflowClient(uri).list_artifacts(s["mlflow_run_id"], "samples")]
+    assert arts == ["samples/grid.png"]
+
+
+def test_cli(ckpts, tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from jobs.sample import main
+
+    out = tmp_path / "cli"
+    rc = main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--classes", "1,2",
+               "--per-class", "2", "--batch-size", "4", "--out-size", str(OUT), "--seed", "3"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_images"] == 4
+    assert main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out)]) == 2
