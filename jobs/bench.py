@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
 
 
 def param_table(cfg, discriminator: bool = False):
@@ -182,36 +183,6 @@ def cmd_ar_train(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| GPT-{cfg.size} | {_device_name(device)} | {b} | {'bf16 autocast' if bf16 else 'fp32'} | {med:.4f} | "
           f"{b / med:.4g} | {b * n / med:.4g} | {tflops:.4g} | {100 * tflops / args.peak_tflops:.3g} | {mem:.1f} |")
-
-
-_TO_LLAMAGEN = [  # our GPT key -> LlamaGen's (the inverse of ideal_ray.models.gpt.convert_llamagen_state_dict)
-    (r"^class_embed\.weight$", "cls_embedding.embedding_table.weight"),
-    (r"^tok_embed\.weight$", "tok_embeddings.weight"),
-    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"layers.\1.attention.wqkv.weight"),
-    (r"^blocks\.(\d+)\.attn\.proj\.weight$", r"layers.\1.attention.wo.weight"),
-    (r"^blocks\.(\d+)\.ffn\.w_gate\.weight$", r"layers.\1.feed_forward.w1.weight"),
-    (r"^blocks\.(\d+)\.ffn\.w_up\.weight$", r"layers.\1.feed_forward.w3.weight"),
-    (r"^blocks\.(\d+)\.ffn\.w_down\.weight$", r"layers.\1.feed_forward.w2.weight"),
-    (r"^blocks\.(\d+)\.attn_norm\.weight$", r"layers.\1.attention_norm.weight"),
-    (r"^blocks\.(\d+)\.ffn_norm\.weight$", r"layers.\1.ffn_norm.weight"),
-    (r"^norm\.weight$", "norm.weight"),
-    (r"^head\.weight$", "output.weight"),
-]
-
-
-def to_llamagen_state_dict(state):
-    """Our GPT state dict -> LlamaGen ``Transformer`` keys (tensors shared, not copied)."""
-    import re
-
-    out = {}
-    for k, v in state.items():
-        for pat, repl in _TO_LLAMAGEN:
-            if re.match(pat, k):
-                out[re.sub(pat, repl, k)] = v
-                break
-        else:
-            raise KeyError(f"No LlamaGen name for GPT tensor '{k}'.")
-    return out
 
 
 def _llamagen_model(llamagen_dir: str, cfg, state, device, dtype):

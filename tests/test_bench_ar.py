@@ -6,7 +6,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.bench import ar_train_flops_per_seq, main, to_llamagen_state_dict  # noqa: E402
+from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
+from jobs.bench import ar_train_flops_per_seq, main  # noqa: E402
 
 LLAMAGEN = os.path.join(os.path.dirname(__file__), "..", "third_party", "LlamaGen")
 

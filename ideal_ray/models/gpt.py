@@ -398,19 +398,29 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------ LlamaGen weights
 # LlamaGen ``Transformer`` key (after unwrapping) -> ours. Their wqkv rows are [q; k; v] like our qkv, and their
 # w1 / w3 / w2 are our gate / up / down, so every tensor maps one to one without reshaping.
-_LLAMAGEN_RULES = [
-    (r"^cls_embedding\.embedding_table\.weight$", "class_embed.weight"),
-    (r"^tok_embeddings\.weight$", "tok_embed.weight"),
-    (r"^layers\.(\d+)\.attention\.wqkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-    (r"^layers\.(\d+)\.attention\.wo\.weight$", r"blocks.\1.attn.proj.weight"),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.weight$", r"blocks.\1.ffn.w_gate.weight"),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.weight$", r"blocks.\1.ffn.w_up.weight"),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.weight$", r"blocks.\1.ffn.w_down.weight"),
-    (r"^layers\.(\d+)\.attention_norm\.weight$", r"blocks.\1.attn_norm.weight"),
-    (r"^layers\.(\d+)\.ffn_norm\.weight$", r"blocks.\1.ffn_norm.weight"),
-    (r"^norm\.weight$", "norm.weight"),
-    (r"^output\.weight$", "head.weight"),
+_LLAMAGEN_NAMES = [  # (LlamaGen's name, ours); "{i}" is the layer index
+    ("cls_embedding.embedding_table.weight", "class_embed.weight"),
+    ("tok_embeddings.weight", "tok_embed.weight"),
+    ("layers.{i}.attention.wqkv.weight", "blocks.{i}.attn.qkv.weight"),
+    ("layers.{i}.attention.wo.weight", "blocks.{i}.attn.proj.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "blocks.{i}.ffn.w_gate.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "blocks.{i}.ffn.w_up.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "blocks.{i}.ffn.w_down.weight"),
+    ("layers.{i}.attention_norm.weight", "blocks.{i}.attn_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "blocks.{i}.ffn_norm.weight"),
+    ("norm.weight", "norm.weight"),
+    ("output.weight", "head.weight"),
 ]
+
+
+def _rules(src: int, dst: int):
+    """(regex, replacement) pairs mapping column ``src`` of _LLAMAGEN_NAMES to column ``dst``."""
+    return [("^" + re.escape(pair[src]).replace(r"\{i\}", r"(\d+)") + "$", pair[dst].replace("{i}", r"\1"))
+            for pair in _LLAMAGEN_NAMES]
+
+
+_LLAMAGEN_RULES = _rules(0, 1)
+_TO_LLAMAGEN_RULES = _rules(1, 0)
 # derived buffers some checkpoints carry: RoPE tables, KV caches, causal masks
 _LLAMAGEN_SKIP = re.compile(r"(^|\.)(freqs_cis|causal_mask|k_cache|v_cache)$")
 _CONTAINER_KEYS = ("model", "module", "state_dict")
@@ -486,3 +496,17 @@ def load_llamagen_state_dict(model: GPT, state: Union[str, Mapping[str, Any]], p
                              f"and num_classes.")
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def to_llamagen_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our GPT state dict -> LlamaGen ``Transformer`` key names (tensors shared, not copied); e.g. to run their
+    ``generate`` on our weights in a benchmark."""
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in _TO_LLAMAGEN_RULES:
+            if re.match(pattern, k):
+                out[re.sub(pattern, repl, k)] = v
+                break
+        else:
+            raise KeyError(f"No LlamaGen name for GPT tensor '{k}'.")
+    return out
