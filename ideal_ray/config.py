@@ -224,8 +224,18 @@ class DistributedConfig:
     ray_address: str = ""  # "" = RAY_ADDRESS or a local cluster
 
 
+class StageConfig:
+    """What every stage's top-level config offers: a plain dict and a dotted-key view (MLflow params)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        return flatten(self.to_dict())
+
+
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(StageConfig):
     """Everything the tokenizer stage needs."""
 
     preset: str = "paper"
@@ -238,13 +248,6 @@ class TokenizerTrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> Dict[str, Any]:
-        """Dotted-key view, e.g. for MLflow params."""
-        return flatten(self.to_dict())
 
 
 # ------------------------------------------------------------------------------------- the AR stage
@@ -322,7 +325,7 @@ class TokenDataConfig:
 
 
 @dataclass
-class ARTrainConfig:
+class ARTrainConfig(StageConfig):
     """Everything the AR stage needs."""
 
     preset: str = "ar-B"
@@ -335,12 +338,6 @@ class ARTrainConfig:
                                                                             vis_every=10**9))
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> Dict[str, Any]:
-        return flatten(self.to_dict())
 
 
 def ar_preset(size: str) -> ARTrainConfig:
