@@ -64,7 +64,7 @@ def cmd_tokenizer(args) -> None:
     from ideal_ray.train.tokenizer_step import LocalTrainer
 
     cfg = config_from_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     cfg.data.global_batch = args.batch
     # time the full step: discriminator and adversarial terms on from the first step
     cfg.loss.disc_start = 0
@@ -74,28 +74,12 @@ def cmd_tokenizer(args) -> None:
     batches = [torch.rand(args.batch, 3, size, size, generator=g) * 2 - 1 for _ in range(2)]
     batches = [b.to(device) for b in batches]
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for i in range(args.warmup):
-        trainer.train_step(batches[i % 2])
-    sync()
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc:  # one counted step, not timed
         trainer.train_step(batches[0])
     flops = fc.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        trainer.train_step(batches[i % 2])
-        sync()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    med = _median_seconds(lambda i: trainer.train_step(batches[i % 2]), device, args.warmup, args.steps)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    name = _device_name(device)
     print(f"| preset | device | batch | precision | step s (median of {args.steps}) | img/s | TFLOP/step | "
           f"TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -115,6 +99,24 @@ def _device_name(device) -> str:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, warmup: int, iters: int) -> float:
+    """Call ``fn(i)`` ``warmup`` times, reset the peak-memory counter, then time ``iters`` calls with the device
+    synchronized around each; the median in seconds."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _gpt_cfg(args):
@@ -159,19 +161,7 @@ def cmd_ar_train(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    med = _median_seconds(lambda i: step(), device, args.warmup, args.steps)
     n_params = model.num_params()
     flops = ar_train_flops_per_seq(n_params, cfg.n_layer, cfg.dim, n) * b
     tflops = flops / med / 1e12
@@ -229,16 +219,7 @@ def cmd_sample(args) -> None:
     compile_ = None if args.compile == "auto" else args.compile == "on"
 
     def timed(fn):
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.iters):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return _median_seconds(lambda i: fn(), device, args.warmup, args.iters)
 
     t_build = time.perf_counter()
     sampler = Sampler(model, b, sc, compile=compile_)
@@ -246,8 +227,6 @@ def cmd_sample(args) -> None:
     sampler(labels, seeds)  # first call: compile / graph capture
     _sync(device)
     t_build = time.perf_counter() - t_build
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     ours = timed(lambda: sampler(labels, seeds))
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     rows = [("ideal_ray Sampler" + (" (compiled" + (" + CUDA graph)" if sampler.use_graph else ")")
@@ -257,8 +236,6 @@ def cmd_sample(args) -> None:
         theirs, generate = _llamagen_model(args.llamagen_dir, cfg, state, device, dtype)
         kw = dict(cfg_scale=args.cfg_scale, cfg_interval=-1, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, sample_logits=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t_theirs = timed(lambda: generate(theirs, labels, n, **kw))
         mem_t = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         rows.append(("LlamaGen generate (eager)", t_theirs, mem_t))

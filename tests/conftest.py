@@ -2,6 +2,7 @@
 import socket
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -19,3 +20,14 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waits can make every
+    op 20-100x slower while another process holds a core. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,14 +11,7 @@ from ideal_ray.models.gpt import (GPT, KVCache, convert_llamagen_state_dict, loa
 REFERENCE_PARAMS = {"B": 110_888_448, "L": 342_910_976, "XXL": 1_410_972_672, "3B": 3_096_659_200}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waits can make
-    every op 100x slower when another process holds a core; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(seed: int = 0, std: float = 0.2, **overrides) -> GPT:

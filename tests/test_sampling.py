@@ -9,14 +9,7 @@ from ideal_ray.sampling import Sampler, decode_to_uint8, exponential_noise, samp
 N = 64  # tiny preset: 8 x 8 tokens, vocab 256, 10 classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waits can make
-    every op 100x slower when another process holds a core; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
