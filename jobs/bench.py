@@ -6,6 +6,7 @@
     python jobs/bench.py tokenizer --preset paper --batch 32 --steps 20   # on a GPU: img/s, memory, TFLOP/s
     python jobs/bench.py ar-train --preset B --batch 64 --steps 20        # seq/s, tokens/s, TFLOP/s, MFU
     python jobs/bench.py sample --preset B --batch 64 --cfg-scale 1.75 --llamagen-dir third_party/LlamaGen
+    python jobs/bench.py extract --preset paper --views llamagen --batch 512   # extraction vs VFM forward, decode/core
 
 ``params`` builds the model on the meta device (no weights, no memory). ``tokenizer`` times one full training step
 (G forward/backward/step, EMA, D forward/backward/step) with random weights: warm-up steps first, then the median of
@@ -14,6 +15,11 @@ the timed steps; FLOPs are counted once with torch's FlopCounterMode.
 ``ar-train`` times one GPT training step (forward, cross-entropy, backward, clip 1.0, AdamW -- fused on GPU -- with
 bf16 autocast on GPU, fp32 on CPU) on random tokens. FLOPs per sequence are the performance.md formula
 ``6 N T + 12 L D T^2`` (N parameters, T tokens, L layers, D width); MFU is against ``--peak-tflops``.
+``extract`` sizes token extraction (issue 5): in one process it times the frozen VFM's own forward on B views
+(the ceiling), the extraction encoder exactly as each GPU actor runs it (uint8 ADM squares from host memory -> copy
+-> cut the views on the device -> VFM + fusion + quantizer -> uint16 codes back on the host) on the same number of
+views, and the CPU side on one core (JPEG decode + the view set's ADM squares, on ImageNet-sized JPEGs), then prints
+the encoder's share of the VFM throughput (goal >= 60%) and the decode cores one encoder needs.
 ``sample`` times ``ideal_ray.sampling.Sampler`` for a batch at a CFG scale (images/s = tokens per second / tokens
 per image); with ``--llamagen-dir`` (a local, git-ignored LlamaGen checkout) it also times LlamaGen's eager
 ``generate`` on the same weights, batch and CFG, in the same process, and prints the speed ratio.
@@ -258,6 +264,79 @@ def cmd_sample(args) -> None:
         print(f"speedup over LlamaGen eager generate: {ratio:.2f}x")
 
 
+def _bench_jpegs(n: int, width: int = 500, height: int = 375, quality: int = 90) -> list[bytes]:
+    """``n`` ImageNet-sized JPEGs (500x375, the set's median shape) of the synthetic classes, encoded in memory."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ideal_ray.data.synthetic import render_image
+
+    out = []
+    for i in range(n):
+        arr = render_image(i % 16, width, np.random.default_rng(i))  # (W, W, 3) uint8
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def cmd_extract(args) -> None:
+    import numpy as np
+
+    from ideal_ray.data import crops, sources
+    from ideal_ray.models.tokenizer import IdealTokenizer
+    from ideal_ray.pipelines.extract_common import ViewEncoder
+
+    cfg = config_from_args(args)
+    device = _device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp = torch.bfloat16 if precision == "bf16" else None
+    size, views, nv = cfg.model.image_size, args.views, crops.num_views(args.views)
+    torch.manual_seed(0)
+    tok = IdealTokenizer(cfg.model, load_weights=False).to(device).eval()
+    encoder = ViewEncoder(tok, views, size, device, precision, max_views=args.batch)
+    per_call = max(1, args.batch // nv)  # images per encoder call
+    n_views = per_call * nv  # both sides encode the same number of views per call
+
+    # CPU side first: one core, decode + squares of real JPEG bytes
+    jpegs = _bench_jpegs(args.decode_images)
+    t0 = time.perf_counter()
+    decoded = [sources.decode_bytes(b) for b in jpegs]
+    t_decode = (time.perf_counter() - t0) / len(jpegs)
+    t0 = time.perf_counter()
+    squares = [crops.make_squares(img, views, size) for img in decoded]
+    t_squares = (time.perf_counter() - t0) / len(jpegs)
+    batch_sq = [np.stack([sq[k] for sq in (squares * per_call)[:per_call]]) for k in range(len(squares[0]))]
+    mb_per_image = sum(s[0].nbytes for s in batch_sq) / 2**20
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n_views, 3, size, size, generator=g) * 2 - 1).to(device)  # (B, 3, S, S)
+
+    @torch.inference_mode()
+    def vfm_forward():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            tok.vfm(x)
+
+    t_vfm = _median_seconds(lambda i: vfm_forward(), device, args.warmup, args.iters)
+    t_enc = _median_seconds(lambda i: encoder(batch_sq), device, args.warmup, args.iters)
+    vfm_rate, enc_rate = n_views / t_vfm, n_views / t_enc  # views/s
+    enc_images = enc_rate / nv
+    decode_rate = 1.0 / (t_decode + t_squares)  # images/s on one core
+    print(f"extraction, preset {cfg.preset} ({size}px, views '{views}' = {nv}/image, {n_views} views per call), "
+          f"{precision}, {_device_name(device)}")
+    print(f"| stage | views/s | images/s | ms per call (median of {args.iters}) |")
+    print("|---|---|---|---|")
+    print(f"| VFM forward alone (ceiling) | {vfm_rate:.4g} | {vfm_rate / nv:.4g} | {1e3 * t_vfm:.2f} |")
+    print(f"| extraction encoder (copy + views + VFM + fusion + VQ) | {enc_rate:.4g} | {enc_images:.4g} | "
+          f"{1e3 * t_enc:.2f} |")
+    print(f"| CPU: JPEG decode, 1 core | | {1 / t_decode:.4g} | |")
+    print(f"| CPU: decode + ADM squares, 1 core | | {decode_rate:.4g} | |")
+    print(f"encoder / VFM forward: {100 * enc_rate / vfm_rate:.1f}% (goal >= 60%); object store per image "
+          f"{mb_per_image:.2f} MiB of squares; decode cores per encoder: {enc_images / decode_rate:.1f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -299,8 +378,24 @@ def main(argv=None) -> None:
     s.add_argument("--grid", type=int, default=0, help="override the preset's token grid")
     s.add_argument("--device", default=None)
     s.set_defaults(fn=cmd_sample)
+    e = sub.add_parser("extract", help="time the extraction encoder vs the VFM forward, and the CPU decode per core")
+    add_config_args(e, default_preset="tiny")
+    e.add_argument("--views", default="llamagen", choices=list(crops_view_sets()))
+    e.add_argument("--batch", type=int, default=64, help="views per encoder call")
+    e.add_argument("--iters", type=int, default=5)
+    e.add_argument("--warmup", type=int, default=2)
+    e.add_argument("--decode-images", type=int, default=32, help="JPEGs for the CPU decode rate")
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    e.add_argument("--device", default=None)
+    e.set_defaults(fn=cmd_extract)
     args = parser.parse_args(argv)
     args.fn(args)
+
+
+def crops_view_sets():
+    from ideal_ray.data.crops import VIEW_SETS
+
+    return VIEW_SETS
 
 
 if __name__ == "__main__":

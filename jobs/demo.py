@@ -2,7 +2,8 @@
 
 1. synthetic ImageNet-layout set -> tiny Ideal tokenizer on Ray Train + DeepSpeed -> reconstruction PSNR and codebook
    usage of the trained model against an untrained one;
-2. token extraction (center + flip views) -> tiny class-conditional GPT on Ray Train + DeepSpeed -> a
+2. token extraction on Ray Data (center + flip views; CPU decode actors -> encoder actor pool -> Parquet shards)
+   -> tiny class-conditional GPT on Ray Train + DeepSpeed -> a
    class-conditional sample grid (PNG + ADM-format npz), logged to MLflow.
 
     python jobs/demo.py                       # both parts (a few minutes on 2 cores)
@@ -78,21 +79,24 @@ def _ray_demo(cfg):
 def _ar_demo(tok_cfg, tokenizer_export: str) -> None:
     """Part 2: codes of the synthetic set -> tiny GPT on Ray -> a class-conditional sample grid in MLflow."""
     from ideal_ray.config import SampleConfig, load_ar_config
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
+    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
     from ideal_ray.pipelines.sample_local import sample_images
     from ideal_ray.tracking import default_tracking_uri
     from ideal_ray.train.ar_stage import train_ar
 
     run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
     shards = os.path.join(run_dir, "tokens")
-    summary = extract_tokens_local(tokenizer_export, tok_cfg.data.root, shards, views="release", batch_size=64)
-    print(f"[ideal-ray] token shards: {summary['rows']} rows ({summary['images']} images x 2 views) in {shards}")
+    tracking_uri = default_tracking_uri(run_dir)
+    summary = extract_tokens_ray(tokenizer_export, tok_cfg.data.root, shards, views="release", batch_size=64,
+                                 device="cpu", num_encoders=1, decode_actors=2, tracking_uri=tracking_uri)
+    print(f"[ideal-ray] token shards (Ray Data actor pools): {summary['rows']} rows ({summary['images']} images x 2 "
+          f"views, {len(summary['skipped'])} undecodable files skipped) in {shards}, "
+          f"{summary['images_per_s']:.1f} images/s")
     ar_cfg = load_ar_config("ar-tiny", [f"data.shards={shards}", f"model.num_classes={tok_cfg.data.synthetic_classes}",
                                         f"model.vocab_size={tok_cfg.model.quantizer.codebook_size}",
                                         f"model.grid={tok_cfg.model.vfm.grid}", f"name={tok_cfg.name}-ar",
                                         f"output_dir={tok_cfg.output_dir}", f"dist.storage_path={tok_cfg.output_dir}"])
     ar = train_ar(ar_cfg)
-    tracking_uri = default_tracking_uri(run_dir)
     samples = sample_images(ar["export"], tokenizer_export, SampleConfig(cfg_scale=1.75, per_class=8, batch_size=40),
                             None, os.path.join(run_dir, "samples"), tracking_uri=tracking_uri, log=lambda line: None)
     print(f"[ideal-ray] class-conditional samples (one row per class): {samples['grid']}\n"

@@ -11,7 +11,8 @@ fi
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-run() { echo "== $*"; timeout 170 python3 jobs/bench.py "$@" 2>&1 | tee -a "$OUT/bench.log" | tail -6; }
-run tokenizer --preset paper --batch 32 --steps 10 --warmup 3
-run ar-train --preset B --batch 64 --steps 10 --warmup 3
-run sample --preset B --batch 64 --cfg-scale 1.75 --iters 3 --warmup 1 --llamagen-dir third_party/LlamaGen
+run() { echo "== $*"; timeout "$T" python3 jobs/bench.py "$@" 2>&1 | tee -a "$OUT/bench.log" | tail -9; }
+T=150 run extract --preset paper --views llamagen --batch 640 --iters 5 --warmup 2 --decode-images 48
+T=120 run tokenizer --preset paper --batch 32 --steps 10 --warmup 3
+T=90 run ar-train --preset B --batch 64 --steps 10 --warmup 3
+T=150 run sample --preset B --batch 64 --cfg-scale 1.75 --iters 3 --warmup 1 --llamagen-dir third_party/LlamaGen

@@ -20,6 +20,11 @@ round, half to even), and the flipped five are cut from the flipped square, not 
 
 Every function takes an RGB PIL image and returns uint8 arrays ``(V, S, S, 3)``: the encoder's input in [0, 255],
 converted to [-1, 1] on the device (``ray_pipeline.to_model_input``) like LlamaGen's ToTensor + Normalize(0.5, 0.5).
+
+Split for pipelines (:func:`make_squares` on the CPU, :func:`views_from_squares` on the device): the views of a set
+are pure slices and mirror images of one ADM square per scale, so a decode worker ships only the squares (ten-crop at
+384: 2 squares = 1.0 MB per image instead of 20 views = 8.8 MB) and the encoder cuts the views where they are used.
+``views_from_squares(make_squares(img))`` equals ``make_views(img)`` byte for byte (tested).
 """
 
 from __future__ import annotations
@@ -143,6 +148,47 @@ def view_names(views: str) -> list[str]:
         for flip in ("", "flip/"):
             names.extend(f"crop{r:.2f}/{flip}{n}" for n in FIVE_CROP_NAMES)
     return names
+
+
+def square_sizes(views: str, image_size: int) -> list[int]:
+    """Side of each ADM square a view set is cut from: ``[422, 403]`` for llamagen at 384, ``[384]`` for release."""
+    _check_size(image_size)
+    if check_views(views) == "release":
+        return [int(image_size)]
+    return [crop_size_at(image_size, r) for r in LLAMAGEN_CROP_RANGES]
+
+
+def make_squares(img: Image.Image, views: str, image_size: int) -> list[np.ndarray]:
+    """The ADM center-crop squares of one RGB image, one per :func:`square_sizes` entry: uint8 ``(s, s, 3)`` each."""
+    return [_as_array(center_crop_arr(img, s)) for s in square_sizes(views, image_size)]
+
+
+def views_from_squares(squares, views: str, image_size: int):
+    """Cut a batch's views from its squares: ``squares[k]`` uint8 ``(B, s_k, s_k, 3)`` -> ``(B, V, S, S, 3)``.
+
+    Works on torch tensors (on any device; numpy arrays are wrapped) with slicing and ``flip`` only, so it is exact.
+    """
+    import torch
+
+    sizes = square_sizes(views, image_size)
+    if len(squares) != len(sizes):
+        raise ValueError(f"views={views!r} needs {len(sizes)} squares per image, got {len(squares)}.")
+    S = int(image_size)
+    out = []
+    for sq, side in zip(squares, sizes):
+        if isinstance(sq, np.ndarray) and not sq.flags.writeable:
+            sq = sq.copy()  # torch refuses to wrap read-only memory (PIL arrays, Ray batches) without a warning
+        sq = torch.as_tensor(sq)
+        if sq.dim() != 4 or tuple(sq.shape[1:]) != (side, side, 3):
+            raise ValueError(f"a square batch must be (B, {side}, {side}, 3) for views={views!r} at {S}, "
+                             f"got {tuple(sq.shape)}.")
+        if views == "release":
+            out += [sq, sq.flip(2)]  # center, its mirror image
+            continue
+        boxes = five_crop_boxes(side, side, S)
+        mirrored = sq.flip(2)  # (B, s, s, 3) flipped along the width
+        out += [sq[:, t:b, l:r] for l, t, r, b in boxes] + [mirrored[:, t:b, l:r] for l, t, r, b in boxes]
+    return torch.stack(out, dim=1)  # (B, V, S, S, 3)
 
 
 def make_views(img: Image.Image, views: str, image_size: int) -> np.ndarray:

@@ -8,6 +8,10 @@ index the sorted folder names are the classes (name = wnid).
 Every layout problem is reported before any image is opened, with one sentence naming the folder. At read
 time an undecodable file (zero bytes, not an image, truncated) must not kill a multi-day training run: it is
 skipped, the next good sample is returned instead and the path is recorded in ``dataset.skipped``.
+
+Decoding (:func:`open_rgb`, shared with ``sources.py``) accepts only the formats in ``DECODE_FORMATS``, never
+decodes a truncated file partially (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False) and turns every
+mode those formats produce into RGB (:func:`to_rgb`).
 """
 
 from __future__ import annotations
@@ -15,20 +19,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable, NamedTuple
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case, so .JPEG (ImageNet) matches
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")  # compared lower-case, so .JPEG (ImageNet) matches
 CLASS_INDEX_FILE = "class_index.json"
 
-# What PIL raises for files it cannot decode: UnidentifiedImageError is an OSError; truncated data raises
-# OSError on load; some corrupt headers raise SyntaxError / ValueError; huge bogus sizes DecompressionBombError.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# The decoders tried on every file, whatever its extension (ImageNet has PNG and CMYK data in .JPEG files).
+# Naming them keeps rarely used plugins (TGA, PSD, TIFF, ...) away from bad bytes; JPEG includes MPO.
+DECODE_FORMATS: tuple[str, ...] = tuple(
+    m.format for m in (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile, WebPImagePlugin.WebPImageFile,
+                       GifImagePlugin.GifImageFile, BmpImagePlugin.BmpImageFile)
+)
+# What decoding a bad file raises: UnidentifiedImageError is an OSError; truncated data raises OSError on load;
+# some corrupt headers raise SyntaxError / ValueError / struct.error / EOFError; bogus huge sizes
+# DecompressionBombError.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError
+)
+_DECODE_ERRORS = DECODE_ERRORS  # the name ray_pipeline imports
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PNG 16-bit grayscale (older Pillow: "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def load_class_index(root_or_file: str | os.PathLike) -> list[tuple[str, str]]:
@@ -90,18 +108,38 @@ def _check_unique(entries: list[tuple[str, str]], path: Path) -> None:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; images with transparency are composited over white, not over garbage."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
+    """Convert any mode of ``DECODE_FORMATS`` to RGB.
+
+    Transparency (alpha channel, or a ``tRNS`` colour / palette entry) is composited over white, 16-bit
+    grayscale is scaled to 8 bits (high byte, as Pillow does for 16-bit RGB) rather than clipped, CMYK / 1-bit /
+    L / palette go through Pillow's conversions.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.int64)  # (H, W), 0..65535
+        gray = np.clip(wide >> 8, 0, 255).astype(np.uint8)  # (H, W)
+        trns = img.info.get("transparency")
+        if isinstance(trns, int):
+            gray[wide == trns] = 255
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # applies a tRNS colour / palette alpha as the alpha channel
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits first
-        img = img.point(lambda x: x * (1 / 256)).convert("L")
+    if img.mode == "RGB":
+        return img
     return img.convert("RGB")
+
+
+def open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """Fully decode a file (path or binary file object) to RGB; raises one of ``DECODE_ERRORS`` on a bad file."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated files would decode "
+            "partially; set it back to False (some import changed it)."
+        )
+    with Image.open(source, formats=DECODE_FORMATS) as img:
+        img.load()  # PIL is lazy: decode now, inside the caller's error handling
+        return to_rgb(img)
 
 
 def default_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -110,6 +148,71 @@ def default_to_tensor(img: Image.Image) -> torch.Tensor:
 
     x = F.pil_to_tensor(img)  # (3, H, W) uint8
     return x.float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
+
+
+class FolderSplit(NamedTuple):
+    """One split of an ImageNet-layout folder, listed: ``samples`` [(path, label)] in sorted order."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]  # wnid by label
+    class_names: list[str]  # name by label
+    class_index_path: Path | None  # None: no class index, the sorted folder names are the classes
+
+
+def resolve_class_index(
+    root: str | os.PathLike, class_index: str | os.PathLike = ""
+) -> tuple[list[tuple[str, str]] | None, Path | None]:
+    """(entries, path) of the class index in force: ``class_index`` when given, else ``root/class_index.json``
+    when it exists, else ``(None, None)`` (the caller derives the classes from the data)."""
+    index_path = Path(class_index).expanduser() if str(class_index) else Path(root).expanduser() / CLASS_INDEX_FILE
+    if str(class_index) or index_path.is_file():
+        return load_class_index(index_path), index_path
+    return None, None
+
+
+def list_image_folder(
+    root: str | os.PathLike, split: str = "train", class_index: str | os.PathLike = ""
+) -> FolderSplit:
+    """List ``root/<split>/<wnid>/<image>`` in sorted (class folder, file name) order; labels from the class
+    index (see :func:`resolve_class_index`). Every layout problem raises one clear error before any image
+    is opened."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder; check data.root.")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"split folder {split_dir} does not exist; expected {root}/{split}/<wnid>/<images>.")
+    class_dirs = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not class_dirs:
+        raise FileNotFoundError(f"split folder {split_dir} has no class folders; expected {split_dir}/<wnid>/<images>.")
+
+    entries, index_path = resolve_class_index(root, class_index)
+    if entries is None:  # no class index anywhere: sorted folder names are the classes
+        entries = [(d, d) for d in class_dirs]
+    class_to_idx = {wnid: i for i, (wnid, _) in enumerate(entries)}
+
+    unknown = [d for d in class_dirs if d not in class_to_idx]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ValueError(
+            f"class folder {split_dir / unknown[0]}{more} is not in the class index {index_path}; "
+            f"remove the folder or add its wnid to the index."
+        )
+
+    samples: list[tuple[str, int]] = []
+    for d in class_dirs:
+        label = class_to_idx[d]
+        files = sorted(
+            e.name
+            for e in os.scandir(split_dir / d)
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        )
+        samples.extend((str(split_dir / d / f), label) for f in files)
+    if not samples:
+        raise FileNotFoundError(
+            f"split folder {split_dir} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return FolderSplit(samples, [w for w, _ in entries], [n for _, n in entries], index_path)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -135,51 +238,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.split = split
         self.transform = transform
         self.return_path = return_path
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder; check data.root.")
-        split_dir = self.root / split
-        if not split_dir.is_dir():
-            raise FileNotFoundError(
-                f"split folder {split_dir} does not exist; expected {self.root}/{split}/<wnid>/<images>."
-            )
-        class_dirs = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-        if not class_dirs:
-            raise FileNotFoundError(
-                f"split folder {split_dir} has no class folders; expected {split_dir}/<wnid>/<images>."
-            )
-
-        index_path = Path(class_index).expanduser() if str(class_index) else self.root / CLASS_INDEX_FILE
-        if str(class_index) or index_path.is_file():
-            entries = load_class_index(index_path)
-            self.class_index_path: Path | None = index_path
-        else:  # no class index anywhere: sorted folder names are the classes
-            entries = [(d, d) for d in class_dirs]
-            self.class_index_path = None
-        self.classes = [wnid for wnid, _ in entries]
-        self.class_names = [name for _, name in entries]
+        listed = list_image_folder(self.root, split, class_index)
+        self.samples: list[tuple[str, int]] = listed.samples
+        self.classes = listed.classes
+        self.class_names = listed.class_names
+        self.class_index_path: Path | None = listed.class_index_path
         self.class_to_idx = {wnid: i for i, wnid in enumerate(self.classes)}
-
-        unknown = [d for d in class_dirs if d not in self.class_to_idx]
-        if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise ValueError(
-                f"class folder {split_dir / unknown[0]}{more} is not in the class index {index_path}; "
-                f"remove the folder or add its wnid to the index."
-            )
-
-        self.samples: list[tuple[str, int]] = []
-        for d in class_dirs:
-            label = self.class_to_idx[d]
-            files = sorted(
-                e.name
-                for e in os.scandir(split_dir / d)
-                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            )
-            self.samples.extend((str(split_dir / d / f), label) for f in files)
-        if not self.samples:
-            raise FileNotFoundError(
-                f"split folder {split_dir} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)})."
-            )
         self.targets = [label for _, label in self.samples]
         self.skipped: list[str] = []
         self._bad: set[int] = set()
@@ -197,10 +261,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` to an RGB PIL image; raises on an undecodable file."""
-        path = self.samples[index][0]
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the caller's error handling (PIL is lazy)
-            return to_rgb(img)
+        return open_rgb(self.samples[index][0])
 
     def __getitem__(self, index: int):
         n = len(self.samples)

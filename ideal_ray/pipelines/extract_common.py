@@ -1,0 +1,308 @@
+"""What the in-process and the Ray token extraction share: the encoder math and the output folder's bookkeeping.
+
+Both write the same folder (``tokens-*.parquet`` + ``manifest.json``, format in :mod:`ideal_ray.data.tokens`) with
+the same manifest parameters, so either can resume what the other started.
+
+* :class:`ViewEncoder` -- the tokenizer's encoder (VFM + fusion + quantizer) on a device, fed the ADM squares of a
+  batch of images (``crops.make_squares``): it cuts the views on the device (``crops.views_from_squares``) and
+  encodes them ``max_views`` at a time -> codes uint16 ``(B, V, N)``.
+* :class:`ShardPlan` -- the output folder: lock, manifest parameters (a folder made with other parameters is
+  refused, a folder without a manifest is never written into), crash leftovers removed, the shards still to do,
+  one call per finished shard (written atomically, then recorded), the final verification.
+
+Shard ``k`` holds the listed images ``[k * shard_images, (k + 1) * shard_images)`` that decoded, each with all its
+views in view order; the undecodable ones are listed in the shard's manifest entry (``skipped``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ideal_ray.data import crops
+from ideal_ray.data import tokens as tk
+from ideal_ray.data.ray_pipeline import to_model_input
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".extract.lock"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+SKIPPED_FILE = "skipped.tsv"  # written next to the shards at the end: image_id <TAB> error, one per line
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed (the tokenizer checkpoint's identity in the manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def listing_sha256(ids: Sequence[str], labels: np.ndarray) -> str:
+    """Identity of a listing: sha256 over ``id <TAB> label`` lines in order."""
+    h = hashlib.sha256()
+    for i, y in zip(ids, np.asarray(labels).tolist()):
+        h.update(f"{i}\t{y}\n".encode())
+    return h.hexdigest()
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {sorted(PRECISIONS)}.")
+    return precision
+
+
+# ------------------------------------------------------------------------------------- the encoder
+class ViewEncoder:
+    """A tokenizer's encoder on ``device``: ADM squares of B images -> codes uint16 ``(B, V, grid * grid)``."""
+
+    def __init__(self, tokenizer, views: str, image_size: int, device: torch.device | str, precision: str = "fp32",
+                 max_views: int = 64):
+        if max_views < 1:
+            raise ValueError(f"max_views={max_views} must be at least 1 (views per encoder forward).")
+        self.tok, self.views, self.size = tokenizer.eval(), crops.check_views(views), int(image_size)
+        self.device = torch.device(device)
+        self.amp = PRECISIONS[check_precision(precision)]
+        self.max_views = int(max_views)
+        self.num_views = crops.num_views(views)
+        self.num_tokens = int(tokenizer.grid) ** 2
+
+    @torch.inference_mode()
+    def __call__(self, squares: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """``squares[k]`` uint8 ``(B, s_k, s_k, 3)`` (``crops.square_sizes`` order) -> uint16 ``(B, V, N)``."""
+        on_dev = [torch.as_tensor(s).to(self.device, non_blocking=True) for s in squares]
+        views = crops.views_from_squares(on_dev, self.views, self.size)  # (B, V, S, S, 3) uint8 on the device
+        b = views.shape[0]
+        flat = views.reshape(b * self.num_views, self.size, self.size, 3)  # (B*V, S, S, 3)
+        out = []
+        for a in range(0, len(flat), self.max_views):
+            x = to_model_input(flat[a:a + self.max_views])  # (b, 3, S, S) in [-1, 1]
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out.append(self.tok.encode(x).flatten(1))  # (b, N)
+        codes = torch.cat(out) if out else torch.zeros(0, self.num_tokens, dtype=torch.long, device=self.device)
+        return codes.to("cpu").numpy().astype(np.uint16).reshape(b, self.num_views, self.num_tokens)
+
+
+# ------------------------------------------------------------------------------------- the output folder
+@contextlib.contextmanager
+def _locked(out_dir: str) -> Iterator[None]:
+    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another extraction is writing to {out_dir}; wait for it or choose another out_dir.")
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _refuse_foreign(out_dir: str) -> None:
+    """A folder with files but no manifest is someone else's: never write into it."""
+    if not os.path.isdir(out_dir) or os.path.isfile(tk.manifest_path(out_dir)):
+        return
+    foreign = [n for n in os.listdir(out_dir) if n != LOCK_FILE and not n.endswith(tk.TMP_SUFFIX)]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5])
+        raise FileExistsError(f"{out_dir} is not empty and has no {tk.MANIFEST_FILE} (it holds: {shown}); extract "
+                              f"into an empty or new folder.")
+
+
+def _prepare(out_dir: str, params: dict) -> dict:
+    """The manifest to continue from (new, or a matching unfinished/finished one); refuses other parameters."""
+    if os.path.isfile(tk.manifest_path(out_dir)):
+        m = tk.read_manifest(out_dir)
+        theirs = {k: m.get(k) for k in params}
+        if theirs != params:
+            diff = sorted(k for k in params if theirs[k] != params[k])
+            raise FileExistsError(
+                f"{out_dir} holds token shards made with other parameters ({', '.join(diff)} differ); choose a new "
+                f"out_dir or delete that folder to start over."
+            )
+        return m
+    m = dict(params, format=tk.FORMAT, complete=False, shards=[])
+    tk.write_manifest(out_dir, m)
+    return m
+
+
+def _clean(out_dir: str, m: dict) -> list[dict]:
+    """Drop leftovers of a crash; return the manifest's shard entries that are really finished."""
+    for tmp in glob.glob(os.path.join(out_dir, "*" + tk.TMP_SUFFIX)):
+        log.warning("removing the leftover temporary file %s of an interrupted run", tmp)
+        os.remove(tmp)
+    done = []
+    for s in m["shards"]:
+        path = os.path.join(out_dir, s["file"])
+        if os.path.isfile(path) and os.path.getsize(path) == s["bytes"]:
+            done.append(s)
+        else:
+            log.warning("shard %s is missing or changed since it was recorded; it will be redone", s["file"])
+            if os.path.exists(path):
+                os.remove(path)
+    known = {s["file"] for s in done}
+    for path in glob.glob(os.path.join(out_dir, tk.SHARD_GLOB)):
+        if os.path.basename(path) not in known:  # written, but the crash came before the manifest update
+            log.warning("shard %s is not in the manifest (interrupted run); it will be redone", path)
+            os.remove(path)
+    return done
+
+
+class ShardPlan:
+    """The output folder of one extraction, held under its lock file (use as a context manager).
+
+    ``params`` are what must match for a rerun to continue the folder (view set, sizes, tokenizer hash, listing
+    hash, shard size, precision). ``todo`` lists the shard indices still to write, ``images(k)`` the listed range of
+    shard ``k``; :meth:`write` stores one finished shard, :meth:`finish` completes the manifest and verifies.
+    """
+
+    def __init__(self, out_dir: str, params: dict, num_listed: int, extra: dict | None = None):
+        self.out_dir = os.path.abspath(os.path.expanduser(out_dir))
+        self.params, self.extra = params, dict(extra or {})
+        self.shard_images = int(params["shard_images"])
+        self.num_views = int(params["num_views"])
+        self.num_listed = int(num_listed)
+        self.num_shards = math.ceil(self.num_listed / self.shard_images)
+        self._lock = None
+
+    def __enter__(self) -> "ShardPlan":
+        _refuse_foreign(self.out_dir)  # before the lock file is created in it
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._lock = _locked(self.out_dir)
+        self._lock.__enter__()
+        try:
+            m = _prepare(self.out_dir, self.params)
+            m.update(self.extra)
+            self._by_file = {s["file"]: s for s in _clean(self.out_dir, m)}
+            self.todo = [k for k in range(self.num_shards) if tk.shard_name(k) not in self._by_file]
+            m["num_shards"] = self.num_shards
+            if self.todo:
+                m["complete"] = False
+            self.manifest = m
+            self._save()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._lock.__exit__(*exc)
+        return False
+
+    def images(self, k: int) -> tuple[int, int]:
+        """Listed image range ``[a, b)`` of shard ``k``."""
+        return k * self.shard_images, min(self.num_listed, (k + 1) * self.shard_images)
+
+    def _save(self) -> None:
+        names = [tk.shard_name(i) for i in range(self.num_shards)]
+        self.manifest["shards"] = [self._by_file[n] for n in names if n in self._by_file]
+        tk.write_manifest(self.out_dir, self.manifest)
+
+    def write(self, k: int, ids: Sequence[str], labels: np.ndarray, tokens: np.ndarray,
+              skipped: list[dict]) -> dict:
+        """Store shard ``k``: ``ids``/``labels`` of its decoded images, ``tokens`` uint16 ``(images, V, N)``."""
+        a, b = self.images(k)
+        n = len(ids)
+        if tokens.shape[:2] != (n, self.num_views) or n + len(skipped) != b - a:
+            raise RuntimeError(f"shard {k} got {n} images + {len(skipped)} skipped with tokens {tokens.shape}, "
+                               f"expected {b - a} listed images x {self.num_views} views.")
+        rows_ids = [i for i in ids for _ in range(self.num_views)]
+        view_ids = np.tile(np.arange(self.num_views, dtype=np.int16), n)
+        row_labels = np.repeat(np.asarray(labels), self.num_views)
+        info = tk.write_shard(os.path.join(self.out_dir, tk.shard_name(k)), rows_ids, view_ids, row_labels,
+                              tokens.reshape(n * self.num_views, -1),
+                              row_group_rows=int(self.params["row_group_images"]) * self.num_views)
+        entry = dict(info, index=k, first=a, listed=b - a, images=n, skipped=list(skipped))
+        self._by_file[entry["file"]] = entry
+        self._save()
+        return entry
+
+    def finish(self, verify: bool = True) -> dict | None:
+        """Mark the manifest complete (every shard written), write ``skipped.tsv``; verify unless told not to."""
+        missing = [k for k in range(self.num_shards) if tk.shard_name(k) not in self._by_file]
+        if missing:
+            raise RuntimeError(f"shards {missing[:5]} of {self.out_dir} were not written; rerun to finish them.")
+        m = self.manifest
+        self._save()
+        m["num_images"] = int(sum(s["images"] for s in m["shards"]))
+        m["num_rows"] = int(sum(s["rows"] for s in m["shards"]))
+        m["num_skipped"] = int(sum(len(s["skipped"]) for s in m["shards"]))
+        m["complete"] = True
+        tk.write_manifest(self.out_dir, m)
+        write_skipped(os.path.join(self.out_dir, SKIPPED_FILE), self.skipped())
+        return tk.verify_shards(self.out_dir) if verify else None
+
+    def skipped(self) -> list[dict]:
+        return [x for s in self.manifest["shards"] for x in s["skipped"]]
+
+
+def write_skipped(path: str, skipped: list[dict]) -> None:
+    """``image_id <TAB> error`` per skipped file (tabs/newlines in errors flattened), written atomically."""
+    tmp = path + tk.TMP_SUFFIX
+    with open(tmp, "w") as f:
+        f.write("image_id\terror\n")
+        for x in skipped:
+            err = " ".join(str(x["error"]).split())
+            f.write(f"{x['image_id']}\t{err}\n")
+    os.replace(tmp, path)
+
+
+def extraction_params(tokenizer_ckpt: str, tokenizer, listing, views: str, image_size: int, split: str,
+                      shard_images: int, row_group_images: int, precision: str) -> dict:
+    """The manifest parameters a rerun must match (``listing``: ids + labels of the split, in order)."""
+    return {
+        "views": views,
+        "num_views": crops.num_views(views),
+        "view_names": crops.view_names(views),
+        "image_size": int(image_size),
+        "grid": int(tokenizer.grid),
+        "vocab": int(tokenizer.cfg.quantizer.codebook_size),
+        "tokenizer_sha256": file_sha256(tokenizer_ckpt),
+        "split": split,
+        "num_listed": len(listing.ids),
+        "listing_sha256": listing_sha256(listing.ids, listing.labels),
+        "shard_images": int(shard_images),
+        "row_group_images": int(row_group_images),
+        "precision": precision,
+    }
+
+
+def check_sizes(batch_size: int, shard_images: int, row_group_images: int) -> None:
+    if batch_size < 1 or shard_images < 1 or row_group_images < 1:
+        raise ValueError(f"batch_size={batch_size}, shard_images={shard_images} and row_group_images="
+                         f"{row_group_images} must all be at least 1.")
+
+
+def summary(plan: ShardPlan, t0: float, written_images: int, check: dict | None, **extra) -> dict:
+    """The JSON summary both extractions return."""
+    m = plan.manifest
+    seconds = time.perf_counter() - t0
+    return dict({
+        "out_dir": plan.out_dir,
+        "views": plan.params["views"],
+        "num_views": plan.num_views,
+        "image_size": plan.params["image_size"],
+        "shards": plan.num_shards,
+        "shards_written": len(plan.todo),
+        "shards_kept": plan.num_shards - len(plan.todo),
+        "images": int(sum(s["images"] for s in m["shards"])),
+        "rows": int(sum(s["rows"] for s in m["shards"])),
+        "complete": bool(m["complete"]),
+        "skipped": plan.skipped(),
+        "skipped_file": os.path.join(plan.out_dir, SKIPPED_FILE),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(written_images / seconds, 2) if seconds > 0 else None,
+        "verify": check,
+    }, **extra)

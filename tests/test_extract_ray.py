@@ -1,0 +1,183 @@
+"""Token extraction on Ray Data (decode actor pool -> encoder actor pool -> driver-written shards).
+
+One tiny synthetic set (2 classes x 5 train images) with one planted file of every bad kind, one random-init tiny
+tokenizer, one local Ray instance for the module. The reference for every token is the in-process extraction
+(itself tested against direct ``tokenizer.encode`` calls in test_tokens.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ideal_ray.data import crops
+from ideal_ray.data import tokens as tk
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.config import load_config
+    from ideal_ray.data.synthetic import make_synthetic_imagenet, plant_bad_files
+    from ideal_ray.models.tokenizer import IdealTokenizer
+
+    base = tmp_path_factory.mktemp("extract_ray")
+    root = base / "data"
+    make_synthetic_imagenet(root, num_classes=2, train_per_class=5, val_per_class=1, size=80, seed=5)
+    planted = plant_bad_files(root, "train")
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    tok = IdealTokenizer(cfg.model).eval()
+    ckpt = save_inference_checkpoint(str(base / "tok.pt"), tok, cfg)
+    return base, str(root), ckpt, planted
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    ctx.enable_progress_bars = saved
+
+
+def _run(setup, out, **kw):
+    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+
+    _, root, ckpt, _ = setup
+    root = kw.pop("data_root", root)
+    args = dict(views="llamagen", batch_size=40, device="cpu", shard_images=4, row_group_images=2,
+                num_encoders=1, decode_actors=2, decode_batch=3)
+    args.update(kw)
+    return extract_tokens_ray(ckpt, root, str(out), **args)
+
+
+@pytest.fixture(scope="module")
+def local_ref(setup):
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    base, root, ckpt, _ = setup
+    out = base / "local"
+    extract_tokens_local(ckpt, root, str(out), views="llamagen", batch_size=40, shard_images=4, row_group_images=2)
+    return tk.TokenShardDataset(out)
+
+
+@pytest.fixture(scope="module")
+def extracted(setup, ray_local):
+    base = setup[0]
+    out = base / "ray"
+    return out, _run(setup, out, tracking_uri=f"sqlite:///{base / 'mlflow.db'}", run_name="extract-test")
+
+
+def test_bad_files_skipped_counted_listed_and_good_rows_all_there(setup, extracted, local_ref):
+    base, root, _, planted = setup
+    out, s = extracted
+    good = {v["id"] for v in planted.values() if v["good"]}
+    bad = {v["id"] for v in planted.values() if not v["good"]}
+    assert good and bad
+    listed = 10 + len(planted)
+    assert s["verify"]["ok"] and s["complete"] and s["duplicates_dropped"] == 0
+    assert (s["images"], s["rows"]) == (listed - len(bad), (listed - len(bad)) * 20)
+    assert {x["image_id"] for x in s["skipped"]} == bad
+    assert all(x["error"] for x in s["skipped"])
+    lines = open(os.path.join(out, "skipped.tsv")).read().splitlines()
+    assert lines[0] == "image_id\terror" and {ln.split("\t")[0] for ln in lines[1:]} == bad
+
+    ds = tk.TokenShardDataset(out)  # the AR stage's in-memory reader loads them
+    assert good <= set(ds.image_ids) and not bad & set(ds.image_ids)
+    assert ds.tokens.shape == (listed - len(bad), 20, 64) and ds.tokens.dtype == np.uint16
+    # same tokens, ids and labels as the in-process extraction, which test_tokens.py checks against encode()
+    assert ds.image_ids == local_ref.image_ids
+    np.testing.assert_array_equal(ds.labels, local_ref.labels)
+    np.testing.assert_array_equal(ds.tokens, local_ref.tokens)
+    # both wrote the same manifest parameters: either extraction can resume the other's folder
+    keys = ("views", "grid", "vocab", "tokenizer_sha256", "listing_sha256", "shard_images", "precision")
+    assert {k: tk.read_manifest(out)[k] for k in keys} == {k: tk.read_manifest(base / "local")[k] for k in keys}
+
+
+def test_mlflow_run_records_summary_and_skipped_list(setup, extracted):
+    from ideal_ray.tracking import find_runs
+
+    base = setup[0]
+    _, s = extracted
+    (run,) = [r for r in find_runs(f"sqlite:///{base / 'mlflow.db'}", "extract") if r["run_name"] == "extract-test"]
+    assert run["status"] == "FINISHED"
+    assert run["params"]["views"] == "llamagen" and run["params"]["device"] == "cpu"
+    assert run["metrics"]["skipped"] == len(s["skipped"]) and run["metrics"]["images"] == s["images"]
+    art = run["artifact_uri"].replace("file://", "")
+    assert open(os.path.join(art, "skipped.tsv")).read() == open(os.path.join(s["out_dir"], "skipped.tsv")).read()
+    assert os.path.isfile(os.path.join(art, "summary.json"))
+
+
+def test_resume_after_crash_mid_write_keeps_one_copy_of_every_row(setup, extracted, tmp_path):
+    out = tmp_path / "crash"
+    first = _run(setup, out, max_shards=2, tracking_uri="")  # a run that stopped after two shards ...
+    assert first["stopped_early"] and not first["complete"] and first["shards_written"] == 2
+    kept = {k: os.stat(out / tk.shard_name(k)).st_mtime_ns for k in (0, 1)}
+    # ... and then crashed mid-write: a half-written temporary file and a shard renamed into place whose manifest
+    # update never happened (a copy of a finished shard under the next name: duplicated rows if it were kept)
+    (out / (tk.shard_name(2) + tk.TMP_SUFFIX)).write_bytes(b"half a shard")
+    shutil.copy(out / tk.shard_name(1), out / tk.shard_name(2))
+    with pytest.raises(ValueError, match="incomplete"):
+        tk.TokenShardDataset(out)
+
+    s = _run(setup, out, tracking_uri="")
+    assert s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0
+    assert (s["shards_kept"], s["shards_written"]) == (2, s["shards"] - 2)
+    assert {k: os.stat(out / tk.shard_name(k)).st_mtime_ns for k in (0, 1)} == kept  # finished shards untouched
+    assert not list(out.glob("*" + tk.TMP_SUFFIX))
+    ref = tk.TokenShardDataset(extracted[0])
+    ds = tk.TokenShardDataset(out)
+    assert ds.image_ids == ref.image_ids and len(set(ds.image_ids)) == len(ds.image_ids)
+    np.testing.assert_array_equal(ds.tokens, ref.tokens)
+    again = _run(setup, out, tracking_uri="")  # a finished folder: nothing redone
+    assert again["shards_written"] == 0 and again["rows"] == s["rows"]
+
+
+def test_release_views_and_webdataset_input(setup, ray_local, tmp_path):
+    from ideal_ray.data.convert import folder_to_webdataset
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    base, root, ckpt, planted = setup
+    wds = tmp_path / "wds"
+    folder_to_webdataset(root, "train", str(wds), shards=2)
+    s = _run(setup, tmp_path / "out", views="release", data_root=str(wds), fmt="webdataset", tracking_uri="")
+    ref = extract_tokens_local(ckpt, str(wds), str(tmp_path / "ref"), views="release", batch_size=40,
+                               shard_images=4, row_group_images=2, fmt="webdataset")
+    assert s["verify"]["ok"] and s["num_views"] == 2 and s["images"] == ref["images"]
+    np.testing.assert_array_equal(tk.TokenShardDataset(tmp_path / "out").tokens,
+                                  tk.TokenShardDataset(tmp_path / "ref").tokens)
+
+
+def test_views_from_squares_equal_cpu_views():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for views in crops.VIEW_SETS:
+        for w, h in ((500, 375), (64, 90), (71, 71), (300, 1000)):
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            squares = crops.make_squares(img, views, 64)
+            assert [sq.shape[0] for sq in squares] == crops.square_sizes(views, 64)
+            got = crops.views_from_squares([sq[None] for sq in squares], views, 64)[0].numpy()
+            np.testing.assert_array_equal(got, crops.make_views(img, views, 64), err_msg=f"{views} {w}x{h}")
+    with pytest.raises(ValueError, match="needs 2 squares"):
+        crops.views_from_squares([np.zeros((1, 70, 70, 3), np.uint8)], "llamagen", 64)
+
+
+def test_argument_errors(setup, ray_local, tmp_path):
+    with pytest.raises(ValueError, match="device='tpu'"):
+        _run(setup, tmp_path / "x", device="tpu")
+    with pytest.raises(RuntimeError, match="no GPUs"):
+        _run(setup, tmp_path / "y", device="cuda")
+    with pytest.raises(ValueError, match="decode_batch=0"):
+        _run(setup, tmp_path / "z", decode_batch=0)
