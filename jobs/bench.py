@@ -86,6 +86,7 @@ def cmd_tokenizer(args) -> None:
     med = _median_seconds(lambda i: trainer.train_step(batches[i % 2]), device, args.warmup, args.steps)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     name = _device_name(device)
+    _profile(lambda: trainer.train_step(batches[0]), device, args.profile)
     print(f"| preset | device | batch | precision | step s (median of {args.steps}) | img/s | TFLOP/step | "
           f"TFLOP/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -105,6 +106,21 @@ def _device_name(device) -> str:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _profile(fn, device, rows: int) -> None:
+    """With ``rows`` > 0: profile two calls of ``fn`` and print the ``rows`` ops with the most device self time."""
+    if rows <= 0:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 def _median_seconds(fn, device, warmup: int, iters: int) -> float:
@@ -168,6 +184,7 @@ def cmd_ar_train(args) -> None:
         opt.zero_grad(set_to_none=True)
 
     med = _median_seconds(lambda i: step(), device, args.warmup, args.steps)
+    _profile(step, device, args.profile)
     n_params = model.num_params()
     flops = ar_train_flops_per_seq(n_params, cfg.n_layer, cfg.dim, n) * b
     tflops = flops / med / 1e12
@@ -349,6 +366,7 @@ def main(argv=None) -> None:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--profile", type=int, default=0, help="print the N ops with most device time")
     t.add_argument("--device", default=None)
     t.set_defaults(fn=cmd_tokenizer)
     presets = ["B", "L", "XXL", "3B", "tiny"]
@@ -360,6 +378,7 @@ def main(argv=None) -> None:
     a.add_argument("--peak-tflops", type=float, default=790.0, help="MFU denominator (790 = measured H200 bf16)")
     a.add_argument("--vocab", type=int, default=0, help="override the preset's vocab size")
     a.add_argument("--grid", type=int, default=0, help="override the preset's token grid")
+    a.add_argument("--profile", type=int, default=0, help="print the N ops with most device time")
     a.add_argument("--device", default=None)
     a.set_defaults(fn=cmd_ar_train)
     s = sub.add_parser("sample", help="time class-conditional sampling (images/s), optionally vs LlamaGen")
