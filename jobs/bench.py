@@ -391,7 +391,7 @@ def main(argv=None) -> None:
     s.add_argument("--iters", type=int, default=3)
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--precision", default="auto", choices=["auto", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
-    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="Sampler compile (auto: on CUDA)")
+    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="Sampler compile (auto: the Sampler default, off)")
     s.add_argument("--llamagen-dir", default="", help="local LlamaGen checkout to time its eager generate too")
     s.add_argument("--vocab", type=int, default=0, help="override the preset's vocab size")
     s.add_argument("--grid", type=int, default=0, help="override the preset's token grid")

@@ -181,3 +181,18 @@ def test_argument_errors(setup, ray_local, tmp_path):
         _run(setup, tmp_path / "y", device="cuda")
     with pytest.raises(ValueError, match="decode_batch=0"):
         _run(setup, tmp_path / "z", decode_batch=0)
+
+
+def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("extract_job", os.path.join(os.path.dirname(__file__), "..",
+                                                                              "jobs", "extract_tokens.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    _, root, ckpt, _ = setup
+    rc = job.main(["--tokenizer", ckpt, "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
+    rc = job.main(["--tokenizer", ckpt, "--data-root", root, "--out", str(tmp_path / "o"), "--format", "parquet"])
+    assert rc == 2 and "error:" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")  # nothing created before the input was understood

@@ -5,7 +5,7 @@ One device, no Ray (issue 6 adds the actor-pool version writing the same files).
 - **Per-sample seeds.** Sample ``i`` of class ``c`` uses ``sample_seed(cfg.seed, c, per_class, i)``, independent of
   which other classes or batches are in the run, so a (class, seed) pair gives the same image whether the run
   covers all classes or a subset (the sampler's noise is a counter hash of the seed, see ``ideal_ray.sampling``).
-- **One Sampler for the whole run.** Its KV cache (and on GPU its compiled, CUDA-graphed decode step) is built
+- **One Sampler for the whole run.** Its KV cache (and on GPU its CUDA-graphed decode step) is built
   once; every batch of ``sample_cfg.batch_size`` reuses it (the last, smaller batch is padded internally).
 - **ADM format.** ``samples.npz`` holds ``arr_0`` uint8 (N, H, W, 3) -- what the ADM evaluation suite reads --
   and ``labels`` int64 (N,), in class order then sample order.
