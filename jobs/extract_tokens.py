@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--row-group-images", type=int, default=4, help="images per Parquet row group")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, else fp32")
     parser.add_argument("--max-shards", type=int, default=None, help="stop after writing this many shards")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.05,
+                        help="stop when more than this fraction of a shard's images (and > 10) cannot be read")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the final verification")
     ray_opts = parser.add_argument_group("Ray (default)")
     ray_opts.add_argument("--num-encoders", type=int, default=None, help="encoder actors (default: every GPU / 1)")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
 
     common = dict(views=args.views, image_size=args.image_size, split=args.split, class_index=args.class_index,
                   fmt=args.format, labels_file=args.labels_file, shard_images=args.shard_images,
-                  row_group_images=args.row_group_images, verify=args.verify, max_shards=args.max_shards)
+                  row_group_images=args.row_group_images, verify=args.verify, max_shards=args.max_shards,
+                  max_skip_fraction=args.max_skip_fraction)
     try:
         if args.in_process:
             from ideal_ray.pipelines.extract_local import extract_tokens_local

@@ -196,3 +196,19 @@ def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
     rc = job.main(["--tokenizer", ckpt, "--data-root", root, "--out", str(tmp_path / "o"), "--format", "parquet"])
     assert rc == 2 and "error:" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")  # nothing created before the input was understood
+
+
+def test_mostly_unreadable_shard_stops_the_run_unwritten(setup, tmp_path):
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    _, root, ckpt, _ = setup
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    for i in range(12):  # what a vanished mount looks like: listed files that cannot be read
+        (data / "train" / "n90000000" / f"n90000000_gone{i:02d}.JPEG").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="max_skip_fraction"):
+        extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16)
+    assert not list(out.glob(tk.SHARD_GLOB))
+    s = extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16, max_skip_fraction=1.0)
+    assert s["verify"]["ok"] and len(s["skipped"]) >= 12

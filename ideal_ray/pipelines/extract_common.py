@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".extract.lock"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-SKIPPED_FILE = "skipped.tsv"  # written next to the shards at the end: image_id <TAB> error, one per line
+SKIPPED_FILE = "skipped.tsv"
+# A shard with more unreadable images than this fraction (and more than MIN_SKIPS_TO_ABORT of them) stops the run:
+# ImageNet has a handful of bad files in 1.28M, so that many means a missing mount or a wrong format, not bad luck.
+MAX_SKIP_FRACTION = 0.05
+MIN_SKIPS_TO_ABORT = 10  # written next to the shards at the end: image_id <TAB> error, one per line
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
@@ -168,7 +172,11 @@ class ShardPlan:
     shard ``k``; :meth:`write` stores one finished shard, :meth:`finish` completes the manifest and verifies.
     """
 
-    def __init__(self, out_dir: str, params: dict, num_listed: int, extra: dict | None = None):
+    def __init__(self, out_dir: str, params: dict, num_listed: int, extra: dict | None = None,
+                 max_skip_fraction: float = MAX_SKIP_FRACTION):
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction={max_skip_fraction} must be in [0, 1].")
+        self.max_skip_fraction = float(max_skip_fraction)
         self.out_dir = os.path.abspath(os.path.expanduser(out_dir))
         self.params, self.extra = params, dict(extra or {})
         self.shard_images = int(params["shard_images"])
@@ -215,6 +223,13 @@ class ShardPlan:
         """Store shard ``k``: ``ids``/``labels`` of its decoded images, ``tokens`` uint16 ``(images, V, N)``."""
         a, b = self.images(k)
         n = len(ids)
+        if len(skipped) > MIN_SKIPS_TO_ABORT and len(skipped) > self.max_skip_fraction * (b - a):
+            first = skipped[0]
+            raise RuntimeError(
+                f"{len(skipped)} of the {b - a} images of shard {k} could not be read or decoded (first: "
+                f"{first['image_id']}: {first['error']}); that is more than max_skip_fraction="
+                f"{self.max_skip_fraction:g}, so the data is likely missing (an unmounted folder?) rather than a few "
+                f"bad files. Nothing of this shard was written; fix the input and rerun (finished shards are kept).")
         if tokens.shape[:2] != (n, self.num_views) or n + len(skipped) != b - a:
             raise RuntimeError(f"shard {k} got {n} images + {len(skipped)} skipped with tokens {tokens.shape}, "
                                f"expected {b - a} listed images x {self.num_views} views.")

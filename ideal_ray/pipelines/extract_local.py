@@ -30,6 +30,7 @@ import torch
 from ideal_ray.data import crops
 from ideal_ray.data import sources
 from ideal_ray.pipelines.extract_common import (
+    MAX_SKIP_FRACTION,
     ShardPlan,
     ViewEncoder,
     check_precision,
@@ -119,6 +120,7 @@ def extract_tokens_local(
     precision: str = "fp32",
     verify: bool = True,
     max_shards: int | None = None,
+    max_skip_fraction: float = MAX_SKIP_FRACTION,
 ) -> dict:
     """Encode every ``split`` image's views with the tokenizer at ``tokenizer_ckpt`` into shards under ``out_dir``.
 
@@ -126,7 +128,8 @@ def extract_tokens_local(
     ``cfg.image_size``; ``batch_size`` counts views per encoder forward; ``fmt``/``labels_file`` pick the input format
     (see :mod:`ideal_ray.data.sources`); ``num_workers`` > 0 decodes in DataLoader worker processes; ``precision``
     ``"bf16"`` runs the encoder under autocast (the release's default on GPU), ``"fp32"`` is exact; ``max_shards``
-    stops after writing that many shards (the rest stay to do; a rerun continues). Returns a summary (images, rows,
+    stops after writing that many shards (the rest stay to do; a rerun continues); a shard with more than
+    ``max_skip_fraction`` of its images (and more than 10) unreadable stops the run unwritten. Returns a summary (images, rows,
     shards written/kept, skipped files, images/s, the verification summary).
     """
     from ideal_ray.checkpoint import load_tokenizer
@@ -148,7 +151,7 @@ def extract_tokens_local(
     packed = listing.pack()
     encoder = ViewEncoder(tok, views, size, dev, precision, max_views=batch_size)
     written = 0
-    with ShardPlan(out_dir, params, len(listing), extra) as plan:
+    with ShardPlan(out_dir, params, len(listing), extra, max_skip_fraction) as plan:
         todo = plan.todo if max_shards is None else plan.todo[:max(0, int(max_shards))]
         for n_done, k in enumerate(todo, 1):
             t_shard = time.perf_counter()

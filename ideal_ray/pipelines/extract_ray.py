@@ -39,6 +39,7 @@ import numpy as np
 from ideal_ray.data import crops
 from ideal_ray.data import sources
 from ideal_ray.pipelines.extract_common import (
+    MAX_SKIP_FRACTION,
     SKIPPED_FILE,
     ShardPlan,
     check_precision,
@@ -242,6 +243,7 @@ def extract_tokens_ray(
     decode_batch: int = 8,
     verify: bool = True,
     max_shards: int | None = None,
+    max_skip_fraction: float = MAX_SKIP_FRACTION,
     tracking_uri: str | None = None,
     experiment: str = "extract",
     run_name: str | None = None,
@@ -253,7 +255,8 @@ def extract_tokens_ray(
     forward (default 512 on GPU, 64 on CPU); ``precision``: default ``bf16`` on GPU, ``fp32`` on CPU;
     ``num_encoders``: encoder actors (default: every GPU, or 1 on CPU); ``decode_actors``: the decode pool's upper
     bound (default: the cluster's CPUs minus one and the CPU encoders); ``decode_batch``: images per decode task;
-    ``max_shards``: stop after writing that many shards (a rerun continues); ``tracking_uri``: MLflow store for the
+    ``max_shards``: stop after writing that many shards (a rerun continues); ``max_skip_fraction``: a shard with more
+    unreadable images than this (and more than 10) stops the run unwritten; ``tracking_uri``: MLflow store for the
     run's params, metrics and ``skipped.tsv`` artifact (default ``$MLFLOW_TRACKING_URI`` or ``<out_dir>/mlflow.db``;
     ``""`` disables tracking). Returns the summary (``images_per_s``, ``skipped``, ``duplicates_dropped`` ...).
     """
@@ -286,7 +289,7 @@ def extract_tokens_ray(
     del tok
     extra = {"tokenizer_path": tokenizer_ckpt, "data_root": listing.root, "format_in": listing.fmt}
 
-    with ShardPlan(out_dir, params, len(listing), extra) as plan:
+    with ShardPlan(out_dir, params, len(listing), extra, max_skip_fraction) as plan:
         shards = plan.todo if max_shards is None else plan.todo[:max(0, int(max_shards))]
         tracker = _tracker(tracking_uri, plan.out_dir, experiment, run_name)
         try:
