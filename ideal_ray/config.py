@@ -222,6 +222,11 @@ class DistributedConfig:
     max_bad_steps: int = 10  # NaN guard: stop after this many non-finite steps in a row
     prefetch_batches: int = 2  # Ray Data batches prefetched per worker
     ray_address: str = ""  # "" = RAY_ADDRESS or a local cluster
+    # Tokenizer stage: where the frozen VFM trunk runs. "trainer": inside every train worker (on its GPU);
+    # "data": in a Ray Data actor pool after decode/augment, the trainers receive its features with the images.
+    # The math is the same either way (a pure function of the image), so a resumed run may switch it.
+    vfm_placement: str = "trainer"
+    vfm_actors: int = 1  # VFM actors per rank's dataset with vfm_placement=data (one GPU each with use_gpu)
 
 
 class StageConfig:
@@ -392,6 +397,9 @@ def validate_ar(cfg: ARTrainConfig) -> None:
     _check(d.loader_workers >= 1, "data.loader_workers must be at least 1.")
     _check(t.zero_stage in (0, 1, 2), f"dist.zero_stage {t.zero_stage} is not supported (0, 1 or 2): the EMA keeps "
            f"full parameters on every rank.")
+    _check(t.vfm_placement == "trainer",
+           f"dist.vfm_placement '{t.vfm_placement}' does not apply to the AR stage (it reads token shards and runs "
+           f"no VFM); leave dist.vfm_placement=trainer.")
     _check(cfg.schedule.steps >= 0, "schedule.steps cannot be negative.")
 
 
@@ -604,6 +612,7 @@ FUSION_MODES = ("attention", "linear", "none")
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 PRECISIONS = ("bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
+VFM_PLACEMENTS = ("trainer", "data")
 
 
 def _check(ok: bool, sentence: str) -> None:
@@ -701,5 +710,8 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _check(t.max_failures >= 0, "dist.max_failures cannot be negative.")
     _check(t.keep_checkpoints >= 1, "dist.keep_checkpoints must be at least 1.")
     _check(t.max_bad_steps >= 1, "dist.max_bad_steps must be at least 1.")
+    _check(t.vfm_placement in VFM_PLACEMENTS,
+           f"dist.vfm_placement '{t.vfm_placement}' is unknown; choose one of {VFM_PLACEMENTS}.")
+    _check(t.vfm_actors >= 1, f"dist.vfm_actors {t.vfm_actors} must be at least 1 (VFM actors per rank's dataset).")
     _check(s.log_every >= 1 and s.ckpt_every >= 1 and s.vis_every >= 1,
            "schedule.log_every, ckpt_every and vis_every must be at least 1.")

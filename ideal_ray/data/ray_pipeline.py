@@ -34,20 +34,31 @@ smaller than float over the wire, the trainer converts with :func:`to_model_inpu
 ``list_training_images`` order) and ``substituted`` (1 where the scheduled file could not be decoded and the
 next decodable image of the permutation stood in for it): the way for a trainer to count bad files per step;
 then use ``torch_dtypes(provenance=True)``.
+
+VFM in the pipeline (``dist.vfm_placement=data``): ``vfm=VFMStage(...)`` appends a second actor pool that runs
+the frozen VFM trunk (``FrozenVFM.trunk_features``) on each step's decoded images and adds the columns ``shallow``
+(block output before any norm; absent in single-layer mode) and ``deep`` (final norm applied), each (N, C). They
+are a pure function of the image, so order and resume are untouched. Features travel as fp32, or under bf16
+autocast as bf16 bit patterns in uint16 columns (Arrow has no bf16; half of fp32's bytes, fp32's exponent range,
+so no overflow on a ViT's outlier channels as float16 could have). :func:`trunk_features_from_batch` turns them back
+into fp32 tensors on the trainer's device; ``torch_dtypes(vfm=...)`` names the columns for ``iter_torch_batches``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, to_rgb
+from ideal_ray.config import VFMConfig
+from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, open_rgb
 from ideal_ray.data.transforms import check_train_augmentation
+from ideal_ray.models.vfm import FrozenVFM
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +66,36 @@ COLUMNS = ("image", "label", "step", "position")
 PROVENANCE_COLUMNS = ("index", "substituted")  # added by provenance=True
 
 
-def torch_dtypes(provenance: bool = False) -> dict[str, torch.dtype]:
+@dataclass(frozen=True)
+class VFMStage:
+    """The frozen VFM trunk as a Ray Data actor-pool stage of every rank's dataset (``dist.vfm_placement=data``)."""
+
+    vfm: VFMConfig
+    # torch seed the trainer builds its model under: a random-init trunk (tiny) is the first thing TokenizerSystem
+    # builds after torch.manual_seed(optim.seed), so the actor repeats that to hold the same weights
+    seed: int
+    num_actors: int = 1  # actors per rank's dataset
+    use_gpu: bool = False  # one GPU per actor
+    bf16: bool = False  # bf16 autocast on the GPU (as the trainer runs the trunk); features leave as bf16 bits
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The feature columns the stage adds."""
+        return ("deep",) if self.vfm.single_layer else ("shallow", "deep")
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """dtype of the feature columns: uint16 holding bf16 bits, or float32."""
+        return torch.uint16 if self.bf16 else torch.float32
+
+
+def torch_dtypes(provenance: bool = False, vfm: Optional[VFMStage] = None) -> dict[str, torch.dtype]:
     """``iter_torch_batches(dtypes=...)`` for the pipeline's columns (Ray 2.60 needs every column named)."""
     cols = COLUMNS + (PROVENANCE_COLUMNS if provenance else ())
-    return {c: torch.uint8 if c == "image" else torch.int64 for c in cols}
+    out = {c: torch.uint8 if c == "image" else torch.int64 for c in cols}
+    for c in vfm.columns if vfm is not None else ():
+        out[c] = vfm.wire_dtype
+    return out
 
 
 TORCH_DTYPES = torch_dtypes()
@@ -191,9 +228,7 @@ def augment(
 
 def decode(path: str) -> Image.Image:
     """Open and fully decode ``path`` as RGB (raises one of folder's decode errors on a bad file)."""
-    with Image.open(path) as img:
-        img.load()  # PIL is lazy: decode here, inside the caller's error handling
-        return to_rgb(img)
+    return open_rgb(path)
 
 
 def load_sample(path: str, data_cfg, seed: int, epoch: int, position: int) -> np.ndarray:
@@ -218,6 +253,18 @@ def to_model_input(batch_uint8: torch.Tensor, dtype: torch.dtype = torch.float32
     x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W) in [0, 255]
     x = x.div(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1], same arithmetic as folder.default_to_tensor
     return x.to(dtype).contiguous()  # (B, 3, H, W)
+
+
+def trunk_features_from_batch(batch: dict[str, torch.Tensor], vfm: VFMStage,
+                              device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """A batch of the VFM stage -> (shallow before its norm (B, N, C) or None, deep (B, N, C)), fp32 on ``device``:
+    what ``FrozenVFM.trunk_features`` returns for the batch's images (exactly, on the fp32 wire)."""
+
+    def column(name: str) -> torch.Tensor:
+        t = batch[name].to(device, non_blocking=True)  # (B, N, C) in the wire dtype
+        return (t.view(torch.bfloat16) if vfm.bf16 else t).float()
+
+    return (None if vfm.vfm.single_layer else column("shallow")), column("deep")
 
 
 # ------------------------------------------------------------------------------------- image list
@@ -329,6 +376,31 @@ class _DecodeAugment:
         return out
 
 
+class _VFMFeatures:
+    """Callable class of the VFM actor pool: the frozen trunk over one step's images, its outputs added as columns."""
+
+    def __init__(self, stage: VFMStage) -> None:
+        self.stage = stage
+        self.device = torch.device("cuda" if stage.use_gpu else "cpu")
+        torch.manual_seed(stage.seed)  # the trainer's weights for a random-init trunk (see VFMStage.seed)
+        self.vfm = FrozenVFM(stage.vfm).to(self.device).eval()  # built on CPU, fp32 weights, as the trainer's
+
+    def _wire(self, t: torch.Tensor) -> np.ndarray:
+        """(B, N, C) features -> the wire format: bf16 bits as uint16, or float32."""
+        t = t.to(torch.bfloat16).view(torch.uint16) if self.stage.bf16 else t.float()
+        return t.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = to_model_input(torch.tensor(batch["image"]).to(self.device))  # (B, 3, S, S) in [-1, 1]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.stage.bf16 and self.stage.use_gpu):
+            shallow_raw, deep = self.vfm.trunk_features(images)  # (B, N, C) each, shallow None in single-layer
+        out = dict(batch)
+        for name, t in zip(("shallow", "deep"), (shallow_raw, deep)):
+            if t is not None:
+                out[name] = self._wire(t)
+        return out
+
+
 # ------------------------------------------------------------------------------------- datasets
 def dataset_name(rank: int) -> str:
     """Name under which rank ``rank``'s dataset is handed to Ray Train (``get_dataset_shard(name)``)."""
@@ -367,12 +439,15 @@ def _resolve_images(data_cfg, split: str, images):
 
 
 def _check_request(
-    data_cfg, world_size: int, start_step: int, num_steps: int, steps_per_block: int, num_actors: int | None
+    data_cfg, world_size: int, start_step: int, num_steps: int, steps_per_block: int, num_actors: int | None,
+    vfm: Optional[VFMStage] = None,
 ) -> int:
     """Validate everything that needs no image list (so errors come before any Ray work); returns the LB."""
     actors = num_actors if num_actors is not None else data_cfg.loader_workers
     if actors < 1:
         raise ValueError(f"num_actors={actors} must be at least 1 (defaults to data.loader_workers).")
+    if vfm is not None and vfm.num_actors < 1:
+        raise ValueError(f"VFMStage.num_actors={vfm.num_actors} must be at least 1 (dist.vfm_actors).")
     local_batch = local_batch_size(data_cfg.global_batch, world_size)  # rejects uneven batches up front
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be non-negative.")
@@ -398,6 +473,7 @@ def rank_dataset(
     cpus_per_actor: float = 1.0,
     steps_per_block: int = 1,
     provenance: bool = False,
+    vfm: Optional[VFMStage] = None,
 ):
     """Rank ``rank``'s dataset: ``num_steps * LB`` rows for steps ``[start_step, start_step + num_steps)``.
 
@@ -405,15 +481,16 @@ def rank_dataset(
     (list once on the driver, share with every worker). ``num_actors`` defaults to ``data_cfg.loader_workers``.
     ``steps_per_block``: steps decoded per actor task. One keeps what the ordered actor pool buffers small (a
     task that finishes early holds only its own step until the earlier ones are consumed). ``provenance``
-    adds the ``index`` and ``substituted`` columns. ``num_steps=0`` gives an empty dataset (a finished run).
+    adds the ``index`` and ``substituted`` columns. ``vfm`` appends the VFM actor pool (``shallow``/``deep``
+    columns, see :class:`VFMStage`). ``num_steps=0`` gives an empty dataset (a finished run).
     """
-    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
+    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors, vfm)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, {world_size}).")
     ref, n = _resolve_images(data_cfg, split, images)
     schedule_info(n, data_cfg.global_batch)  # at least one global batch
     return _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
-                  steps_per_block, provenance)
+                  steps_per_block, provenance, vfm)
 
 
 def rank_datasets(
@@ -429,22 +506,23 @@ def rank_datasets(
     cpus_per_actor: float = 1.0,
     steps_per_block: int = 1,
     provenance: bool = False,
+    vfm: Optional[VFMStage] = None,
 ) -> list:
     """One dataset per rank (list index = rank), all sharing one image list in the object store.
 
     Hand them to Ray Train as ``{dataset_name(r): ds}`` with :func:`train_data_config`. Arguments as in
     :func:`rank_dataset`.
     """
-    _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors)
+    _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors, vfm)
     ref, _ = _resolve_images(data_cfg, split, images)  # listed and put once, shared by every rank
     return [rank_dataset(data_cfg, world_size, r, start_step, num_steps, seed, split, images=ref,
                          num_actors=num_actors, cpus_per_actor=cpus_per_actor, steps_per_block=steps_per_block,
-                         provenance=provenance)
+                         provenance=provenance, vfm=vfm)
             for r in range(world_size)]
 
 
 def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
-           steps_per_block, provenance):
+           steps_per_block, provenance, vfm):
     import ray
 
     actors = int(num_actors if num_actors is not None else data_cfg.loader_workers)
@@ -473,6 +551,19 @@ def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_ac
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
     )
+    if vfm is not None:
+        # One step per call: the trunk sees exactly the trainer's micro-batch (the same batch shapes as the
+        # trainer placement), and the order-preserving pool keeps the schedule.
+        ds = ds.map_batches(
+            _VFMFeatures,
+            fn_constructor_args=(vfm,),
+            batch_size=local_batch,
+            batch_format="numpy",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=vfm.num_actors),
+            num_cpus=1,
+            **({"num_gpus": 1} if vfm.use_gpu else {}),
+        )
     ds.context.execution_options.preserve_order = True
     # One bar per rank dataset would flood a training job's log; the training loop logs throughput instead.
     ds.context.enable_progress_bars = False

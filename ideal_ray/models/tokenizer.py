@@ -2,7 +2,8 @@
 
 Single-device PyTorch. ``encode`` turns images into a grid of code indices, ``decode`` turns indices back into
 images, ``decode_features`` into the reconstructed deep VFM features (the tokenizer used as a vision encoder), and
-``forward`` returns everything the training losses need (:class:`TokenizerOutput`).
+``forward`` returns everything the training losses need (:class:`TokenizerOutput`). The ``*_from_trunk`` variants
+start from the frozen VFM trunk's outputs instead of images, for when the trunk ran elsewhere (Ray Data actors).
 """
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ class IdealTokenizer(nn.Module):
     # ------------------------------------------------------------------------------------------ encoder
     def encode_features(self, images: torch.Tensor):
         """images (B, 3, H, W) in [-1, 1] -> (shallow, deep, fused) tokens, each (B, N, C)."""
-        shallow, deep = self.vfm(images)  # (B, N, C) each; shallow None for single-layer tokenization
+        return self.features_from_trunk(*self.vfm.trunk_features(images))
+
+    def features_from_trunk(self, shallow_raw: Optional[torch.Tensor], deep: torch.Tensor):
+        """The frozen trunk's outputs (``vfm.trunk_features``, computed here or in a Ray Data actor: shallow before
+        its norm (B, N, C) or None, deep (B, N, C)) -> (shallow, deep, fused) tokens, each (B, N, C)."""
+        shallow, deep = self.vfm.finish(shallow_raw, deep)  # (B, N, C) each; shallow None for single-layer
         fused = self.fusion(deep, shallow)  # (B, N, C)
         return shallow, deep, fused
 
@@ -59,7 +65,12 @@ class IdealTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> code indices (B, g, g) (g = 24 for the paper)."""
-        _, _, fused = self.encode_features(images)
+        return self.encode_from_trunk(*self.vfm.trunk_features(images))
+
+    @torch.no_grad()
+    def encode_from_trunk(self, shallow_raw: Optional[torch.Tensor], deep: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` from the frozen trunk's outputs (see :meth:`features_from_trunk`) -> indices (B, g, g)."""
+        _, _, fused = self.features_from_trunk(shallow_raw, deep)
         idx = self.quantize(fused).indices  # (B, N)
         return idx.view(idx.shape[0], self.grid, self.grid)
 
@@ -93,7 +104,13 @@ class IdealTokenizer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
-        shallow, deep, fused = self.encode_features(images)
+        """images (B, 3, H, W) in [-1, 1] -> everything the training losses need."""
+        return self.forward_from_trunk(*self.vfm.trunk_features(images))
+
+    def forward_from_trunk(self, shallow_raw: Optional[torch.Tensor], deep: torch.Tensor) -> TokenizerOutput:
+        """:meth:`forward` from the frozen trunk's outputs (see :meth:`features_from_trunk`): the training forward
+        when the VFM runs in Ray Data actors (``dist.vfm_placement=data``)."""
+        shallow, deep, fused = self.features_from_trunk(shallow_raw, deep)
         quant = self.quantize(fused)
         deep_pred, shallow_pred = self._decode_codes(quant.z_st)
         recon = self._to_pixels(deep_pred)

@@ -278,17 +278,35 @@ class FrozenVFM(nn.Module):
         return (x - self.mean) / self.std  # (B, 3, S, S) fp32
 
     def forward(self, images: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """Images in [-1, 1] -> (shallow (B, N, C) or None in single-layer mode, deep (B, N, C))."""
+        """Images in [-1, 1] -> (shallow (B, N, C) or None in single-layer mode, deep (B, N, C)).
+
+        Exactly ``finish(*trunk_features(images))``: the frozen part, then the trainable shallow norm."""
+        return self.finish(*self.trunk_features(images))
+
+    @torch.no_grad()
+    def trunk_features(self, images: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The frozen part. Images in [-1, 1] (B, 3, H, W) -> (shallow block output before any norm (B, N, C), or
+        None in single-layer mode; deep tokens with the trunk's own, frozen, final norm (B, N, C)).
+
+        Nothing here trains, so it may run away from the trainer (``dist.vfm_placement=data``: Ray Data actors);
+        :meth:`finish` is the trainable rest."""
         x = self.preprocess(images).to(self.trunk.patch_embed.proj.weight.dtype)  # a bf16-cast trunk takes bf16
-        with torch.no_grad():
-            feats = self.trunk.forward_intermediates(
-                x, indices=self._indices, norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True,
-            )  # list of (B, N, C), prefix tokens dropped, pre-norm
-            deep = self.trunk.norm(feats[-1])  # (B, N, C)
+        feats = self.trunk.forward_intermediates(
+            x, indices=self._indices, norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True,
+        )  # list of (B, N, C), prefix tokens dropped, pre-norm
+        deep = self.trunk.norm(feats[-1])  # (B, N, C)
+        return (None if self.cfg.single_layer else feats[0]), deep
+
+    def finish(self, shallow_raw: Optional[torch.Tensor],
+               deep: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The trainable part: :meth:`trunk_features` outputs -> (shallow with its own LayerNorm (B, N, C) or None in
+        single-layer mode, deep unchanged (B, N, C)). Runs with grad so ``shallow_norm`` can learn."""
         if self.cfg.single_layer:
             return None, deep
-        shallow = self.shallow_norm(feats[0])  # (B, N, C), outside no_grad so the norm can learn
-        return shallow, deep
+        if shallow_raw is None:
+            raise ValueError("FrozenVFM.finish needs the shallow block output (model.vfm.single_layer is false); "
+                             "pass the first value trunk_features returned.")
+        return self.shallow_norm(shallow_raw), deep  # (B, N, C) each
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Deep tokens (B, N, C), already final-normed as :meth:`forward` returns them -> the trunk's MAP

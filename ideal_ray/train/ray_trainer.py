@@ -23,9 +23,12 @@ CONFIG_FILE = "ideal_config.json"
 # Fields a rerun of an existing run may change: how long, how often, on how many workers. Anything else (model,
 # loss, optimizer, data) would silently mix two experiments in one run folder.
 # The worker count and ZeRO stage cannot change: ZeRO optimizer shards are per rank.
+# The VFM placement may change: the trunk's features are a pure function of the image wherever it runs (the
+# trainer's autocast rule applies in the actors too), and the trunk's weights stay in the checkpoint either way.
 RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dist.keep_checkpoints",
                      "dist.max_bad_steps", "dist.prefetch_batches", "dist.ray_address", "dist.cpus_per_worker",
-                     "output_dir", "preset", "data.loader_workers", "data.root")
+                     "dist.vfm_placement", "dist.vfm_actors", "output_dir", "preset", "data.loader_workers",
+                     "data.root")
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -108,6 +111,20 @@ def prepare_data(cfg: TokenizerTrainConfig):
     return paths, labels
 
 
+def vfm_actors_total(cfg) -> int:
+    """Ray Data VFM actors of the whole run (one pool per rank with ``dist.vfm_placement=data``, else none)."""
+    d = cfg.dist
+    return d.num_workers * d.vfm_actors if d.vfm_placement == "data" else 0
+
+
+def local_cluster_cpus(cfg) -> int:
+    """Logical CPUs a local cluster needs: the train workers', one decode actor pool per rank, the VFM actors
+    (one CPU each, also on GPU) and room for Ray Data's read tasks. On a 2-core laptop Ray Data and Train
+    deadlock when workers and actor pools take every logical CPU, so the local cluster claims at least this."""
+    d = cfg.dist
+    return int(d.num_workers * (d.cpus_per_worker + max(1, cfg.data.loader_workers))) + vfm_actors_total(cfg) + 2
+
+
 def init_ray(cfg: TokenizerTrainConfig) -> None:
     import ray
 
@@ -117,12 +134,16 @@ def init_ray(cfg: TokenizerTrainConfig) -> None:
     if address:
         ray.init(address=address)
         return
-    # A local cluster: give Ray Data logical CPUs beyond the train workers' (on a 2-core laptop Ray Data and Train
-    # deadlock when workers take every logical CPU).
-    # Logical CPUs: the train workers', one decode actor pool per rank, and room for Ray Data's read tasks.
-    need = int(cfg.dist.num_workers * (cfg.dist.cpus_per_worker + max(1, cfg.data.loader_workers))) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.dist.use_gpu else None)
+    d = cfg.dist
+    ray.init(num_cpus=max(os.cpu_count() or 1, local_cluster_cpus(cfg)), include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not d.use_gpu else None)
+    if d.use_gpu:  # a local cluster cannot grow: say so now rather than wait forever for GPUs
+        have, need = int(ray.cluster_resources().get("GPU", 0)), d.num_workers + vfm_actors_total(cfg)
+        if have < need:
+            ray.shutdown()
+            raise ConfigError(f"dist.use_gpu needs {need} GPUs on this machine ({d.num_workers} train workers + "
+                              f"{vfm_actors_total(cfg)} VFM actors) but it has {have}; lower dist.num_workers or "
+                              f"dist.vfm_actors, or use dist.vfm_placement=trainer.")
 
 
 def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn: Callable[[int, int], Any],
@@ -187,20 +208,23 @@ def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn:
 def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary."""
     from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info
-    from ideal_ray.train.tokenizer_stage import train_loop_per_worker
+    from ideal_ray.train.tokenizer_stage import train_loop_per_worker, vfm_stage
 
     validate(cfg)
     paths, labels = prepare_data(cfg)
     steps_per_epoch = schedule_info(len(paths), cfg.data.global_batch)
     total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
-    log(f"[ideal-ray] tokenizer: {len(paths)} images, {steps_per_epoch} steps/epoch")
+    vfm = vfm_stage(cfg)
+    log(f"[ideal-ray] tokenizer: {len(paths)} images, {steps_per_epoch} steps/epoch, VFM in the "
+        + ("trainers" if vfm is None else f"data pipeline ({vfm.num_actors} actor(s) per rank, "
+           f"{'bf16' if vfm.bf16 else 'fp32'} features)"))
     init_ray(cfg)
     images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
 
     def rank_data(rank: int, start: int):
         return rank_dataset(cfg.data, cfg.dist.num_workers, rank, start_step=start,
                             num_steps=max(total_steps - start, 0), seed=cfg.optim.seed, images=images,
-                            num_actors=max(1, cfg.data.loader_workers))
+                            num_actors=max(1, cfg.data.loader_workers), vfm=vfm)
 
     result, final_step, tracking_uri, local_dir = run_stage(
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",

@@ -9,6 +9,11 @@ runs under bf16 autocast, as the authors' release trains.
 Determinism: the data order is fixed by the schedule of ``ideal_ray.data.ray_pipeline`` and every random draw of
 a step (dropout, DiffAugment, the discriminator's crop) is seeded from (seed, step, rank), so a resumed run takes
 exactly the steps an uninterrupted run would.
+
+VFM placement (``dist.vfm_placement``): "trainer" runs the frozen trunk in the step; "data" receives its outputs
+with the images (:func:`vfm_stage` describes the Ray Data stage) and runs only the trainable rest (the shallow
+LayerNorm onwards). The trunk stays in the tokenizer module either way (checkpoints, export and a resumed run that
+switches placement see the same parameters).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ideal_ray.config import TokenizerTrainConfig, from_dict
-from ideal_ray.data.ray_pipeline import TORCH_DTYPES, to_model_input
+from ideal_ray.data.ray_pipeline import VFMStage, to_model_input, torch_dtypes, trunk_features_from_batch
 from ideal_ray.data.transforms import make_grid_png
 from ideal_ray.train import ds as dsu
 from ideal_ray.train.loop import StepResult
@@ -35,6 +40,16 @@ CONFIG_FILE = "config.json"
 def step_seed(seed: int, step: int, rank: int) -> int:
     """One independent seed per (run seed, step, rank), so no random draw depends on what ran before."""
     return (seed * 1_000_003 + step * 8191 + rank * 131) % (2**63 - 1)
+
+
+def vfm_stage(cfg: TokenizerTrainConfig) -> Optional[VFMStage]:
+    """The Ray Data VFM stage for ``dist.vfm_placement=data`` (None for "trainer"). Its bf16 rule is the trainer's
+    autocast rule (CUDA and optim.precision=bf16), so the actor computes what the trainer would."""
+    d = cfg.dist
+    if d.vfm_placement == "trainer":
+        return None
+    return VFMStage(vfm=cfg.model.vfm, seed=cfg.optim.seed, num_actors=d.vfm_actors, use_gpu=d.use_gpu,
+                    bf16=d.use_gpu and cfg.optim.precision == "bf16")
 
 
 @contextlib.contextmanager
@@ -77,6 +92,7 @@ class TokenizerStage:
             self.d = dsu.build_engine(self.system.discriminator, engine_optim, self.schedule.peak_lr, self.micro_batch,
                                       world_size, cfg.dist.zero_stage, device.type)
         self.generator = torch.Generator(device="cpu")
+        self.vfm_stage = vfm_stage(cfg)
 
     # ------------------------------------------------------------------------------------------ Stage
     def ema_module(self) -> torch.nn.Module:
@@ -99,7 +115,12 @@ class TokenizerStage:
         # generator step
         dsu.set_lr(self.g, lr)
         with autocast(self.device, self.cfg.optim.precision), frozen(self.system.discriminator):
-            g_loss, metrics, out = self.system.g_loss(images, step, generator=self.generator)
+            if self.vfm_stage is None:
+                g_loss, metrics, out = self.system.g_loss(images, step, generator=self.generator)
+            else:  # the trunk ran in the data pipeline
+                shallow_raw, deep = trunk_features_from_batch(batch, self.vfm_stage, self.device)
+                g_loss, metrics, out = self.system.g_loss_from_trunk(images, shallow_raw, deep, step,
+                                                                     generator=self.generator)
         if not all_finite(g_loss):
             return StepResult(metrics={}, samples=0, skipped=True)
         self.g.backward(g_loss)
@@ -151,7 +172,12 @@ class TokenizerStage:
         tok.eval()
         images = to_model_input(batch["image"][:8].to(self.device))
         with autocast(self.device, self.cfg.optim.precision):
-            recon = tok.decode(tok.encode(images))
+            if self.vfm_stage is None:
+                indices = tok.encode(images)
+            else:
+                first = {k: batch[k][:8] for k in self.vfm_stage.columns}
+                indices = tok.encode_from_trunk(*trunk_features_from_batch(first, self.vfm_stage, self.device))
+            recon = tok.decode(indices)
         tok.train(was_training)
         return str(make_grid_png(images.float().cpu(), recon.float().cpu(),
                                  os.path.join(out_dir, f"recon_step{step:08d}.png"), nrow=4))
@@ -164,4 +190,5 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg = from_dict(TokenizerTrainConfig, config["cfg"])
     run_worker(config, cfg, lambda device, rank, world: TokenizerStage(cfg, device, rank, world,
                                                                        config["steps_per_epoch"]),
-               TORCH_DTYPES, micro_batch=cfg.data.global_batch // cfg.dist.num_workers, stage_name="tokenizer")
+               torch_dtypes(vfm=vfm_stage(cfg)), micro_batch=cfg.data.global_batch // cfg.dist.num_workers,
+               stage_name="tokenizer")

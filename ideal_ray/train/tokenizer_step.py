@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ideal_ray.config import TokenizerTrainConfig
+from ideal_ray.config import ConfigError, TokenizerTrainConfig
 from ideal_ray.losses.gan import LeCAM, discriminator_loss
 from ideal_ray.losses.reconstruction import psnr
 from ideal_ray.losses.tokenizer import generator_loss
@@ -55,8 +55,16 @@ class TokenizerSystem(nn.Module):
         self.lecam = LeCAM(lc.lecam_decay)
 
     def g_loss(self, images: torch.Tensor, step: int, generator: Optional[torch.Generator] = None):
-        """Generator forward + loss. Returns (loss, metrics, TokenizerOutput)."""
-        out = self.tokenizer(images)
+        """Generator forward (VFM included) + loss for images (B, 3, H, W). Returns (loss, metrics, TokenizerOutput)."""
+        return self._g_loss(images, self.tokenizer(images), step, generator)
+
+    def g_loss_from_trunk(self, images: torch.Tensor, shallow_raw: Optional[torch.Tensor], deep: torch.Tensor,
+                          step: int, generator: Optional[torch.Generator] = None):
+        """:meth:`g_loss` with the frozen VFM trunk's outputs for ``images`` computed elsewhere (Ray Data actors,
+        ``dist.vfm_placement=data``): shallow before its norm (B, N, C) or None, deep (B, N, C)."""
+        return self._g_loss(images, self.tokenizer.forward_from_trunk(shallow_raw, deep), step, generator)
+
+    def _g_loss(self, images: torch.Tensor, out, step: int, generator: Optional[torch.Generator]):
         loss, metrics = generator_loss(out, images, self.cfg.loss, self.cfg.model.quantizer, step, self.lpips,
                                        self.discriminator, generator=generator)
         return loss, metrics, out
@@ -72,6 +80,10 @@ class LocalTrainer:
 
     def __init__(self, cfg: TokenizerTrainConfig, device: str | torch.device = "cpu", total_steps: Optional[int] = None,
                  load_weights: bool = True):
+        if cfg.dist.vfm_placement != "trainer":
+            raise ConfigError(f"dist.vfm_placement={cfg.dist.vfm_placement} needs the Ray pipeline "
+                              f"(jobs/train_tokenizer.py); the single-process trainer runs the VFM itself, so set "
+                              f"dist.vfm_placement=trainer.")
         self.cfg = cfg
         self.device = torch.device(device)
         torch.manual_seed(cfg.optim.seed)
