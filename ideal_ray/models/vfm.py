@@ -19,7 +19,7 @@ before the (4 GB) model is built.
 from __future__ import annotations
 
 import dataclasses
-
+import os
 import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ideal_ray.config import VFMConfig
-from ideal_ray.weights import hf_hub_cache_dir, resolve_hf_file, resolve_local_file
+from ideal_ray.weights import MissingWeightsError, resolve_hf_file, resolve_local_file
 
 __all__ = ["FrozenVFM", "build_zero_shot_model", "get_tokenizer", "register_tiny_open_clip"]
 
@@ -324,11 +324,16 @@ def build_zero_shot_model(cfg: VFMConfig) -> nn.Module:
     return _build_open_clip(cfg)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "open_clip_config.json")
+
+
 def get_tokenizer(cfg: VFMConfig):
     """open_clip's tokenizer for the zero-shot text side, loaded without network access.
 
-    tiny: open_clip's CLIP BPE tokenizer (ships with the package). siglip2: the Gemma tokenizer from the HF
-    cache (needs ``transformers``), read with ``local_files_only``.
+    tiny: open_clip's CLIP BPE tokenizer (ships with the package). siglip2: the Gemma tokenizer of the model's HF
+    repo, read from the HF cache snapshot that holds ``TOKENIZER_FILES`` through open_clip's ``local-dir:`` path
+    (needs ``transformers``). Asking transformers for the repo id with ``local_files_only`` is not enough offline:
+    it looks for a ``config.json`` the open_clip repo does not have.
     """
     import open_clip
 
@@ -341,10 +346,17 @@ def get_tokenizer(cfg: VFMConfig):
     repo = text_cfg.get("hf_tokenizer_name", "")
     if not repo:
         raise ValueError(f"open_clip model '{cfg.model_name}' names no HF tokenizer; cannot load it offline.")
-    resolve_hf_file(repo, "tokenizer.json", config_key="HF_HOME", what=f"the {cfg.model_name} text tokenizer",
-                    set_hint="Point HF_HOME (or HF_HUB_CACHE) at an HF cache that holds it")
+    found = [resolve_hf_file(repo, name, config_key="HF_HOME", what=f"the {cfg.model_name} text tokenizer ({name})",
+                             set_hint="Point HF_HOME (or HF_HUB_CACHE) at an HF cache that holds it")
+             for name in TOKENIZER_FILES]
+    snapshot = os.path.dirname(found[0])
+    if any(os.path.dirname(f) != snapshot for f in found):
+        raise MissingWeightsError(f"the {cfg.model_name} text tokenizer",
+                                  [f"{', '.join(TOKENIZER_FILES)} in one snapshot of {repo}"], "HF_HOME",
+                                  TOKENIZER_FILES[0], f"huggingface-cli download {repo} {' '.join(TOKENIZER_FILES)}",
+                                  "Download all three files of the same revision")
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise RuntimeError(f"The {cfg.model_name} tokenizer needs the `transformers` package: pip install transformers.")
-    return open_clip.get_tokenizer(cfg.model_name, cache_dir=hf_hub_cache_dir(), local_files_only=True)
+    return open_clip.get_tokenizer(f"local-dir:{snapshot}")
