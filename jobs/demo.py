@@ -80,7 +80,7 @@ def _ar_demo(tok_cfg, tokenizer_export: str) -> None:
     """Part 2: codes of the synthetic set -> tiny GPT on Ray -> a class-conditional sample grid in MLflow."""
     from ideal_ray.config import SampleConfig, load_ar_config
     from ideal_ray.pipelines.extract_ray import extract_tokens_ray
-    from ideal_ray.pipelines.sample_local import sample_images
+    from ideal_ray.pipelines.sample_ray import sample_images_ray
     from ideal_ray.tracking import default_tracking_uri
     from ideal_ray.train.ar_stage import train_ar
 
@@ -97,8 +97,9 @@ def _ar_demo(tok_cfg, tokenizer_export: str) -> None:
                                         f"model.grid={tok_cfg.model.vfm.grid}", f"name={tok_cfg.name}-ar",
                                         f"output_dir={tok_cfg.output_dir}", f"dist.storage_path={tok_cfg.output_dir}"])
     ar = train_ar(ar_cfg)
-    samples = sample_images(ar["export"], tokenizer_export, SampleConfig(cfg_scale=1.75, per_class=8, batch_size=40),
-                            None, os.path.join(run_dir, "samples"), tracking_uri=tracking_uri, log=lambda line: None)
+    samples = sample_images_ray(ar["export"], tokenizer_export, SampleConfig(cfg_scale=1.75, per_class=8, batch_size=40),
+                                None, os.path.join(run_dir, "samples"), device="cpu", num_samplers=1,
+                                tracking_uri=tracking_uri, log=lambda line: None)
     print(f"[ideal-ray] class-conditional samples (one row per class): {samples['grid']}\n"
           f"[ideal-ray] ADM-format npz: {samples['samples']} ({samples['images_per_s']:.1f} images/s); "
           f"MLflow experiment 'ideal-sample' at {tracking_uri}")

@@ -1,9 +1,10 @@
-"""Sample class-conditional images from a trained GPT (in-process; one device).
+"""Sample class-conditional images from a trained GPT: a Ray actor pool over every GPU (default) or one process.
 
     python jobs/sample.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
         --out runs/samples-tiny --per-class 8 --cfg-scale 1.75 --mlflow
-    python jobs/sample.py --gpt gpt_B.pt --tokenizer ideal.pt --out /data/samples-B-cfg1.75 --per-class 50 \\
-        --batch-size 256 --device cuda        # 50k images for FID
+    ray job submit --working-dir . -- python jobs/sample.py --gpt gpt_B.pt --tokenizer ideal.pt \\
+        --out /shared/samples-B-cfg1.75 --per-class 50 --batch-size 256     # 50k images for FID, every GPU
+    python jobs/sample.py ... --in-process --device cuda                   # one process, one device
 
 Writes ``<out>/samples.npz`` (ADM format: ``arr_0`` uint8 (N, 256, 256, 3), ``labels``) and ``<out>/grid.png``
 (rows = classes, the first 8 samples of each); refuses an --out that already holds them. Sample i of class c
@@ -45,14 +46,17 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out-size", type=int, default=d.out_size, help="saved image size (bicubic resize)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default=None,
+                        help="Ray: auto (default; GPUs if the cluster has them), cuda or cpu; --in-process: cpu "
+                             "(default), cuda, cuda:1, ...")
+    parser.add_argument("--num-samplers", type=int, default=None, help="Ray: sampler actors (default: every GPU / 1)")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: sample in this process on --device")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="GPT dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--mlflow", action="store_true", help="log params, speed and the grid to MLflow "
                         "($MLFLOW_TRACKING_URI or <out>/mlflow.db)")
     args = parser.parse_args(argv)
 
-    from ideal_ray.pipelines.sample_local import sample_images
     from ideal_ray.tracking import default_tracking_uri
 
     cfg = SampleConfig(cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), temperature=args.temperature,
@@ -60,9 +64,19 @@ def main(argv=None) -> int:
                        seed=args.seed, out_size=args.out_size)
     try:
         uri = default_tracking_uri(args.out) if args.mlflow else None
-        summary = sample_images(args.gpt, args.tokenizer, cfg, args.classes, args.out, device=args.device,
-                                log=lambda m: print(m, file=sys.stderr), tracking_uri=uri, precision=args.precision)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if args.in_process:
+            from ideal_ray.pipelines.sample_local import sample_images
+
+            summary = sample_images(args.gpt, args.tokenizer, cfg, args.classes, args.out,
+                                    device=args.device or "cpu", log=log, tracking_uri=uri, precision=args.precision)
+        else:
+            from ideal_ray.pipelines.sample_ray import sample_images_ray
+
+            summary = sample_images_ray(args.gpt, args.tokenizer, cfg, args.classes, args.out,
+                                        device=args.device or "auto", num_samplers=args.num_samplers,
+                                        precision=args.precision, tracking_uri=uri, log=log)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -120,8 +120,33 @@ def test_cli(ckpts, tmp_path, capsys):
 
     out = tmp_path / "cli"
     rc = main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--classes", "1,2",
-               "--per-class", "2", "--batch-size", "4", "--out-size", str(OUT), "--seed", "3"])
+               "--per-class", "2", "--batch-size", "4", "--out-size", str(OUT), "--seed", "3", "--in-process"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_images"] == 4
-    assert main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out)]) == 2
+    assert main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process"]) == 2
+
+
+@pytest.mark.slow
+def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path):
+    """Two sampler actors share the work; every (class, seed) image equals the in-process one."""
+    import ray
+
+    from ideal_ray.pipelines.sample_ray import sample_images_ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ref = _run(ckpts, tmp_path / "local", classes=[0, 2, 3], batch_size=3)
+        s = sample_images_ray(ckpts[0], ckpts[1], _cfg(batch_size=3), [0, 2, 3], str(tmp_path / "ray"),
+                              device="cpu", num_samplers=2, log=lambda m: None,
+                              tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finally:
+        ray.shutdown()
+    assert (s["num_images"], s["num_samplers"], s["batch_size"]) == (9, 2, 3)
+    a, b = np.load(ref["samples"]), np.load(s["samples"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert Image.open(s["grid"]).size == Image.open(ref["grid"]).size and s["mlflow_run_id"]
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        sample_images_ray(ckpts[0], ckpts[1], _cfg(), None, str(tmp_path / "ray"), device="cpu")
