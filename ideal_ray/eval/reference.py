@@ -1,0 +1,237 @@
+"""Reference statistics for FID/sFID/precision-recall, computed once and cached (spec section 8).
+
+A reference is an ADM reference batch (:class:`AdmNpzReference`, e.g. ``VIRTUAL_imagenet256_labeled.npz``) or an
+image folder (:class:`ImageFolderReference`). :func:`reference_stats` runs the images through our Inception
+(:func:`ideal_ray.eval.fid.features`) and caches the result under ``cache_dir`` (default
+``~/.cache/ideal_ray/fid_refs``, or ``$IDEAL_RAY_FID_REFS``) in a file keyed by a sha256 of (reference identity,
+crop, size, evaluator weights and layers); a second call loads the file (``ReferenceStats.from_cache`` is True).
+
+ADM reference batches hold ``arr_0`` (10,000 uint8 images, N x 256 x 256 x 3 for ImageNet 256) and ADM's own
+precomputed ``mu``/``sigma``/``mu_s``/``sigma_s`` (its TF evaluator over the whole dataset). Our ``fid``/``sfid``
+come from our extractor on ``arr_0`` and the protocol says so; ADM's statistics are kept beside them so
+:func:`~ideal_ray.eval.fid.compare` can also report ``fid_adm_stats`` (the number ADM's evaluator prints).
+Image folders: each file is decoded (bad files are skipped, counted and named in the protocol), ADM-center-cropped
+to ``crop`` (``ideal_ray.data.crops.center_crop_arr``) and, when ``size`` differs, PIL-bicubic resized to ``size``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from ideal_ray.data.crops import center_crop_arr
+from ideal_ray.data.folder import DECODE_ERRORS, IMAGE_EXTENSIONS, open_rgb
+from ideal_ray.eval.fid import Gaussian, ReferenceStats, features
+from ideal_ray.eval.inception import RESIZE_RULE, FidInception, file_sha256, load_inception
+
+__all__ = [
+    "ADM_STAT_KEYS",
+    "AdmNpzReference",
+    "FEATURES_VERSION",
+    "ImageFolderReference",
+    "cache_key",
+    "default_cache_dir",
+    "read_adm_npz",
+    "reference_stats",
+]
+
+log = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1  # bump when the feature layout (layers, order, dtype) changes: old cache entries then miss
+ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+CACHE_ENV = "IDEAL_RAY_FID_REFS"
+
+
+def default_cache_dir() -> str:
+    """``$IDEAL_RAY_FID_REFS`` if set, else ``~/.cache/ideal_ray/fid_refs`` (read at call time)."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/ideal_ray/fid_refs")
+
+
+# ---------------------------------------------------------------------------------------------- ADM npz
+def read_adm_npz(path: str, batch_size: int = 500) -> Iterator[np.ndarray]:
+    """Stream ``arr_0`` of an npz as uint8 batches (B, H, W, 3) without loading all of it (10k x 256^2 x 3 is 2 GB)."""
+    with zipfile.ZipFile(path) as archive:
+        if "arr_0.npy" not in archive.namelist():
+            raise ValueError(f"{path} has no arr_0 (keys: {sorted(n[:-4] for n in archive.namelist())}); an ADM "
+                             "reference batch stores its images as arr_0.")
+        with archive.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise ValueError(f"{path}: arr_0 uses .npy format {version}; rewrite it with np.savez.")
+            shape, fortran, dtype = readers[version](f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+                raise ValueError(f"{path}: arr_0 is {dtype} {shape}{' (Fortran order)' if fortran else ''}; "
+                                 "expected C-order uint8 images (N, H, W, 3).")
+            per_image = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], batch_size):
+                count = min(batch_size, shape[0] - start)
+                data = f.read(count * per_image)
+                if len(data) != count * per_image:
+                    raise ValueError(f"{path}: arr_0 ends early at image {start + len(data) // per_image} of "
+                                     f"{shape[0]}; the file is truncated, download it again.")
+                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+
+
+@dataclass
+class AdmNpzReference:
+    """An ADM reference batch: images ``arr_0`` used as stored, plus ADM's precomputed statistics if present."""
+
+    path: str
+    skipped: List[str] = field(default_factory=list)  # an npz has no per-image failures; kept for the protocol
+
+    def identity(self) -> Dict[str, Any]:
+        with np.load(self.path) as npz:
+            keys = sorted(npz.files)
+        return {"kind": "adm-npz", "name": os.path.basename(self.path), "path": os.path.abspath(self.path),
+                "sha256": file_sha256(self.path), "sha256_of": "the file", "keys": keys,
+                "preprocess": "none: arr_0 images used as stored"}
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        return read_adm_npz(self.path, batch_size)
+
+    def adm_stats(self) -> Dict[str, np.ndarray]:
+        with np.load(self.path) as npz:
+            if not set(ADM_STAT_KEYS) <= set(npz.files):
+                return {}
+            return {key: np.asarray(npz[key], dtype=np.float64) for key in ADM_STAT_KEYS}
+
+
+# ------------------------------------------------------------------------------------------ image folder
+@dataclass
+class ImageFolderReference:
+    """Every image file under ``root`` (recursive, sorted; hidden entries ignored), ADM-center-cropped to ``crop``
+    and PIL-bicubic resized to ``size``. Decoding uses ``workers`` threads; undecodable files go to ``skipped``."""
+
+    root: str
+    crop: int = 256
+    size: int = 256
+    workers: int = 4
+    skipped: List[str] = field(default_factory=list)
+
+    def files(self) -> List[str]:
+        """Relative paths of the image files, sorted."""
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"reference folder {self.root} does not exist; pass a folder of images.")
+        found = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.relpath(os.path.join(folder, n), self.root) for n in names
+                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise ValueError(f"reference folder {self.root} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        return sorted(found)
+
+    def identity(self) -> Dict[str, Any]:
+        files = self.files()
+        listing = "".join(f"{rel}\t{os.path.getsize(os.path.join(self.root, rel))}\n" for rel in files)
+        return {"kind": "image-folder", "name": os.path.basename(os.path.normpath(self.root)),
+                "path": os.path.abspath(self.root), "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                "sha256_of": "the listing: relative path and byte size of each image file, sorted",
+                "num_files": len(files),
+                "preprocess": f"ADM center crop to {self.crop} (BOX halvings, bicubic), "
+                              f"then PIL bicubic to {self.size}" if self.size != self.crop else
+                              f"ADM center crop to {self.crop} (BOX halvings, bicubic)"}
+
+    def _load(self, rel: str) -> Optional[np.ndarray]:
+        try:
+            img = center_crop_arr(open_rgb(os.path.join(self.root, rel)), self.crop)
+        except DECODE_ERRORS as err:
+            log.warning("skipping reference image %s: %s", os.path.join(self.root, rel), err)
+            return None
+        if self.size != self.crop:
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+        return np.asarray(img)  # (size, size, 3) uint8
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        files = self.files()
+        self.skipped = []
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start:start + batch_size]
+                images = list(pool.map(self._load, chunk))
+                self.skipped += [rel for rel, img in zip(chunk, images) if img is None]
+                good = [img for img in images if img is not None]
+                if good:
+                    yield np.stack(good)
+        if len(self.skipped) == len(files):
+            raise ValueError(f"none of the {len(files)} image files in {self.root} could be decoded "
+                             f"(first: {self.skipped[0]}); check the folder.")
+
+    def adm_stats(self) -> Dict[str, np.ndarray]:
+        return {}
+
+
+Reference = Union[AdmNpzReference, ImageFolderReference]
+
+
+# ---------------------------------------------------------------------------------------------- caching
+def cache_key(identity: Dict[str, Any], evaluator: Dict[str, Any]) -> str:
+    doc = {"kind": identity["kind"], "sha256": identity["sha256"], "preprocess": identity["preprocess"],
+           "torch_fidelity": evaluator["torch_fidelity"], "weights_sha256": evaluator["weights_sha256"],
+           "layers": evaluator["layers"], "resize": evaluator["resize"], "features_version": FEATURES_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _save(path: str, stats: ReferenceStats) -> None:
+    arrays = {"mu": stats.pool.mu, "sigma": stats.pool.sigma, "mu_s": stats.spatial.mu,
+              "sigma_s": stats.spatial.sigma, "pool_features": stats.pool_features,
+              "protocol": np.array(json.dumps(stats.protocol))}
+    arrays.update({f"adm_{key}": value for key, value in stats.adm_stats.items()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: str) -> Optional[ReferenceStats]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            adm = {key[4:]: z[key] for key in z.files if key.startswith("adm_")}
+            return ReferenceStats(Gaussian(z["mu"], z["sigma"]), Gaussian(z["mu_s"], z["sigma_s"]),
+                                  z["pool_features"], json.loads(str(z["protocol"])), adm, from_cache=True)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        log.warning("ignoring unreadable reference cache %s (%s); recomputing it", path, err)
+        return None
+
+
+def reference_stats(source: Reference, extractor: Optional[FidInception] = None, cache_dir: str = "",
+                    batch_size: int = 50, device: str = "cpu") -> ReferenceStats:
+    """The reference's :class:`~ideal_ray.eval.fid.ReferenceStats`, loaded from ``cache_dir`` when this reference,
+    preprocessing and evaluator were seen before, else computed (one Inception pass) and cached."""
+    model = extractor if extractor is not None else load_inception(device=device)
+    identity, evaluator = source.identity(), model.protocol()
+    key = cache_key(identity, evaluator)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", identity["name"])[:64]
+    path = os.path.join(cache_dir or default_cache_dir(), f"{name}-{key}.npz")
+    if os.path.isfile(path):
+        cached = _load(path)
+        if cached is not None:
+            return cached
+    feats = features(source.batches(batch_size), batch_size=batch_size, extractor=model)
+    count = int(len(feats["pool"]))
+    reference = {**identity, "num_images": count, "skipped": len(source.skipped),
+                 "skipped_files": source.skipped[:20]}
+    protocol = {"reference": reference, "num_reference_images": count, "resize": RESIZE_RULE,
+                "evaluator": evaluator, "cache_key": key}
+    if count < 2:
+        raise ValueError(f"reference {identity['path']} gave {count} readable image(s) ({len(source.skipped)} "
+                         "skipped); FID needs at least 2.")
+    stats = ReferenceStats.from_features(feats, protocol, source.adm_stats())
+    _save(path, stats)
+    log.info("reference statistics of %s (%d images) cached at %s", identity["name"], count, path)
+    return stats
