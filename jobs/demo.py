@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     if not better:
         return 1
     if not (args.in_process or args.tokenizer_only):
-        _ar_demo(cfg, export)
+        samples = _ar_demo(cfg, export)
+        _eval_demo(cfg, export, samples)
     return 0
 
 
@@ -103,6 +104,35 @@ def _ar_demo(tok_cfg, tokenizer_export: str) -> None:
     print(f"[ideal-ray] class-conditional samples (one row per class): {samples['grid']}\n"
           f"[ideal-ray] ADM-format npz: {samples['samples']} ({samples['images_per_s']:.1f} images/s); "
           f"MLflow experiment 'ideal-sample' at {tracking_uri}")
+    return samples["samples"]
+
+
+def _eval_demo(tok_cfg, tokenizer_export: str, samples_npz: str) -> None:
+    """Part 3: the pinned evaluation protocol on the tiny run -> one table, each row with its protocol line."""
+    from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon, protocol_line
+    from ideal_ray.tracking import default_tracking_uri
+
+    run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
+    uri = default_tracking_uri(run_dir)
+    quiet = lambda line: None  # noqa: E731
+    rec = evaluate_recon(tokenizer_export, tok_cfg.data.root, os.path.join(run_dir, "eval-recon"), split="val",
+                         device="cpu", num_actors=1, decode_actors=2, tracking_uri=uri, log_fn=quiet)
+    gen = evaluate_gen(samples_npz, os.path.join(tok_cfg.data.root, "val"), os.path.join(run_dir, "eval-gen"),
+                       tracking_uri=uri, log_fn=quiet)
+    is_text = f"{gen['is']:.2f}" if "is" in gen else "n/a (no Inception logits)"
+    print("[ideal-ray] evaluation of the tiny run (MLflow experiment 'ideal-eval'):")
+    print("| what | value | protocol |\n|---|---|---|")
+    print(f"| rFID | {rec['rfid']:.2f} | {protocol_line(rec)} |")
+    print(f"| PSNR / SSIM | {rec['psnr']:.2f} dB / {rec['ssim']:.3f} | {rec['n']} val images: ADM center crop to "
+          f"{tok_cfg.model.image_size}, both resized to 256 (PIL bicubic), per-image mean |")
+    print(f"| codebook usage / entropy | {rec['usage']:.1%} / {rec['entropy']:.2f} nats | codes of the {rec['n']} "
+          f"val images |")
+    print(f"| gFID / IS | {gen['gfid']:.2f} / {is_text} | {protocol_line(gen)} |")
+    print(f"| zero-shot top-1 / top-5 (reconstructed) | {rec['zeroshot_recon_top1']:.1%} / "
+          f"{rec['zeroshot_recon_top5']:.1%} | MAP head of the decoded deep features vs the text tower (random "
+          f"tiny towers: chance level expected) |")
+    print(f"| zero-shot top-1 / top-5 (frozen VFM) | {rec['zeroshot_vfm_top1']:.1%} / "
+          f"{rec['zeroshot_vfm_top5']:.1%} | the same head on the frozen VFM's own deep features |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ __all__ = [
     "FEATURES_VERSION",
     "ImageFolderReference",
     "cache_key",
+    "cache_path",
+    "load_cached",
+    "store",
     "default_cache_dir",
     "read_adm_npz",
     "reference_stats",
@@ -209,29 +212,44 @@ def _load(path: str) -> Optional[ReferenceStats]:
         return None
 
 
+def cache_path(identity: Dict[str, Any], evaluator: Dict[str, Any], cache_dir: str = "") -> str:
+    """Where the statistics of this reference under this evaluator live in ``cache_dir`` (default: see module)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", identity["name"])[:64]
+    return os.path.join(cache_dir or default_cache_dir(), f"{name}-{cache_key(identity, evaluator)}.npz")
+
+
+def load_cached(identity: Dict[str, Any], evaluator: Dict[str, Any], cache_dir: str = "") -> Optional[ReferenceStats]:
+    """The cached statistics of this reference and evaluator, or None (never computed, or unreadable)."""
+    path = cache_path(identity, evaluator, cache_dir)
+    return _load(path) if os.path.isfile(path) else None
+
+
+def store(identity: Dict[str, Any], evaluator: Dict[str, Any], feats: Dict[str, np.ndarray], skipped: List[str],
+          cache_dir: str = "", adm_stats: Optional[Dict[str, np.ndarray]] = None) -> ReferenceStats:
+    """Statistics of reference features computed elsewhere (e.g. by evaluation actors), cached like
+    :func:`reference_stats` caches its own."""
+    count = int(len(feats["pool"]))
+    if count < 2:
+        raise ValueError(f"reference {identity.get('path', identity['name'])} gave {count} readable image(s) "
+                         f"({len(skipped)} skipped); FID needs at least 2.")
+    reference = {**identity, "num_images": count, "skipped": len(skipped), "skipped_files": list(skipped)[:20]}
+    protocol = {"reference": reference, "num_reference_images": count, "resize": RESIZE_RULE,
+                "evaluator": evaluator, "cache_key": cache_key(identity, evaluator)}
+    stats = ReferenceStats.from_features(feats, protocol, adm_stats)
+    path = cache_path(identity, evaluator, cache_dir)
+    _save(path, stats)
+    log.info("reference statistics of %s (%d images) cached at %s", identity["name"], count, path)
+    return stats
+
+
 def reference_stats(source: Reference, extractor: Optional[FidInception] = None, cache_dir: str = "",
                     batch_size: int = 50, device: str = "cpu") -> ReferenceStats:
     """The reference's :class:`~ideal_ray.eval.fid.ReferenceStats`, loaded from ``cache_dir`` when this reference,
     preprocessing and evaluator were seen before, else computed (one Inception pass) and cached."""
     model = extractor if extractor is not None else load_inception(device=device)
     identity, evaluator = source.identity(), model.protocol()
-    key = cache_key(identity, evaluator)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", identity["name"])[:64]
-    path = os.path.join(cache_dir or default_cache_dir(), f"{name}-{key}.npz")
-    if os.path.isfile(path):
-        cached = _load(path)
-        if cached is not None:
-            return cached
+    cached = load_cached(identity, evaluator, cache_dir)
+    if cached is not None:
+        return cached
     feats = features(source.batches(batch_size), batch_size=batch_size, extractor=model)
-    count = int(len(feats["pool"]))
-    reference = {**identity, "num_images": count, "skipped": len(source.skipped),
-                 "skipped_files": source.skipped[:20]}
-    protocol = {"reference": reference, "num_reference_images": count, "resize": RESIZE_RULE,
-                "evaluator": evaluator, "cache_key": key}
-    if count < 2:
-        raise ValueError(f"reference {identity['path']} gave {count} readable image(s) ({len(source.skipped)} "
-                         "skipped); FID needs at least 2.")
-    stats = ReferenceStats.from_features(feats, protocol, source.adm_stats())
-    _save(path, stats)
-    log.info("reference statistics of %s (%d images) cached at %s", identity["name"], count, path)
-    return stats
+    return store(identity, evaluator, feats, source.skipped, cache_dir, source.adm_stats())

