@@ -116,7 +116,8 @@ def _eval_demo(tok_cfg, tokenizer_export: str, samples_npz: str) -> None:
     uri = default_tracking_uri(run_dir)
     quiet = lambda line: None  # noqa: E731
     rec = evaluate_recon(tokenizer_export, tok_cfg.data.root, os.path.join(run_dir, "eval-recon"), split="val",
-                         device="cpu", num_actors=1, decode_actors=2, tracking_uri=uri, log_fn=quiet)
+                         device="cpu", num_actors=1, decode_actors=2, probe_train_images=160, tracking_uri=uri,
+                         log_fn=quiet)
     gen = evaluate_gen(samples_npz, os.path.join(tok_cfg.data.root, "val"), os.path.join(run_dir, "eval-gen"),
                        tracking_uri=uri, log_fn=quiet)
     is_text = f"{gen['is']:.2f}" if "is" in gen else "n/a (no Inception logits)"
@@ -133,6 +134,9 @@ def _eval_demo(tok_cfg, tokenizer_export: str, samples_npz: str) -> None:
           f"tiny towers: chance level expected) |")
     print(f"| zero-shot top-1 / top-5 (frozen VFM) | {rec['zeroshot_vfm_top1']:.1%} / "
           f"{rec['zeroshot_vfm_top5']:.1%} | the same head on the frozen VFM's own deep features |")
+    print(f"| linear probe top-1 (reconstructed / frozen VFM) | {rec['probe_recon_top1']:.1%} / "
+          f"{rec['probe_vfm_top1']:.1%} | logistic regression on MAP-pooled deep features of 160 train images, "
+          f"scored on the {rec['n']} val images |")
 
 
 if __name__ == "__main__":

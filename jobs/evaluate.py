@@ -1,6 +1,7 @@
 """Evaluate with one pinned protocol (spec section 8); every number is printed with how it was made.
 
     # the tokenizer: rFID / sFID / precision-recall (+ rIS), PSNR, SSIM, usage, entropy, zero-shot top-1/5
+    # (+ --probe-train-images N: linear-probe top-1 of the pooled reconstructed features)
     python jobs/evaluate.py recon --tokenizer runs/tiny/tokenizer_step300.pt --data-root data/synthetic \\
         --out runs/eval-recon-tiny
     ray job submit --working-dir . -- python jobs/evaluate.py recon --tokenizer /ckpt/ideal.pt \\
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     r.add_argument("--decode-actors", type=int, default=2)
     r.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU")
     r.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
+    r.add_argument("--probe-train-images", type=int, default=0,
+                   help="linear probe: train on this many evenly spaced --probe-split images (0 = off)")
+    r.add_argument("--probe-split", default="train")
     g = sub.add_parser("gen", help="generation metrics of an ADM-format samples npz against a reference")
     g.add_argument("--samples", required=True, help="samples.npz from jobs/sample.py (arr_0 uint8 N x H x W x 3)")
     g.add_argument("--reference", required=True,
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
                 labels_file=args.labels_file, class_index=args.class_index, num_images=args.num_images,
                 batch_size=args.batch_size, device=args.device, num_actors=args.num_actors,
                 decode_actors=args.decode_actors, precision=args.precision, zero_shot=args.zero_shot,
+                probe_train_images=args.probe_train_images, probe_split=args.probe_split,
                 inception_weights=args.inception_weights, cache_dir=args.cache_dir, tracking_uri=args.tracking_uri,
                 log_fn=log)
         else:

@@ -117,9 +117,12 @@ def test_second_recon_reuses_cached_reference_and_refuses_overwrite(setup, recon
 
     base, root, ckpt = setup
     again = evaluate_recon(ckpt, root, str(base / "rec2"), split="val", device="cpu", decode_actors=1,
-                           batch_size=5, zero_shot=False, cache_dir=str(base / "cache"), tracking_uri="",
-                           log_fn=lambda m: None)
+                           batch_size=5, zero_shot=False, probe_train_images=6, cache_dir=str(base / "cache"),
+                           tracking_uri="", log_fn=lambda m: None)
     assert again["protocol"]["reference_statistics"] == "reused from the cache"
+    for side in ("recon", "vfm"):  # the linear probe on pooled features of the 6 train images, scored on val
+        assert 0.0 <= again[f"probe_{side}_top1"] <= 1.0
+    assert again["protocol"]["linear_probe"]["train"].startswith("6 evenly spaced train")
     assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-6)
     with pytest.raises(FileExistsError, match="already holds an evaluation"):
         evaluate_recon(ckpt, root, recon["out_dir"], split="val", device="cpu", tracking_uri="")

@@ -74,7 +74,7 @@ class _ReconEval:
     """Encoder/decoder + Inception (+ zero-shot head) on one device; per-image scores and features."""
 
     def __init__(self, tokenizer_ckpt: str, device: str, precision: str, real_features: bool, class_names,
-                 inception_weights: str, return_images: bool):
+                 inception_weights: str, return_images: bool, pooled: bool = False, metrics: bool = True):
         import torch
 
         from ideal_ray.checkpoint import load_tokenizer
@@ -88,7 +88,10 @@ class _ReconEval:
         self.tok = load_tokenizer(tokenizer_ckpt, device=str(self.dev))
         self.inception = load_inception(inception_weights, device=str(self.dev))
         self.head = build_zero_shot_head(self.tok.cfg.vfm, class_names, device=self.dev) if class_names else None
-        self.real_features, self.return_images = real_features, return_images
+        self.real_features, self.return_images, self.pooled, self.metrics = real_features, return_images, pooled, metrics
+        has_map = getattr(self.tok.vfm.trunk, "attn_pool", None) is not None
+        self.pool = self.tok.vfm.pool if has_map else (lambda tokens: tokens.mean(1))  # (B, N, C) -> (B, C)
+        self.pool_kind = "map" if has_map else "mean"
 
     def _features(self, images_256: np.ndarray, prefix: str) -> Dict[str, np.ndarray]:
         import torch
@@ -109,11 +112,17 @@ class _ReconEval:
             shallow_raw, deep = self.tok.vfm.trunk_features(x)
             codes = self.tok.encode_from_trunk(shallow_raw, deep)  # (b, g, g)
             recon = rc.to_uint8(self.tok.decode(codes).float().clamp(-1, 1))  # (b, S, S, 3) uint8
-            if self.head is not None:
+            if self.head is not None or self.pooled:
                 deep_rec = self.tok.decode_features(codes)  # (b, N, C)
                 for name, feats in (("recon", deep_rec), ("vfm", deep)):
-                    logits = self.head.logits(self.tok.vfm.pool(feats).float())  # (b, K)
-                    out[f"top5_{name}"] = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
+                    pooled = self.pool(feats).float()  # (b, C')
+                    if self.pooled:
+                        out[f"pooled_{name}"] = pooled.cpu().numpy()
+                    if self.head is not None:
+                        logits = self.head.logits(pooled)  # (b, K)
+                        out[f"top5_{name}"] = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
+        if not self.metrics:  # probe features only
+            return out
         real_s, recon_s = rc.resize_256(real), rc.resize_256(recon)  # (b, 256, 256, 3) uint8
         out["psnr"], out["ssim"] = rc.psnr(real_s, recon_s), rc.ssim(real_s, recon_s)
         out["codes"] = codes.flatten(1).to(torch.int32).cpu().numpy()  # (b, g*g)
@@ -172,6 +181,12 @@ def _check_out_dir(out_dir: str) -> str:
     return out_dir
 
 
+def torch_tensor(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
 def _finite(d: Dict[str, Any]) -> Dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, np.floating)) and math.isfinite(v)}
 
@@ -181,12 +196,15 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
                    labels_file: str = "", class_index: str = "", num_images: Optional[int] = None,
                    batch_size: int = 32, device: str = "auto", num_actors: Optional[int] = None,
                    decode_actors: int = 2, precision: Optional[str] = None, zero_shot: bool = True,
+                   probe_train_images: int = 0, probe_split: str = "train",
                    inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
                    run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """Reconstruction metrics of the tokenizer at ``tokenizer_ckpt`` on ``split`` of ``data_root``.
 
-    ``num_images``: evaluate an evenly spaced subset of the listing (None: all, e.g. ImageNet val's 50k); every
-    other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
+    ``num_images``: evaluate an evenly spaced subset of the listing (None: all, e.g. ImageNet val's 50k);
+    ``probe_train_images`` > 0 adds the linear probe (the paper's layer study): pooled reconstructed (and frozen-VFM)
+    deep features of that many evenly spaced ``probe_split`` images train a logistic regression scored on the
+    evaluated images. Every other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
     ``out_dir`` and one MLflow run (experiment ``ideal-eval``). Returns the result dict.
     """
     import ray
@@ -234,13 +252,14 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     log_fn(f"reconstruction eval: {len(indices)} {split} images of {listing.root} on {num_actors} {device} actor(s); "
            f"reference statistics {'cached' if cached is not None else 'computed in this run'}")
 
-    def run(idx: np.ndarray, real_features: bool, return_images: bool, zs) -> Dict[str, np.ndarray]:
+    def run(idx: np.ndarray, real_features: bool, return_images: bool, zs, pooled: bool = False,
+            metrics: bool = True, lst=listing) -> Dict[str, np.ndarray]:
         ds = ray.data.range(len(idx)).map_batches(
-            _CenterCrop, fn_constructor_args=(listing.pack(), idx, size), batch_size=8, batch_format="numpy",
+            _CenterCrop, fn_constructor_args=(lst.pack(), idx, size), batch_size=8, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=1)
         ds = ds.map_batches(
             _ReconEval, fn_constructor_args=(tokenizer_ckpt, device, precision, real_features, zs,
-                                             inception_weights, return_images),
+                                             inception_weights, return_images, pooled, metrics),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=1 if device == "cuda" else 0, num_cpus=1)
         cols: Dict[str, list] = {}
@@ -253,7 +272,9 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         order = np.argsort(got["index"], kind="stable")
         return {k: v[order] for k, v in got.items()}
 
-    rows = run(indices, cached is None, False, class_names)
+    if probe_train_images < 0:
+        raise ValueError(f"probe_train_images={probe_train_images} must be >= 0 (0 = no linear probe).")
+    rows = run(indices, cached is None, False, class_names, pooled=probe_train_images > 0)
     skipped = sorted(set(indices.tolist()) - set(rows["index"].tolist()))
     skipped_ids = [listing.ids[i] for i in skipped]
     if cached is None:
@@ -282,6 +303,24 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
             hit1, hit5 = top5[:, 0] == labels, (top5 == labels[:, None]).any(1)
             result[f"zeroshot_{name}_top1"], result[f"zeroshot_{name}_top5"] = float(hit1.mean()), float(hit5.mean())
             per_class[f"zeroshot_{name}_top1"] = hit1.astype(np.float64)
+    probe_proto = "off"
+    if probe_train_images > 0:
+        from ideal_ray.eval.semantics import linear_probe
+
+        train_listing = sources.list_images(data_root, split=probe_split, class_index=class_index, fmt=fmt)
+        m = min(int(probe_train_images), len(train_listing))
+        train_idx = np.unique(np.linspace(0, len(train_listing) - 1, m).round().astype(np.int64))
+        train = run(train_idx, False, False, None, pooled=True, metrics=False, lst=train_listing)
+        k = len(listing.classes)
+        for name in ("recon", "vfm"):
+            res = linear_probe(torch_tensor(train[f"pooled_{name}"]), torch_tensor(train["label"]),
+                               torch_tensor(rows[f"pooled_{name}"]), torch_tensor(rows["label"]), num_classes=k)
+            result[f"probe_{name}_top1"] = res.top1
+            probe_proto = res.protocol
+        probe_proto = {"train": f"{len(train['label'])} evenly spaced {probe_split} images",
+                       "eval": f"the {result['n']} evaluated images",
+                       "features": "pooled decoded deep features (probe_recon) and the frozen VFM's own (probe_vfm)",
+                       "classifier": probe_proto}
     ref_stats_reused = bool(cached.from_cache)
     result["protocol"] = {
         "reconstruction": {"crop": f"ADM center crop to {size} (the tokenizer's input)", **rc.protocol()},
@@ -289,6 +328,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         "zero_shot": ("decoded deep features and the frozen VFM's own deep features -> the VFM's MAP head -> "
                       "cosine against the text tower's class embeddings (80 templates)") if zero_shot else "off",
         "subset": f"{len(indices)} of {n_all} listed images, evenly spaced" if len(indices) < n_all else "all",
+        "linear_probe": probe_proto,
         "tokenizer": tokenizer_ckpt, "precision": precision, "device": device,
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
