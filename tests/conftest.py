@@ -31,3 +31,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance for Ray Train tests: 8 logical CPUs (workers + decode actors + Ray Data's tasks fit on
+    a 2-core machine without deadlock) and DeepSpeed told to use the CPU."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A small synthetic ImageNet-layout set (4 classes x 8 train / 2 val images at 72 px) for training tests."""
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_imagenet(str(root), num_classes=4, train_per_class=8, val_per_class=2, size=72, seed=0)
+    return str(root)

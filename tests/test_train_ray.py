@@ -14,7 +14,6 @@ import torch
 
 from ideal_ray.checkpoint import load_tokenizer
 from ideal_ray.config import ConfigError, load_config
-from ideal_ray.data.synthetic import make_synthetic_imagenet
 from ideal_ray.tracking import find_runs
 from ideal_ray.train.ds import load_module_state
 from ideal_ray.train.loop import NonFiniteLossError
@@ -22,21 +21,7 @@ from ideal_ray.train.loop import NonFiniteLossError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_imagenet(str(root), num_classes=4, train_per_class=8, val_per_class=2, size=72, seed=0)
-    return str(root)
+# ray_cluster and data_root: the shared Ray Train fixtures of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import torch
 
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.data import ray_pipeline as rp
-from ideal_ray.data.synthetic import make_synthetic_imagenet
 from ideal_ray.train.tokenizer_stage import vfm_stage
 from ideal_ray.train.tokenizer_step import LocalTrainer, TokenizerSystem
 
@@ -134,21 +133,7 @@ def test_a_rerun_may_switch_placement_but_not_the_experiment(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- Ray
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_imagenet(str(root), num_classes=4, train_per_class=8, val_per_class=2, size=72, seed=0)
-    return str(root)
+# ray_cluster and data_root: the shared Ray Train fixtures of conftest.py
 
 
 def _batches(ds, stage=None):

@@ -92,6 +92,24 @@ def _write_atomic(path: str, write: Callable[[Any], None], suffix: str) -> str:
     return path
 
 
+def write_samples(npz_path: str, grid_path: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                  per_class: int) -> None:
+    """The ADM npz (``arr_0`` (N, S, S, 3) uint8, ``labels``) and the grid PNG (first samples of each class, one row
+    per class), each written atomically and never over an existing file."""
+    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
+    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels), ".npz")
+    cols = min(GRID_COLUMNS, per_class)
+    picks = np.concatenate([np.arange(cols) + r * per_class for r in range(num_classes)])
+    grid = grid_image(images[picks], num_classes, cols)
+
+    def write_png(f):
+        from PIL import Image
+
+        Image.fromarray(grid).save(f, format="PNG")
+
+    _write_atomic(grid_path, write_png, ".png")
+
+
 def _resolve_classes(classes: Optional[Sequence[int]], num_classes: int) -> List[int]:
     if classes is None:
         return list(range(num_classes))
@@ -180,18 +198,7 @@ def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, 
         log(f"  {min(b0 + bs, n)}/{n} images")
     total = time.perf_counter() - t_all
 
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels), ".npz")
-    cols = min(GRID_COLUMNS, sample_cfg.per_class)
-    picks = np.concatenate([np.arange(cols) + r * sample_cfg.per_class for r in range(len(cls_list))])
-    grid = grid_image(images[picks], len(cls_list), cols)
-
-    def write_png(f):
-        from PIL import Image
-
-        Image.fromarray(grid).save(f, format="PNG")
-
-    _write_atomic(grid_path, write_png, ".png")
+    write_samples(npz_path, grid_path, images, labels, len(cls_list), sample_cfg.per_class)
 
     rest = n - min(bs, n)
     summary: Dict[str, Any] = {

@@ -25,13 +25,11 @@ import numpy as np
 from ideal_ray.config import SampleConfig
 from ideal_ray.pipelines.sample_local import (
     EXPERIMENT,
-    GRID_COLUMNS,
     GRID_FILE,
     SAMPLES_FILE,
     _resolve_classes,
-    _write_atomic,
-    grid_image,
     plan_samples,
+    write_samples,
 )
 
 
@@ -145,18 +143,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
         raise RuntimeError(f"{int((~filled).sum())} of {n} samples never arrived from the sampler actors; rerun.")
     total = time.perf_counter() - t0
 
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels), ".npz")
-    cols = min(GRID_COLUMNS, sample_cfg.per_class)
-    picks = np.concatenate([np.arange(cols) + r * sample_cfg.per_class for r in range(len(cls_list))])
-    grid = grid_image(images[picks], len(cls_list), cols)
-
-    def write_png(f):
-        from PIL import Image
-
-        Image.fromarray(grid).save(f, format="PNG")
-
-    _write_atomic(grid_path, write_png, ".png")
+    write_samples(npz_path, grid_path, images, labels, len(cls_list), sample_cfg.per_class)
     summary: Dict[str, Any] = {
         "samples": os.path.abspath(npz_path), "grid": os.path.abspath(grid_path), "num_images": int(n),
         "num_classes": len(cls_list), "per_class": int(sample_cfg.per_class), "image_size": int(s),
