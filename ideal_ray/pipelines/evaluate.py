@@ -87,7 +87,11 @@ class _ReconEval:
         self.amp = torch.bfloat16 if precision == "bf16" else None
         self.tok = load_tokenizer(tokenizer_ckpt, device=str(self.dev))
         self.inception = load_inception(inception_weights, device=str(self.dev))
-        self.head = build_zero_shot_head(self.tok.cfg.vfm, class_names, device=self.dev) if class_names else None
+        self.head = None
+        if class_names:
+            with torch.random.fork_rng(devices=[]):  # random-weight (tiny) text towers: the same on every run
+                torch.manual_seed(0)
+                self.head = build_zero_shot_head(self.tok.cfg.vfm, class_names, device=self.dev)
         self.real_features, self.return_images, self.pooled, self.metrics = real_features, return_images, pooled, metrics
         has_map = getattr(self.tok.vfm.trunk, "attn_pool", None) is not None
         self.pool = self.tok.vfm.pool if has_map else (lambda tokens: tokens.mean(1))  # (B, N, C) -> (B, C)
