@@ -1,0 +1,178 @@
+"""Every stage in order, resumable: tokenizer -> extract -> AR -> sample -> evaluate (-> CFG sweep).
+
+A pipeline run lives in ``<output_dir>/<name>/`` with ``pipeline.json``, rewritten atomically after every stage:
+for each finished stage its outputs and seconds. A rerun of the same name skips every stage whose recorded outputs
+are still there (and, for the extraction, whose manifest is complete), and runs the others -- each of which resumes
+on its own (Ray Train checkpoints, finished token shards). A changed configuration under an existing name is refused
+by the training stages themselves (``check_or_record_config``).
+
+:func:`run_stages` is the generic runner (a list of :class:`Stage`); :func:`tokenizer_to_eval_stages` builds the
+real chain from a tokenizer config; ``jobs/pipeline.py`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+STATE_FILE = "pipeline.json"
+
+
+@dataclass
+class Stage:
+    """One step: ``run(state) -> outputs`` (a JSON-able dict, paths included); ``done(outputs) -> bool`` says whether
+    recorded outputs are still valid, so the stage can be skipped."""
+
+    name: str
+    run: Callable[[Dict[str, Any]], Dict[str, Any]]
+    done: Callable[[Dict[str, Any]], bool]
+
+
+def _read_state(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        return {"stages": {}}
+    with open(path) as f:
+        state = json.load(f)
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+        raise ValueError(f"{path} is not a pipeline state file (no 'stages'); move it away or choose another name.")
+    return state
+
+
+def _write_state(path: str, state: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = print,
+               only: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run ``stages`` in order under ``run_dir``, skipping those recorded as done whose outputs are still valid.
+
+    ``only``: run just these stage names (the stages before them must be done already; later ones are left).
+    Returns the final state; its
+    ``stages[name]`` holds each stage's outputs, ``seconds`` and ``skipped`` (True when this run skipped it).
+    """
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names {names} repeat; each stage needs its own name.")
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {names}.")
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, STATE_FILE)
+    state = _read_state(path)
+    last = max(names.index(n) for n in only) if only else len(stages) - 1
+    for stage in stages[:last + 1]:  # with ``only``, nothing after the last requested stage runs
+        rec = state["stages"].get(stage.name)
+        if rec is not None and stage.done(rec["outputs"]):
+            rec["skipped"] = True
+            log(f"[pipeline] {stage.name}: done earlier, skipped ({rec['seconds']:.0f} s then)")
+            continue
+        if only is not None and stage.name not in only:
+            raise RuntimeError(f"stage '{stage.name}' has not run yet but was not asked for; run it first (or drop "
+                               f"--only).")
+        log(f"[pipeline] {stage.name}: running")
+        t0 = time.perf_counter()
+        outputs = stage.run(state)
+        state["stages"][stage.name] = {"outputs": outputs, "seconds": round(time.perf_counter() - t0, 2),
+                                       "skipped": False, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_state(path, state)
+        log(f"[pipeline] {stage.name}: finished in {state['stages'][stage.name]['seconds']:.0f} s")
+    return state
+
+
+# ------------------------------------------------------------------------------------- the real chain
+def _files_exist(*keys: str) -> Callable[[Dict[str, Any]], bool]:
+    return lambda out: all(isinstance(out.get(k), str) and os.path.exists(out[k]) for k in keys)
+
+
+def _extraction_complete(out: Dict[str, Any]) -> bool:
+    from ideal_ray.data import tokens as tk
+
+    try:
+        return bool(tk.read_manifest(out["shards"]).get("complete"))
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
+def _driver_device() -> str:
+    """The generation metrics run in the driver process: its GPU if it has one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", ar_overrides: Optional[List[str]] = None,
+                             views: str = "llamagen", sample_cfg=None, device: str = "auto",
+                             eval_images: Optional[int] = None, probe_train_images: int = 0,
+                             tracking_uri: Optional[str] = None, log: Callable[[str], None] = print) -> List[Stage]:
+    """The chain for one tokenizer config: train it, extract its codes (``views``), train ``ar_preset`` on them,
+    sample ``sample_cfg.per_class`` images per class, evaluate reconstruction and generation (against the val
+    folder of ``tok_cfg.data.root``). Every stage writes under ``run_dir`` and logs to ``tracking_uri``."""
+    from ideal_ray.config import SampleConfig, load_ar_config
+
+    sample_cfg = sample_cfg or SampleConfig()
+    ar_overrides = list(ar_overrides or [])
+    cpu = device == "cpu"
+
+    def tokenizer(state):
+        from ideal_ray.train.local import ensure_dataset
+        from ideal_ray.train.ray_trainer import train_tokenizer
+
+        ensure_dataset(tok_cfg)
+        r = train_tokenizer(tok_cfg, log=log)
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
+
+    def extract(state):
+        from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+
+        shards = os.path.join(run_dir, "tokens")
+        s = extract_tokens_ray(state["stages"]["tokenizer"]["outputs"]["export"], tok_cfg.data.root, shards,
+                               views=views, device=device, num_encoders=1 if cpu else None,
+                               decode_actors=2 if cpu else None, tracking_uri=tracking_uri)
+        return {"shards": shards, "images": s["images"], "rows": s["rows"], "skipped": len(s["skipped"])}
+
+    def ar(state):
+        from ideal_ray.train.ar_stage import train_ar
+
+        q = tok_cfg.model
+        cfg = load_ar_config(ar_preset, [f"data.shards={state['stages']['extract']['outputs']['shards']}",
+                                         f"model.vocab_size={q.quantizer.codebook_size}", f"model.grid={q.vfm.grid}",
+                                         f"name={tok_cfg.name}-ar", f"output_dir={tok_cfg.output_dir}",
+                                         f"dist.storage_path={tok_cfg.dist.storage_path}"] + ar_overrides)
+        r = train_ar(cfg, log=log)
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
+
+    def sample(state):
+        from ideal_ray.pipelines.sample_ray import sample_images_ray
+
+        out = os.path.join(run_dir, "samples")
+        s = sample_images_ray(state["stages"]["ar"]["outputs"]["export"],
+                              state["stages"]["tokenizer"]["outputs"]["export"], sample_cfg, None, out,
+                              device=device, num_samplers=1 if cpu else None, tracking_uri=tracking_uri, log=log)
+        return {"samples": s["samples"], "grid": s["grid"], "num_images": s["num_images"]}
+
+    def evaluate(state):
+        from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
+
+        rec = evaluate_recon(state["stages"]["tokenizer"]["outputs"]["export"], tok_cfg.data.root,
+                             os.path.join(run_dir, "eval-recon"), split="val", num_images=eval_images,
+                             device=device, num_actors=1 if cpu else None, probe_train_images=probe_train_images,
+                             tracking_uri=tracking_uri, log_fn=log)
+        gen = evaluate_gen(state["stages"]["sample"]["outputs"]["samples"], os.path.join(tok_cfg.data.root, "val"),
+                           os.path.join(run_dir, "eval-gen"), device=_driver_device(),
+                           tracking_uri=tracking_uri, log_fn=log)
+        return {"recon": os.path.join(rec["out_dir"], "result.json"), "gen": os.path.join(gen["out_dir"], "result.json"),
+                "rfid": rec["rfid"], "psnr": rec["psnr"], "usage": rec["usage"], "gfid": gen["gfid"]}
+
+    return [
+        Stage("tokenizer", tokenizer, _files_exist("export")),
+        Stage("extract", extract, _extraction_complete),
+        Stage("ar", ar, _files_exist("export")),
+        Stage("sample", sample, _files_exist("samples", "grid")),
+        Stage("evaluate", evaluate, _files_exist("recon", "gen")),
+    ]
