@@ -1,0 +1,2 @@
+"""Ray Tune sweeps: CFG scales on a trained GPT (``cfg_sweep``), the paper's ablations (``ablation``), and what
+they share (``common``: MLflow parent/child runs, resumable Tuners)."""

@@ -1,0 +1,382 @@
+"""CFG sweep on Ray Tune: one trained GPT + tokenizer, a grid over CFG scale (and optionally CFG interval,
+temperature, top-k); each trial samples and scores its images.
+
+    trial (a Tune function trainable, its own CPU or GPU share via tune.with_resources)
+        sample_images        per_class images of every class, in-process on the trial's device (its own Sampler)
+        -> evaluate_gen      gFID / sFID / precision / recall (+ IS when the Inception weights have logits)
+                             against ``reference``; the reference statistics are computed once before the trials
+                             (one Ray task) into one cache folder that every trial reads
+        -> tune.report       the metrics: one MLflow child run per trial (params = the trial's CFG settings)
+
+Folder ``<storage_path>/<name>``: Tune's experiment state and trial folders, ``sweep.json`` (the settings),
+``trial_outputs/<cfg_scale=..>/`` (``samples.npz``, ``grid.png``, ``eval/result.json`` of each trial) and ``report/``
+(``cfg_table.md`` / ``.csv`` sorted by gFID, ``fid_vs_cfg.png``, ``is_vs_fid.png`` -- or ``precision_vs_recall.png``
+when there is no IS -- and ``best.json``), all also logged to the sweep's parent MLflow run.
+
+Resumable: running the same name again restores the Tuner (``common.run_tuner``): finished trials are kept, the
+others run. A trial that was interrupted after its samples were written reuses them (the per-sample seeds make
+them identical). Changing the settings of an existing sweep is refused: choose a new name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ideal_ray.tune import common
+
+__all__ = ["sweep_cfg", "cfg_trial", "param_space", "trial_key", "EXPERIMENT", "KIND", "SWEPT"]
+
+EXPERIMENT = "ideal-sweep-cfg"
+KIND = "cfg"
+SWEPT = ("cfg_scale", "cfg_interval", "temperature", "top_k")  # the keys a trial's config may hold
+METRICS = ("gfid", "sfid", "is", "precision", "recall")
+SETTINGS_FILE = "sweep.json"
+OUTPUTS = "trial_outputs"
+REPORT = "report"
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+def _values(name: str, values: Optional[Sequence[Any]], cast: Callable[[Any], Any]) -> Optional[List[Any]]:
+    if values is None:
+        return None
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name}={values!r} must be a non-empty list of values (or None to keep the default).")
+    try:
+        out = [cast(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={list(values)!r} holds a value that is not a valid {name[:-1]}; pass numbers.")
+    if len(set(map(str, out))) != len(out):
+        raise ValueError(f"{name}={out} lists a value twice; list each value once.")
+    return out
+
+
+def _int(v: Any) -> int:
+    if float(v) != int(float(v)):
+        raise ValueError(f"{v} is not an integer")
+    return int(float(v))
+
+
+def _interval(v: Any) -> List[float]:
+    start, end = (float(x) for x in v)  # raises on anything but a pair of numbers
+    return [start, end]
+
+
+def param_space(cfg_scales: Sequence[float], cfg_intervals: Optional[Sequence[Sequence[float]]] = None,
+                temperatures: Optional[Sequence[float]] = None, top_ks: Optional[Sequence[int]] = None
+                ) -> Dict[str, Any]:
+    """The Tune grid: one ``tune.grid_search`` per given list (cfg_scale always); a list that is None is not swept
+    and keeps :class:`~ideal_ray.config.SampleConfig`'s default. Every value is checked here."""
+    from ray import tune
+
+    from ideal_ray.config import SampleConfig
+    from ideal_ray.sampling import validate_sample_config
+
+    lists = {"cfg_scale": _values("cfg_scales", cfg_scales, float),
+             "cfg_interval": _values("cfg_intervals", cfg_intervals, _interval),
+             "temperature": _values("temperatures", temperatures, float),
+             "top_k": _values("top_ks", top_ks, _int)}
+    for s in lists["cfg_scale"]:
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"cfg_scales holds {s}; CFG scales must be finite and >= 0 (1.0 = no guidance).")
+    for key, vals in lists.items():
+        for v in vals or []:
+            validate_sample_config(_sample_config({key: v}, SampleConfig()))
+    return {k: tune.grid_search(v) for k, v in lists.items() if v is not None}
+
+
+def _sample_config(config: Dict[str, Any], base):
+    """``base`` (a SampleConfig) with a trial's swept values."""
+    import dataclasses
+
+    over = {k: (tuple(v) if k == "cfg_interval" else v) for k, v in config.items() if k in SWEPT}
+    return dataclasses.replace(base, **over)
+
+
+def trial_key(config: Dict[str, Any]) -> str:
+    """The trial's output folder name, a pure function of its swept values: ``cfg_scale=1.5,top_k=100``."""
+    def text(v: Any) -> str:
+        return "-".join(f"{x:.10g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:.10g}"
+
+    return ",".join(f"{k}={text(config[k])}" for k in SWEPT if k in config)
+
+
+# ---------------------------------------------------------------------------------------------- one trial
+def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
+    """Tune trainable: sample with this trial's CFG settings, evaluate, report (module notes).
+
+    ``settings``: the sweep's fixed settings (:func:`sweep_cfg` builds them): gpt, tokenizer, reference, outputs,
+    sample (SampleConfig fields), classes, device, precision, inception_weights, cache_dir, eval_batch_size,
+    verbose."""
+    from ray import tune
+
+    from ideal_ray.config import SampleConfig
+    from ideal_ray.pipelines.evaluate import evaluate_gen
+    from ideal_ray.pipelines.sample_local import SAMPLES_FILE, sample_images
+
+    key = trial_key(config)
+    out = os.path.join(settings["outputs"], key)
+    log = (lambda m: print(f"[{key}] {m}", flush=True)) if settings["verbose"] else (lambda m: None)
+    sample_cfg = _sample_config(config, SampleConfig(**settings["sample"]))
+    device = settings["device"]
+    report: Dict[str, float] = {}
+    npz = os.path.join(out, SAMPLES_FILE)
+    if os.path.isfile(npz):  # an earlier attempt of this trial wrote them (atomically): same seeds, same images
+        log(f"reusing {npz}")
+    else:
+        s = sample_images(settings["gpt"], settings["tokenizer"], sample_cfg, settings["classes"], out, device=device,
+                          log=log, precision=settings["precision"])
+        report.update(images_per_s=s["images_per_s"], sample_seconds=s["seconds"])
+    eval_dir = os.path.join(out, "eval")
+    result_file = os.path.join(eval_dir, "result.json")
+    if os.path.isfile(result_file):
+        with open(result_file) as f:
+            result = json.load(f)
+    else:
+        result = evaluate_gen(npz, settings["reference"], eval_dir, batch_size=settings["eval_batch_size"],
+                              device=device, inception_weights=settings["inception_weights"],
+                              cache_dir=settings["cache_dir"], tracking_uri="", log_fn=log)
+        report["eval_seconds"] = result["seconds"]
+    report.update({k: float(result[k]) for k in METRICS + ("is_std",) if k in result})
+    report["num_images"] = float(result["n"])
+    tune.report(report)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _read(path: str, what: str, fmt: str) -> Dict[str, Any]:
+    """The config stored in an export of format ``fmt`` (memory-mapped: the weights are not read)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist; pass the file written by the training job.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or "config" not in ckpt:
+        raise ValueError(f"{what} {path} is not an ideal-ray export of format '{fmt}'; pass the file the training "
+                         f"job exported.")
+    return ckpt["config"]
+
+
+def _check_models(gpt: str, tokenizer: str, classes: Optional[Sequence[int]]) -> int:
+    """The GPT's class count, after checking the pair fits (grid, vocab) and ``classes`` are GPT classes."""
+    from ideal_ray.checkpoint import FORMAT
+    from ideal_ray.train.ar_stage import GPT_FORMAT
+
+    g, t = _read(gpt, "GPT export", GPT_FORMAT), _read(tokenizer, "tokenizer checkpoint", FORMAT)
+    grid = int(t["vfm"]["image_size"]) // int(t["vfm"]["patch_size"])  # VFMConfig.grid
+    codebook = int(t["quantizer"]["codebook_size"])
+    if int(g["grid"]) != grid or int(g["vocab_size"]) > codebook:
+        raise ValueError(f"GPT {gpt} (grid {g['grid']}, vocab {g['vocab_size']}) does not fit tokenizer {tokenizer} "
+                         f"(grid {grid}, codebook {codebook}); pair a GPT trained on this tokenizer's codes.")
+    n = int(g["num_classes"])
+    bad = [c for c in classes or [] if not 0 <= int(c) < n]
+    if bad:
+        raise ValueError(f"classes {bad[:5]} are outside the GPT's [0, {n}); pass ids of trained classes.")
+    if classes is not None and (not len(classes) or len(set(classes)) != len(classes)):
+        raise ValueError(f"classes={list(classes)} must list at least one class id, each once (None: all).")
+    return n
+
+
+def _check_settings(path: str, settings: Dict[str, Any]) -> None:
+    """Refuse to restore a sweep whose stored settings differ (Tune would silently keep the old grid)."""
+    from ray import tune
+
+    file = os.path.join(path, SETTINGS_FILE)
+    if os.path.isfile(file) and tune.Tuner.can_restore(path):
+        with open(file) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(f"sweep {path} already exists with other settings ({', '.join(diff)}); rerun it "
+                             f"unchanged to resume it, or choose a new name.")
+    os.makedirs(path, exist_ok=True)
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, file)
+
+
+def _init_ray(gpus_per_trial: Optional[float]) -> float:
+    """Start (or join, ``$RAY_ADDRESS``) Ray; the GPUs per trial (None: 1 when the cluster has GPUs, else 0)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address) if address else ray.init(address="local", include_dashboard=False)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus_per_trial is None:
+        return 1.0 if gpus else 0.0
+    if gpus_per_trial > 0 and gpus == 0:
+        raise RuntimeError(f"gpus_per_trial={gpus_per_trial} but the Ray cluster has no GPUs; pass "
+                           f"gpus_per_trial=0 to sample on CPU.")
+    return float(gpus_per_trial)
+
+
+def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resources: Dict[str, float]) -> Dict:
+    """Compute (or find) the reference statistics once -- on GPU as one Ray task with a trial's resources, on CPU
+    here -- so the trials only read the cache. The source is built exactly as ``evaluate_gen`` builds it, so the
+    cache keys agree."""
+    import ray
+
+    def warm(device: str) -> Dict[str, Any]:
+        from ideal_ray.eval import reference as ref_mod
+        from ideal_ray.eval.inception import load_inception
+
+        source = (ref_mod.ImageFolderReference(reference, crop=size, size=size) if os.path.isdir(reference)
+                  else ref_mod.AdmNpzReference(reference))
+        extractor = load_inception(settings["inception_weights"], device=device)
+        stats = ref_mod.reference_stats(source, extractor, settings["cache_dir"],
+                                        batch_size=settings["eval_batch_size"])
+        return {"from_cache": bool(stats.from_cache), "images": int(stats.protocol["num_reference_images"])}
+
+    if resources["gpu"] == 0:
+        return warm("cpu")
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(warm)
+    return ray.get(task.remote(settings["device"]))
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path: str,
+              cfg_scales: Sequence[float], cfg_intervals: Optional[Sequence[Sequence[float]]] = None,
+              temperatures: Optional[Sequence[float]] = None, top_ks: Optional[Sequence[int]] = None, *,
+              per_class: int = 50, classes: Optional[Sequence[int]] = None, batch_size: int = 64, seed: int = 0,
+              out_size: int = 256, top_p: float = 1.0, precision: str = "auto",
+              gpus_per_trial: Optional[float] = None, cpus_per_trial: float = 1.0,
+              max_concurrent_trials: Optional[int] = None, inception_weights: str = "", cache_dir: str = "",
+              eval_batch_size: int = 50, tracking_uri: Optional[str] = None, experiment: str = EXPERIMENT,
+              verbose: int = 1, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) the CFG sweep ``name`` under ``storage_path`` and report it (module notes).
+
+    ``gpus_per_trial``: a GPU share per trial (fractions let trials share a GPU; None = 1 when the cluster has GPUs,
+    else 0 = CPU). ``cache_dir``: the reference statistics cache every trial reads (default
+    ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``; on a multi-node cluster pass a shared folder).
+    ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose`` 0
+    silences Tune's progress table and the trials' logs.
+
+    Returns ``{path, tracking_uri, parent_run_id, best: {trial, config, metrics} or None, table (Markdown),
+    files, finished, errored, unfinished, errors}``.
+    """
+    from ray import tune
+
+    from ideal_ray.config import SampleConfig
+    from ideal_ray.eval.inception import resolve_inception_weights
+    from ideal_ray.eval.reference import default_cache_dir
+    from ideal_ray.sampling import validate_sample_config
+    from ideal_ray.tracking import default_tracking_uri
+
+    path = common.sweep_path(storage_path, name)
+    space = param_space(cfg_scales, cfg_intervals, temperatures, top_ks)
+    for what, v in (("per_class", per_class), ("batch_size", batch_size), ("out_size", out_size),
+                    ("eval_batch_size", eval_batch_size)):
+        if int(v) < 1:
+            raise ValueError(f"{what}={v} must be at least 1.")
+    if cpus_per_trial <= 0 or (gpus_per_trial is not None and gpus_per_trial < 0):
+        raise ValueError(f"cpus_per_trial={cpus_per_trial} must be > 0 and gpus_per_trial={gpus_per_trial} >= 0.")
+    if max_concurrent_trials is not None and max_concurrent_trials < 1:
+        raise ValueError(f"max_concurrent_trials={max_concurrent_trials} must be at least 1 (None: as resources "
+                         f"allow).")
+    validate_sample_config(SampleConfig(top_p=top_p))
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision '{precision}' is unknown; use auto, fp32 or bf16.")
+    if not (os.path.isdir(reference) or os.path.isfile(reference)):
+        raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
+                                f"or a folder of reference images.")
+    num_classes = _check_models(gpt, tokenizer, classes)
+    if per_class * (len(classes) if classes is not None else num_classes) < 2:
+        raise ValueError(f"per_class={per_class} over {num_classes if classes is None else len(classes)} class(es) "
+                         f"gives fewer than 2 images; FID needs at least 2.")
+    weights = resolve_inception_weights(inception_weights)  # MissingWeightsError says how to get them
+
+    sample = {"per_class": int(per_class), "batch_size": int(batch_size), "seed": int(seed),
+              "out_size": int(out_size), "top_p": float(top_p)}
+    grid = {k: v["grid_search"] for k, v in space.items()}
+    fixed = {"gpt": os.path.abspath(gpt), "tokenizer": os.path.abspath(tokenizer),
+             "reference": os.path.abspath(reference), "classes": None if classes is None else [int(c) for c in classes],
+             "sample": sample, "precision": precision, "inception_weights": os.path.abspath(weights),
+             "cache_dir": os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())),
+             "eval_batch_size": int(eval_batch_size)}
+    _check_settings(path, {"grid": grid, **fixed})
+
+    gpus = _init_ray(gpus_per_trial)
+    resources = {"cpu": float(cpus_per_trial), "gpu": gpus}
+    settings = dict(fixed, outputs=os.path.join(path, OUTPUTS), device="cuda" if gpus > 0 else "cpu",
+                    verbose=int(verbose))
+    uri = tracking_uri or default_tracking_uri(path)
+    params = {**{f"sample.{k}": v for k, v in sample.items()}, **{k: v for k, v in fixed.items() if k != "sample"},
+              **{f"grid.{k}": v for k, v in grid.items()}, "gpus_per_trial": gpus, "cpus_per_trial": cpus_per_trial}
+    parent = common.parent_run(uri, experiment, path, KIND, common.flat_params(params))
+    n_trials = int(np.prod([len(v) for v in grid.values()]))
+    log(f"CFG sweep {name}: {n_trials} trial(s) of {per_class} images x "
+        f"{num_classes if classes is None else len(classes)} classes on {settings['device']} "
+        f"({resources['gpu']:g} GPU, {resources['cpu']:g} CPU each); folder {path}; MLflow {uri} run {parent}")
+    try:
+        warm = _warm_reference(fixed["reference"], int(out_size), settings, resources)
+        log(f"reference statistics: {warm['images']} images, {'cached' if warm['from_cache'] else 'computed'}")
+        trainable = tune.with_resources(tune.with_parameters(cfg_trial, settings=settings), resources)
+        results = common.run_tuner(
+            trainable, space, tune.TuneConfig(metric="gfid", mode="min", max_concurrent_trials=max_concurrent_trials),
+            path, callbacks=[common.mlflow_callback(uri, experiment, parent)], verbose=verbose)
+    except KeyboardInterrupt:
+        common.finish_parent(uri, parent, "KILLED")
+        raise
+    except BaseException:
+        common.finish_parent(uri, parent, "FAILED")
+        raise
+    return _report(results, path, uri, experiment, parent, list(space), n_trials, log)
+
+
+def _report(results, path: str, uri: str, experiment: str, parent: str, swept: List[str], n_trials: int,
+            log: Callable[[str], None]) -> Dict[str, Any]:
+    """Tables, plots and the best config from the trials' MLflow runs; logged to the parent, which is closed
+    FINISHED (every trial done), FAILED (a trial errored) or KILLED (interrupted: rerun to resume)."""
+    from ideal_ray.tracking import Tracker
+    from ideal_ray.tune import compare as cmp
+
+    finished = [r for r in results if r.error is None and r.metrics and "gfid" in r.metrics]
+    errors = [str(r.error).strip().splitlines()[-1][:300] for r in results if r.error is not None]
+    unfinished = n_trials - len(finished) - len(errors)
+    _, rows = cmp.load_runs(uri, parent_run_id=parent)
+    rows = [r for r in rows if r.status == "FINISHED" and "gfid" in r.metrics]
+    out = os.path.join(path, REPORT)
+    os.makedirs(out, exist_ok=True)
+    files: Dict[str, str] = {}
+    table = ""
+    best = None
+    if rows:
+        metrics = [m for m in METRICS if any(m in r.metrics for r in rows)]
+        table_obj = cmp.build_comparison(rows, f"CFG sweep {os.path.basename(path)}", params=swept, metrics=metrics,
+                                         sort_by="gfid")
+        table = table_obj.markdown()
+        files["table_md"] = cmp.write_text(os.path.join(out, "cfg_table.md"), table)
+        files["table_csv"] = cmp.write_text(os.path.join(out, "cfg_table.csv"), table_obj.csv())
+        files["fid_vs_cfg"] = cmp.plot_fid_vs_cfg(rows, os.path.join(out, "fid_vs_cfg.png"))
+        has_is = any("is" in r.metrics for r in rows)
+        second = "is_vs_fid.png" if has_is else "precision_vs_recall.png"
+        files["is_vs_fid" if has_is else "precision_vs_recall"] = cmp.plot_is_vs_fid(rows, os.path.join(out, second))
+        if not has_is:
+            log("no IS (the Inception weights have no logits): plotted precision vs recall instead of IS vs FID")
+        top = table_obj.rows[0]
+        best = {"trial": top.name, "run_id": top.run_id, "config": {k: top.params.get(k) for k in swept},
+                "metrics": {k: top.metrics[k] for k in metrics if k in top.metrics}}
+        files["best"] = cmp.write_text(os.path.join(out, "best.json"), json.dumps(best, indent=1))
+    status = "KILLED" if unfinished else "FAILED" if errors else "FINISHED"
+    with Tracker(uri, experiment, run_name=os.path.basename(path), run_id=parent) as tr:
+        for f in files.values():
+            tr.log_artifact(f, "sweep")
+        if best is not None:
+            tr.log_metrics({f"best_{k}": v for k, v in best["metrics"].items()}, step=0)
+            tr.set_tags({"ideal.best_trial": best["trial"],
+                         **{f"ideal.best.{k}": v for k, v in best["config"].items()}})
+        tr.finish(status)
+    if unfinished:
+        log(f"sweep interrupted: {len(finished)} of {n_trials} trials finished; rerun the same command to resume.")
+    for e in errors:
+        log(f"trial failed: {e}")
+    return {"path": path, "tracking_uri": uri, "parent_run_id": parent, "best": best, "table": table,
+            "files": files, "finished": len(finished), "errored": len(errors), "unfinished": unfinished,
+            "errors": errors}

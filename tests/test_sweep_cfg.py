@@ -1,0 +1,226 @@
+"""jobs/sweep_cfg.py + ideal_ray.tune.cfg_sweep on real local Ray Tune and a real MLflow SQLite store.
+
+A tiny random GPT + tiny tokenizer, a 2-scale sweep run one trial at a time. The sweep is first interrupted for
+real (SIGINT to the job after trial 1 finished, while trial 2 runs), then rerun with the same name in this process:
+the restore must finish trial 2 without rerunning trial 1 (same child run, same output files), leaving two
+FINISHED child runs under one parent; jobs/compare.py must then list both trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCALES = ("1.0", "2.0")
+
+
+def _need_inception():
+    from ideal_ray.eval.inception import resolve_inception_weights
+    from ideal_ray.weights import MissingWeightsError
+
+    try:
+        resolve_inception_weights()
+    except MissingWeightsError:
+        pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.config import gpt_config, load_config
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+    from ideal_ray.models.gpt import GPT
+    from ideal_ray.models.tokenizer import IdealTokenizer
+    from ideal_ray.train.ar_stage import GPT_FORMAT
+
+    _need_inception()
+    d = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    cfg = gpt_config("tiny", num_classes=2)
+    gpt = GPT(cfg)
+    for p in gpt.parameters():  # the zero-init head would give uniform logits; make CFG matter
+        torch.nn.init.normal_(p, std=0.2)
+    gpt_path = str(d / "gpt.pt")
+    torch.save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg), "model": gpt.state_dict(), "step": 0},
+               gpt_path)
+    tcfg = load_config("tiny")
+    tok_path = save_inference_checkpoint(str(d / "tok.pt"), IdealTokenizer(tcfg.model, load_weights=False), tcfg)
+    make_synthetic_imagenet(str(d / "data"), num_classes=2, train_per_class=1, val_per_class=4, size=40, seed=1)
+    return {"dir": d, "gpt": gpt_path, "tok": tok_path, "ref": str(d / "data" / "val"),
+            "storage": str(d / "sweeps"), "cache": str(d / "refs")}
+
+
+def _kwargs(setup):
+    return dict(per_class=3, batch_size=6, out_size=32, cache_dir=setup["cache"], max_concurrent_trials=1)
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _children(uri, parent):
+    from ideal_ray.tune.common import child_runs
+
+    return child_runs(uri, parent)
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup):
+    """Run the job in a subprocess; SIGINT it once trial 1's child run is FINISHED and trial 2's is RUNNING."""
+    name = "cfg"
+    kw = _kwargs(setup)
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "sweep_cfg.py"), "--gpt", setup["gpt"], "--tokenizer",
+           setup["tok"], "--reference", setup["ref"], "--name", name, "--storage-path", setup["storage"],
+           "--cfg-scales", *SCALES, "--per-class", str(kw["per_class"]), "--batch-size", str(kw["batch_size"]),
+           "--out-size", str(kw["out_size"]), "--cache-dir", kw["cache_dir"], "--max-concurrent-trials", "1",
+           "--gpus-per-trial", "0", "--quiet"]
+    path = os.path.join(setup["storage"], name)
+    uri = f"sqlite:///{path}/mlflow.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI="")
+    logf = open(setup["dir"] / "interrupted.log", "w")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seen = None
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 150 and proc.poll() is None:
+            time.sleep(0.2)
+            # open the store only once trial 1 has written its results: by then the job has created the tables
+            # (two processes creating them at once break MLflow's migration)
+            done = os.path.join(path, "trial_outputs")
+            if not (os.path.isdir(done) and any(os.path.exists(os.path.join(done, k, "eval", "result.json"))
+                                                for k in os.listdir(done))):
+                continue
+            try:
+                runs = [r for r in _client(uri).search_runs(["1"]) if "mlflow.parentRunId" in r.data.tags]
+            except Exception:  # the job is still creating the tables
+                continue
+            if sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING"]:
+                seen = {r.info.status: r for r in runs}
+                proc.send_signal(signal.SIGINT)
+                break
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        logf.close()
+    log = (setup["dir"] / "interrupted.log").read_text()
+    assert seen is not None, f"the job never had one finished and one running trial:\n{log[-3000:]}"
+    first = seen["FINISHED"]
+    key = f"cfg_scale={float(first.data.params['cfg_scale']):g}"
+    outputs = os.path.join(path, "trial_outputs", key)
+    stamps = {f: os.stat(os.path.join(outputs, f)).st_mtime_ns for f in ("samples.npz", "eval/result.json")}
+    return {"name": name, "path": path, "uri": uri, "rc": rc, "log": log, "first": first, "outputs": outputs,
+            "stamps": stamps, "parent": first.data.tags["mlflow.parentRunId"]}
+
+
+@pytest.fixture(scope="module")
+def ray_local(interrupted):
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def resumed(setup, interrupted, ray_local):
+    from ideal_ray.tune.cfg_sweep import sweep_cfg
+
+    return sweep_cfg(setup["gpt"], setup["tok"], setup["ref"], interrupted["name"], setup["storage"],
+                     [float(s) for s in SCALES], gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0,
+                     log=lambda m: None, **_kwargs(setup))
+
+
+def test_interrupt_leaves_a_resumable_sweep(interrupted):
+    assert interrupted["rc"] == 1, interrupted["log"][-3000:]  # the job says: not every trial finished
+    assert "rerun the same command to resume" in interrupted["log"]
+    parent = _client(interrupted["uri"]).get_run(interrupted["parent"])
+    assert parent.info.status == "KILLED"
+    with open(os.path.join(interrupted["path"], "sweep.json")) as f:
+        assert json.load(f)["grid"] == {"cfg_scale": [1.0, 2.0]}
+
+
+def test_restore_finishes_the_sweep_without_rerunning_finished_trials(interrupted, resumed):
+    assert resumed["parent_run_id"] == interrupted["parent"]
+    assert (resumed["finished"], resumed["errored"], resumed["unfinished"]) == (2, 0, 0)
+    children = _children(interrupted["uri"], interrupted["parent"])
+    assert len(children) == 2  # one child per trial: the resumed trial logged into its own run again
+    assert all(c["status"] == "FINISHED" for c in children)
+    assert sorted(c["params"]["cfg_scale"] for c in children) == list(SCALES)
+    assert all(math.isfinite(c["metrics"]["gfid"]) and "sfid" in c["metrics"] for c in children)
+    first = next(c for c in children if c["run_id"] == interrupted["first"].info.run_id)
+    assert first["metrics"]["gfid"] == interrupted["first"].data.metrics["gfid"]
+    for f, stamp in interrupted["stamps"].items():  # trial 1 was not sampled or evaluated again
+        assert os.stat(os.path.join(interrupted["outputs"], f)).st_mtime_ns == stamp
+    parent = _client(interrupted["uri"]).get_run(interrupted["parent"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_report_best_table_and_plots(interrupted, resumed):
+    children = _children(interrupted["uri"], interrupted["parent"])
+    best = min(children, key=lambda c: c["metrics"]["gfid"])
+    assert resumed["best"]["run_id"] == best["run_id"]
+    assert resumed["best"]["config"] == {"cfg_scale": best["params"]["cfg_scale"]}
+    lines = resumed["table"].splitlines()
+    assert lines[0].startswith("| run | cfg_scale | gfid")
+    assert best["run_name"] in lines[2]  # sorted by gFID, best first
+    for key in ("table_md", "table_csv", "fid_vs_cfg", "best"):
+        assert os.path.getsize(resumed["files"][key]) > 0
+    # the Inception weights installed here have no logits: precision vs recall stands in for IS vs FID
+    assert "is_vs_fid" in resumed["files"] or "precision_vs_recall" in resumed["files"]
+    arts = {a.path for a in _client(interrupted["uri"]).list_artifacts(interrupted["parent"], "sweep")}
+    assert {"sweep/cfg_table.md", "sweep/cfg_table.csv", "sweep/fid_vs_cfg.png", "sweep/best.json"} <= arts
+
+
+def test_compare_cli_lists_every_trial(interrupted, resumed, tmp_path, capsys):
+    sys.path.insert(0, REPO)
+    from jobs.compare import main
+
+    assert main(["--sweep", interrupted["path"], "--out", str(tmp_path), "--sort-by", "gfid"]) == 0
+    out = capsys.readouterr().out
+    children = _children(interrupted["uri"], interrupted["parent"])
+    md = (tmp_path / "comparison.md").read_text()
+    csv_text = (tmp_path / "comparison.csv").read_text()
+    for c in children:
+        assert c["run_name"] in out and c["run_name"] in md and c["run_name"] in csv_text
+    assert csv_text.splitlines()[0].split(",")[:3] == ["run", "cfg_scale", "gfid"]
+    assert "time_total_s" not in csv_text and "config/" not in csv_text  # Tune's bookkeeping is not compared
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, interrupted, resumed):
+    from ideal_ray.tune.cfg_sweep import sweep_cfg
+
+    def run(name=interrupted["name"], scales=(1.0, 2.0), gpt=setup["gpt"], **kw):
+        args = dict(_kwargs(setup), gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0, log=lambda m: None)
+        args.update(kw)
+        return sweep_cfg(gpt, setup["tok"], setup["ref"], name, setup["storage"], list(scales), **args)
+
+    with pytest.raises(ValueError, match="already exists with other settings"):
+        run(scales=(1.0, 3.0))
+    with pytest.raises(ValueError, match="non-empty list"):
+        run(name="other", scales=())
+    with pytest.raises(ValueError, match="lists a value twice"):
+        run(name="other", scales=(1.5, 1.5))
+    with pytest.raises(ValueError, match="temperature"):
+        run(name="other", temperatures=[-1.0])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(name="other", gpt=str(setup["dir"] / "missing.pt"))
+    with pytest.raises(ValueError, match="outside"):
+        run(name="other", classes=[5])
+    assert not os.path.exists(os.path.join(setup["storage"], "other"))
+    assert len(_children(interrupted["uri"], interrupted["parent"])) == 2
