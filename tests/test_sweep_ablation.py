@@ -1,0 +1,160 @@
+"""Ablation sweeps (ideal_ray.tune.ablation, jobs/sweep_ablation.py) on real local Ray, Ray Train + DeepSpeed and
+MLflow SQLite, tiny preset.
+
+Planning properties are checked without Ray. The slow test runs a 2-trial fusion ablation through the CLI, interrupts
+it (SIGINT, as Ctrl-C) once the first trial has finished, resumes it in-process, then reruns the finished sweep:
+the first trial is never trained or evaluated again, each trial has exactly one child run under the one parent.
+~2.5 minutes on 2 cores.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ideal_ray.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ["fusion-attention", "fusion-none"]
+TINY = ["schedule.log_every=1", "schedule.ckpt_every=2", "schedule.vis_every=100", "data.loader_workers=1"]
+
+
+def test_each_trial_differs_from_the_base_only_by_its_variant_and_runs_in_its_own_folder(data_root, tmp_path,
+                                                                                        monkeypatch):
+    from ideal_ray.tune.ablation import plan_sweep
+
+    monkeypatch.chdir(tmp_path)
+    relative_root = os.path.relpath(data_root, tmp_path)
+    plan = plan_sweep("tiny", "fusion", "fus", "sweeps", overrides=[f"data.root={relative_root}", *TINY], steps=3)
+    cfgs = {v: plan.trial_config(v) for v in plan.variants}
+    assert list(cfgs) == ["fusion-attention", "fusion-linear", "fusion-none"]
+    for v, cfg in cfgs.items():
+        assert cfg.model.fusion.mode == v.split("-")[1]
+        assert cfg.schedule.steps == 3 and cfg.dist.num_workers == 1 and not cfg.dist.use_gpu
+        assert cfg.data.root == data_root  # absolute: Tune runs every trial in its own folder
+        assert cfg.dist.storage_path == cfg.output_dir == str(tmp_path / "sweeps" / "fus" / "train")
+    assert len({cfg.name for cfg in cfgs.values()}) == 3
+    flat = [cfg.flat() for cfg in cfgs.values()]
+    differing = {k for k in flat[0] if len({str(f[k]) for f in flat}) > 1}
+    assert differing == {"model.fusion.mode", "name", "preset"}
+    assert plan.probe_train_images == 0
+    assert not os.path.exists(plan.path)  # planning writes nothing
+
+    probe = plan_sweep("tiny", "custom", "lp", "sweeps", variants=["layer-probe"], overrides=[f"data.root={data_root}"])
+    assert probe.trial_config("layer-probe").model.vfm.single_layer and probe.probe_train_images > 0
+    with pytest.raises(ConfigError, match="eval_images=100 must be in \\[2, 8\\]"):
+        plan_sweep("tiny", "fusion", "x", "sweeps", overrides=[f"data.root={data_root}"], eval_images=100)
+
+
+def test_bad_sweeps_are_refused_before_anything_starts(data_root, tmp_path, offline):
+    import ray
+
+    from ideal_ray.tune.ablation import plan_sweep, sweep_ablation
+
+    root = [f"data.root={data_root}"]
+    with pytest.raises(ConfigError, match="vit_large_patch14_dinov2.*model.safetensors"):
+        sweep_ablation("paper", "custom", "dino", str(tmp_path), variants=["backbone-dinov2"], overrides=root)
+    with pytest.raises(ConfigError, match="model.fusion.mode, which ablation variant 'fusion-attention' varies"):
+        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=[*root, "model.fusion.mode=none"])
+    with pytest.raises(ConfigError, match="study 'layer' names 24-block"):
+        plan_sweep("tiny", "layer", "x", str(tmp_path), overrides=root)
+    with pytest.raises(ConfigError, match="asha_metric 'rfid' must be a training metric"):
+        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=root, scheduler="asha", asha_metric="rfid")
+    with pytest.raises(ConfigError, match="evaluation cannot run on this machine: No local weights for the FID"):
+        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=root)
+    with pytest.raises(ConfigError, match="unknown part 'fusion-bogus'"):
+        plan_sweep("tiny", "custom", "x", str(tmp_path), variants=["fusion-bogus"], overrides=root)
+    assert not ray.is_initialized() and os.listdir(tmp_path) == []  # nothing written, no Ray started
+
+
+# ------------------------------------------------------------------------------------------- the real sweep
+def _finished_trial(sweep: str, trial: str) -> bool:
+    """The trial's child run is FINISHED (the store is only opened once the trial's evaluation is written: opening
+    a SQLite store while another process creates it races)."""
+    from mlflow.tracking import MlflowClient
+
+    if not os.path.exists(os.path.join(sweep, "eval", trial, "result.json")):
+        return False
+    client = MlflowClient(f"sqlite:///{sweep}/mlflow.db")
+    exp = client.get_experiment_by_name("ideal-ablation")
+    return exp is not None and bool(client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.trial_name = '{trial}' and attributes.status = 'FINISHED'"))
+
+
+def _outputs(sweep: str, variant: str):
+    """(mtime of every file a trial wrote: exports, checkpoints, evaluation; its training runs in MLflow)."""
+    from ideal_ray.tracking import find_runs
+
+    run_dir = os.path.join(sweep, "train", f"abl.{variant}")
+    files = {}
+    for folder in (run_dir, os.path.join(sweep, "eval", variant)):
+        for dirpath, _, names in os.walk(folder):
+            files.update({os.path.join(dirpath, n): os.path.getmtime(os.path.join(dirpath, n)) for n in names
+                          if not n.startswith("mlflow.db")})
+    return files, len(find_runs(f"sqlite:///{run_dir}/mlflow.db", "ideal-tokenizer"))
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ideal_ray.tune.ablation import sweep_ablation
+    from ideal_ray.tune.common import child_runs
+
+    monkeypatch.setenv("IDEAL_RAY_FID_REFS", str(tmp_path / "fid-refs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage, sweep = str(tmp_path / "sweeps"), str(tmp_path / "sweeps" / "abl")
+    overrides = [f"data.root={data_root}", *TINY]
+    cli = [sys.executable, os.path.join(REPO, "jobs", "sweep_ablation.py"), "--preset", "tiny", "--study", "custom",
+           "--variants", ",".join(VARIANTS), "--name", "abl", "--storage", storage, "--steps", "2", *overrides]
+    proc = subprocess.Popen(cli, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not _finished_trial(sweep, VARIANTS[0]):
+            assert proc.poll() is None, f"the sweep ended before its first trial finished:\n{proc.stdout.read()[-3000:]}"
+            assert time.time() < deadline, "the first trial did not finish within 4 minutes"
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the sweep's state and stops the running trial
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "| fusion-attention |" in out and "evaluated" in out and "interrupted" in out
+    first = _outputs(sweep, VARIANTS[0])
+    assert first[1] == 1 and any(p.endswith("result.json") for p in first[0])
+    client = MlflowClient(f"sqlite:///{sweep}/mlflow.db")
+    (parent,) = client.search_runs([client.get_experiment_by_name("ideal-ablation").experiment_id],
+                                   "tags.`ideal.sweep` != ''")
+    assert parent.info.status == "KILLED"
+
+    resumed = sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=2)
+    assert not resumed["interrupted"]
+    assert [t["variant"] for t in resumed["trials"]] == VARIANTS
+    for t in resumed["trials"]:
+        assert t["error"] is None and {"rfid", "psnr", "usage", "train_rec_mse"} <= set(t["metrics"]), t
+    assert _outputs(sweep, VARIANTS[0]) == first  # not trained, exported or evaluated again
+
+    assert resumed["parent_run_id"] == parent.info.run_id  # the same parent, now FINISHED
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    children = child_runs(resumed["tracking_uri"], resumed["parent_run_id"])
+    assert sorted(c["params"]["variant"] for c in children) == VARIANTS  # one child per trial, resumed or not
+    for c in children:
+        assert c["status"] == "FINISHED" and c["run_name"] == c["params"]["variant"]
+        assert c["params"]["base_preset"] == "tiny" and "schedule.log_every=1" in c["params"]["overrides"]
+        assert {"rfid", "psnr", "train_rec_mse"} <= set(c["metrics"])
+    first_child = next(c for c in children if c["params"]["variant"] == VARIANTS[0])
+    # every logged training step reached Tune (and the child run), the last one with the evaluation
+    assert [m.value for m in client.get_metric_history(first_child["run_id"], "step")] == [1.0, 2.0]
+
+    both = [_outputs(sweep, v) for v in VARIANTS]
+    again = sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=2)
+    assert [_outputs(sweep, v) for v in VARIANTS] == both  # a finished sweep reruns nothing
+    assert [t["metrics"]["rfid"] for t in again["trials"]] == [t["metrics"]["rfid"] for t in resumed["trials"]]
+    assert len(child_runs(again["tracking_uri"], again["parent_run_id"])) == 2
+    with pytest.raises(ConfigError, match="already exists .* with a different steps"):
+        sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=3)
