@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+import os
 import socket
 
 import pytest
@@ -53,3 +54,15 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic_imagenet(str(root), num_classes=4, train_per_class=8, val_per_class=2, size=72, seed=0)
     return str(root)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """Nothing a test runs may leave $MLFLOW_TRACKING_URI changed for the next one (mlflow.set_tracking_uri sets it
+    process-wide; a leaked value silently sends later runs into another test's store)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

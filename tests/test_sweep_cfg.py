@@ -140,9 +140,13 @@ def ray_local(interrupted):
 def resumed(setup, interrupted, ray_local):
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
-    return sweep_cfg(setup["gpt"], setup["tok"], setup["ref"], interrupted["name"], setup["storage"],
-                     [float(s) for s in SCALES], gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0,
-                     log=lambda m: None, **_kwargs(setup))
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    out = sweep_cfg(setup["gpt"], setup["tok"], setup["ref"], interrupted["name"], setup["storage"],
+                    [float(s) for s in SCALES], gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0,
+                    log=lambda m: None, **_kwargs(setup))
+    # Ray's MLflow logger sets $MLFLOW_TRACKING_URI in this process; the sweep must not leak it to later runs
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    return out
 
 
 def test_interrupt_leaves_a_resumable_sweep(interrupted):

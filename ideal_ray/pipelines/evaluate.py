@@ -200,7 +200,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
                    labels_file: str = "", class_index: str = "", num_images: Optional[int] = None,
                    batch_size: int = 32, device: str = "auto", num_actors: Optional[int] = None,
                    decode_actors: int = 2, precision: Optional[str] = None, zero_shot: bool = True,
-                   probe_train_images: int = 0, probe_split: str = "train",
+                   probe_train_images: int = 0, probe_split: str = "train", grid: bool = True,
                    inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
                    run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """Reconstruction metrics of the tokenizer at ``tokenizer_ckpt`` on ``split`` of ``data_root``.
@@ -208,7 +208,8 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     ``num_images``: evaluate an evenly spaced subset of the listing (None: all, e.g. ImageNet val's 50k);
     ``probe_train_images`` > 0 adds the linear probe (the paper's layer study): pooled reconstructed (and frozen-VFM)
     deep features of that many evenly spaced ``probe_split`` images train a logistic regression scored on the
-    evaluated images. Every other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
+    evaluated images; ``grid=False`` skips the reconstruction grid (one more actor pass; sweeps leave it out).
+    Every other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
     ``out_dir`` and one MLflow run (experiment ``ideal-eval``). Returns the result dict.
     """
     import ray
@@ -337,12 +338,14 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
-    grid_rows = run(indices[:GRID_IMAGES], False, True, None)
-    pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
-    grid = grid_image(pairs, 2, len(grid_rows["real_256"]))
-    from PIL import Image
+    artifacts = ["result.json", "per_class.csv"]
+    if grid:
+        from PIL import Image
 
-    Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+        grid_rows = run(indices[:GRID_IMAGES], False, True, None)
+        pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
+        Image.fromarray(grid_image(pairs, 2, len(grid_rows["real_256"]))).save(os.path.join(out_dir, "grid.png"))
+        artifacts.append("grid.png")
     _write_text(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
     _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with _tracker(tracking_uri, out_dir, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
@@ -350,7 +353,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
                        "num_images": len(indices), "device": device, "precision": precision,
                        "evaluator_weights": evaluator["weights_file"]})
         tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)
-        for name in ("result.json", "per_class.csv", "grid.png"):
+        for name in artifacts:
             tr.log_artifact(os.path.join(out_dir, name), "eval")
         result["mlflow_run_id"] = getattr(tr, "run_id", None)
     result["out_dir"] = out_dir

@@ -437,7 +437,7 @@ def evaluate_trial(plan: AblationPlan, variant: str, export: str, cfg: Tokenizer
         batch_size=plan.eval_batch_size, device="cuda" if plan.gpus_per_worker else "cpu", num_actors=1,
         decode_actors=plan.decode_actors, zero_shot=plan.zero_shot, probe_train_images=plan.probe_train_images,
         inception_weights=plan.inception_weights, cache_dir=plan.fid_cache_dir, run_name=f"{plan.name}.{variant}",
-        log_fn=log)
+        grid=False, log_fn=log)
     return _numeric(result)
 
 

@@ -114,7 +114,16 @@ def run_tuner(trainable: Callable, param_space: Dict[str, Any], tune_config, pat
                                     failure_config=tune.FailureConfig(max_failures=max_failures),
                                     verbose=verbose)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    return tuner.fit()
+    # mlflow.set_tracking_uri (called by Ray's MLflow logger in this process) also sets $MLFLOW_TRACKING_URI, which
+    # would send every later run of this process (the next pipeline stage, the next test) into the sweep's store.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return tuner.fit()
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def flat_params(d: Dict[str, Any]) -> Dict[str, str]:
