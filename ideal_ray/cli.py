@@ -21,3 +21,13 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
         return load_config(args.preset, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+def parse_classes(text: str):
+    """``--classes`` of the sampling jobs: ``all`` (or empty) -> None, ``0,1,2`` -> [0, 1, 2]."""
+    if not text or text == "all":
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")

@@ -17,14 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _classes(text: str):
-    if not text or text == "all":
-        return None
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")
+from ideal_ray.cli import parse_classes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=list(d.cfg_interval), metavar=("START", "END"),
                         help="guide only tokens whose fraction of the sequence is in [START, END)")
     parser.add_argument("--per-class", type=int, default=d.per_class)
-    parser.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
+    parser.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class ids (default: all)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")

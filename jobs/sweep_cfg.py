@@ -21,6 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import parse_classes  # noqa: E402
+
 
 def _scales(values):
     """``1.0 1.5 2.0`` or ``START:STOP:STEP`` (inclusive) -> floats."""
@@ -51,15 +53,6 @@ def _interval(text: str):
     return [start, end]
 
 
-def _classes(text: str):
-    if not text or text == "all":
-        return None
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")
-
-
 def main(argv=None) -> int:
     from ideal_ray.tune.cfg_sweep import EXPERIMENT
 
@@ -74,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperatures", nargs="+", type=float, default=None)
     p.add_argument("--top-ks", nargs="+", type=int, default=None, help="0 = off")
     p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
+    p.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class ids (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="sampling batch per trial")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-size", type=int, default=256)

@@ -66,3 +66,15 @@ def _tracking_uri_restored():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def fid_inception():
+    """The FID Inception weights file (`make` installs it); modules that need the real network skip without it."""
+    from ideal_ray.eval.inception import resolve_inception_weights
+    from ideal_ray.weights import MissingWeightsError
+
+    try:
+        return resolve_inception_weights()
+    except MissingWeightsError:
+        pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")

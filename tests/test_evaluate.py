@@ -19,24 +19,13 @@ import torch
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def _need_inception():
-    from ideal_ray.eval.inception import resolve_inception_weights
-    from ideal_ray.weights import MissingWeightsError
-
-    try:
-        resolve_inception_weights()
-    except MissingWeightsError:
-        pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, fid_inception):
     from ideal_ray.checkpoint import save_inference_checkpoint
     from ideal_ray.config import load_config
     from ideal_ray.data.synthetic import make_synthetic_imagenet
     from ideal_ray.models.tokenizer import IdealTokenizer
 
-    _need_inception()
     base = tmp_path_factory.mktemp("evaluate")
     root = base / "data"
     make_synthetic_imagenet(root, num_classes=3, train_per_class=2, val_per_class=4, size=80, seed=2)

@@ -26,18 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = ("1.0", "2.0")
 
 
-def _need_inception():
-    from ideal_ray.eval.inception import resolve_inception_weights
-    from ideal_ray.weights import MissingWeightsError
-
-    try:
-        resolve_inception_weights()
-    except MissingWeightsError:
-        pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, fid_inception):
     from ideal_ray.checkpoint import save_inference_checkpoint
     from ideal_ray.config import gpt_config, load_config
     from ideal_ray.data.synthetic import make_synthetic_imagenet
@@ -45,7 +35,6 @@ def setup(tmp_path_factory):
     from ideal_ray.models.tokenizer import IdealTokenizer
     from ideal_ray.train.ar_stage import GPT_FORMAT
 
-    _need_inception()
     d = tmp_path_factory.mktemp("sweep")
     torch.manual_seed(0)
     cfg = gpt_config("tiny", num_classes=2)
