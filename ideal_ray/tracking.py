@@ -392,6 +392,14 @@ def make_tracker(rank: int, *args: Any, **kwargs: Any):
     return Tracker(*args, **kwargs) if rank == 0 else NullTracker()
 
 
+def run_tracker(tracking_uri: Optional[str], run_dir: str, experiment: str, run_name: str):
+    """The tracker of a one-process job: ``""`` disables tracking (:class:`NullTracker`), None means
+    :func:`default_tracking_uri` of ``run_dir``, anything else is the store to use."""
+    if tracking_uri == "":
+        return NullTracker()
+    return Tracker(tracking_uri or default_tracking_uri(run_dir), experiment, run_name)
+
+
 # ------------------------------------------------------------------------------------------- queries
 def find_runs(tracking_uri: str, experiment: str) -> List[Dict[str, Any]]:
     """Every run of ``experiment``, oldest first, as plain dicts for tests and run comparisons.

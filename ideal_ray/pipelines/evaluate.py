@@ -38,6 +38,7 @@ import numpy as np
 
 from ideal_ray.data import sources
 from ideal_ray.eval import recon as rc
+from ideal_ray.tracking import run_tracker
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +140,6 @@ class _ReconEval:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _resources(device: str, num_actors: Optional[int]) -> tuple:
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise RuntimeError("device='cuda' but the Ray cluster has no GPUs; use device='cpu' or add GPU nodes.")
-    return device, int(num_actors or (gpus if device == "cuda" else 1))
-
-
-def _tracker(tracking_uri: Optional[str], out_dir: str, run_name: str):
-    from ideal_ray.tracking import NullTracker, Tracker, default_tracking_uri
-
-    if tracking_uri == "":
-        return NullTracker()
-    return Tracker(tracking_uri or default_tracking_uri(out_dir), EXPERIMENT, run_name)
-
-
 def _write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -219,7 +201,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     from ideal_ray.eval.fid import compare
     from ideal_ray.eval.inception import load_inception
     from ideal_ray.pipelines.extract_common import listing_sha256
-    from ideal_ray.pipelines.extract_ray import _init_ray
+    from ideal_ray.pipelines.cluster import actor_device, init_ray
     from ideal_ray.pipelines.sample_local import grid_image
 
     if batch_size < 1 or decode_actors < 1:
@@ -251,8 +233,8 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
                 "preprocess": f"ADM center crop to {size}, PIL bicubic to 256", "num_listed": int(len(indices))}
     cached = ref_mod.load_cached(identity, evaluator, cache_dir)
 
-    _init_ray("cpu", decode_actors, num_actors)
-    device, num_actors = _resources(device, num_actors)
+    init_ray(decode_actors + (num_actors or 1) + 1)  # decode pool + evaluation actors + Ray Data's own tasks
+    device, num_actors, _, _ = actor_device(device, num_actors)
     precision = precision or ("bf16" if device == "cuda" else "fp32")
     log_fn(f"reconstruction eval: {len(indices)} {split} images of {listing.root} on {num_actors} {device} actor(s); "
            f"reference statistics {'cached' if cached is not None else 'computed in this run'}")
@@ -348,7 +330,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         artifacts.append("grid.png")
     _write_text(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
     _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
-    with _tracker(tracking_uri, out_dir, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
+    with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "recon", "tokenizer": tokenizer_ckpt, "data_root": listing.root, "split": split,
                        "num_images": len(indices), "device": device, "precision": precision,
                        "evaluator_weights": evaluator["weights_file"]})
@@ -406,7 +388,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
                               else "computed")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
-    with _tracker(tracking_uri, out_dir, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
+    with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
                        "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"]})
         tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)

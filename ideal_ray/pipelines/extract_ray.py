@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from ideal_ray.data import crops
 from ideal_ray.data import sources
+from ideal_ray.pipelines.cluster import actor_device, init_ray
 from ideal_ray.pipelines.extract_common import (
     MAX_SKIP_FRACTION,
     SKIPPED_FILE,
@@ -47,6 +47,7 @@ from ideal_ray.pipelines.extract_common import (
     extraction_params,
     summary,
 )
+from ideal_ray.tracking import run_tracker
 
 log = logging.getLogger(__name__)
 
@@ -108,34 +109,11 @@ class _EncodeViews:
 
 
 # ------------------------------------------------------------------------------------- driver
-def _init_ray(device: str, decode_actors: int | None, num_encoders: int | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # A local cluster: enough logical CPUs for the decode pool, the encoders and Ray Data's own tasks, even on a
-    # 2-core laptop (too few logical CPUs deadlock the actor pools; oversubscribing 2 cores only slows them).
-    need = (decode_actors or 1) + (num_encoders or 1) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-
-
 def _resources(device: str, decode_actors: int | None, num_encoders: int | None) -> tuple[str, int, int]:
     """(device, encoder actors, max decode actors) from the arguments and the cluster's resources."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise RuntimeError("device='cuda' but the Ray cluster has no GPUs; use device='cpu' or add GPU nodes.")
-    if num_encoders is None:
-        num_encoders = gpus if device == "cuda" else 1
-    if device == "cuda" and num_encoders > gpus:
+    explicit = num_encoders is not None
+    device, num_encoders, gpus, cpus = actor_device(device, num_encoders)
+    if device == "cuda" and explicit and num_encoders > gpus:
         raise ValueError(f"num_encoders={num_encoders} needs one GPU each, the cluster has {gpus}.")
     if decode_actors is None:
         encoder_cpus = num_encoders if device == "cpu" else 0
@@ -278,7 +256,7 @@ def extract_tokens_ray(
     tok = load_tokenizer(tokenizer_ckpt, device="cpu")  # the manifest's grid/vocab; actors load their own copy
     size = int(image_size) if image_size is not None else int(tok.cfg.image_size)
 
-    _init_ray(device, decode_actors, num_encoders)
+    init_ray((decode_actors or 1) + (num_encoders or 1) + 1)  # decode pool + encoders + Ray Data's own tasks
     device, num_encoders, decode_actors = _resources(device, decode_actors, num_encoders)
     gpu = device == "cuda"
     batch_size = int(batch_size if batch_size is not None else (512 if gpu else 64))
@@ -291,7 +269,8 @@ def extract_tokens_ray(
 
     with ShardPlan(out_dir, params, len(listing), extra, max_skip_fraction) as plan:
         shards = plan.todo if max_shards is None else plan.todo[:max(0, int(max_shards))]
-        tracker = _tracker(tracking_uri, plan.out_dir, experiment, run_name)
+        tracker = run_tracker(tracking_uri, plan.out_dir, experiment,
+                              run_name or f"extract-{os.path.basename(plan.out_dir)}")
         try:
             tracker.log_params(dict(params, device=device, num_encoders=num_encoders, decode_actors=decode_actors,
                                     batch_size=batch_size, data_root=listing.root, out_dir=plan.out_dir,
@@ -332,12 +311,3 @@ def extract_tokens_ray(
             tracker.finish("FAILED")
             raise
     return result
-
-
-def _tracker(tracking_uri: str | None, out_dir: str, experiment: str, run_name: str | None) -> Any:
-    from ideal_ray.tracking import NullTracker, Tracker, default_tracking_uri
-
-    if tracking_uri == "":
-        return NullTracker()
-    uri = tracking_uri or default_tracking_uri(out_dir)
-    return Tracker(uri, experiment, run_name or f"extract-{os.path.basename(out_dir)}")

@@ -92,7 +92,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     """
     import ray
 
-    from ideal_ray.pipelines.extract_ray import _init_ray
+    from ideal_ray.pipelines.cluster import actor_device, init_ray
     from ideal_ray.sampling import validate_sample_config
 
     validate_sample_config(sample_cfg)
@@ -112,13 +112,8 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
     n, s = len(labels), sample_cfg.out_size
 
-    _init_ray(device, num_samplers, None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise RuntimeError("device='cuda' but the Ray cluster has no GPUs; use device='cpu' or add GPU nodes.")
-    num_samplers = int(num_samplers or (gpus if device == "cuda" else 1))
+    init_ray((num_samplers or 1) + 2)  # the sampler actors + Ray Data's own tasks
+    device, num_samplers, _, _ = actor_device(device, num_samplers)
     bs = min(sample_cfg.batch_size, -(-n // num_samplers))  # no actor gets only padding
     log(f"sampling {n} images ({len(cls_list)} classes x {sample_cfg.per_class}) at cfg {sample_cfg.cfg_scale} on "
         f"{num_samplers} {device} sampler actor(s), batch {bs}")

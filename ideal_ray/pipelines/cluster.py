@@ -1,0 +1,39 @@
+"""The Ray cluster a pipeline job runs on: connect (``$RAY_ADDRESS``) or start a local one, and resolve the device
+and actor count of its GPU-or-CPU actor pool from the cluster's resources (shared by extraction, sampling and
+evaluation)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+
+def init_ray(logical_cpus: int) -> None:
+    """Connect to ``$RAY_ADDRESS`` or start a local cluster with at least ``logical_cpus`` logical CPUs.
+
+    On a 2-core laptop too few logical CPUs deadlock the actor pools; oversubscribing the cores only slows them.
+    Does nothing when Ray is already initialized (the caller's cluster is used as it is).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=False)
+
+
+def actor_device(device: str, num_actors: Optional[int]) -> Tuple[str, int, int, int]:
+    """``(device, actors, cluster GPUs, cluster CPUs)``: ``auto`` is cuda when the cluster has GPUs; cuda without
+    GPUs is an error; the actor count defaults to one per GPU, or 1 on CPU."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("device='cuda' but the Ray cluster has no GPUs; use device='cpu' or add GPU nodes.")
+    return device, int(num_actors or (gpus if device == "cuda" else 1)), gpus, cpus
