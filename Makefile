@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean-venv
+.PHONY: demo test cluster-test venv bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=12 tests
+
+# a real local Ray head (127.0.0.1, token auth) + `ray job submit` of the tiny pipeline + a real `mlflow server`
+# (also part of `make test`)
+cluster-test: $(STAMP)
+	$(PY) -m pytest -q -s --durations=0 tests/test_cluster_job.py
 
 bench: $(STAMP)
 	$(PY) jobs/bench.py params --preset paper

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from typing import Optional
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, load_config, preset_names
 
@@ -16,11 +19,15 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
-    """Build and validate the config; a wrong value exits with its one-sentence message (no traceback)."""
+    """Build and validate the config; a wrong value exits with its one-sentence message (no traceback), and so
+    does a relative path inside a Ray job (:func:`require_durable_paths`)."""
     try:
-        return load_config(args.preset, args.overrides)
+        cfg = load_config(args.preset, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
+                                                         "data.root": cfg.data.root})
+    return cfg
 
 
 def parse_classes(text: str):
@@ -31,3 +38,32 @@ def parse_classes(text: str):
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")
+
+
+def job_working_dir() -> Optional[str]:
+    """The ``working_dir`` of the Ray job this process is the entrypoint of (``ray job submit --working-dir``), else
+    None. Ray passes the job's runtime env to the entrypoint in ``$RAY_JOB_CONFIG_JSON_ENV_VAR``."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    wd = env.get("working_dir") if isinstance(env, dict) else None
+    return wd or None
+
+
+def require_durable_paths(**paths: Optional[str]) -> None:
+    """Under ``ray job submit --working-dir`` the entrypoint runs in a temporary copy of the working dir on the head
+    node, which Ray deletes later; a relative output path would put checkpoints, shards and runs there (and training
+    workers on other nodes would write to their own copies). Exit with one sentence naming the first such path.
+    Outside a job (``python jobs/x.py``) relative paths are fine. Keyword names are shown as given (``a.b`` or
+    ``--flag``); None / empty values and URIs (``s3://..``) are ignored."""
+    if job_working_dir() is None:
+        return
+    for name, path in paths.items():
+        if path and "://" not in path and not os.path.isabs(os.path.expanduser(path)):
+            sys.exit(f"config error: {name}={path} is relative, and this job runs in Ray's temporary copy of the "
+                     f"--working-dir, which is deleted later; pass an absolute path on shared storage (e.g. "
+                     f"{name}=/shared/{path.lstrip('./')}).")

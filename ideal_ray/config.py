@@ -216,7 +216,8 @@ class DistributedConfig:
     use_gpu: bool = True
     cpus_per_worker: float = 8.0  # leave the rest of each node's CPUs to Ray Data (decode, augment)
     zero_stage: int = 1  # DeepSpeed ZeRO stage for the generator and discriminator engines (0, 1 or 2)
-    storage_path: str = "runs"  # Ray Train storage: local dir, NFS path, or s3:// / gs:// (pyarrow filesystems)
+    # Ray Train storage: local dir, NFS path, or s3:// / gs:// (pyarrow filesystems); "" = the run's output_dir
+    storage_path: str = ""
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     keep_checkpoints: int = 3  # most recent checkpoints kept in storage
     max_bad_steps: int = 10  # NaN guard: stop after this many non-finite steps in a row

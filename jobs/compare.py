@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import require_durable_paths  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--sort-by", default=None, help="a metric, best first (default: by the param values)")
     p.add_argument("--tracking-uri", default=None)
     args = p.parse_args(argv)
+    require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
 
     from ideal_ray.tune.compare import compare_runs, tracking_uri_for
 

@@ -34,7 +34,6 @@ def main(argv=None) -> int:
     # a fresh run folder each time: a demo never resumes or overwrites an earlier one
     run_dir = unique_dir(os.path.join(cfg.output_dir, cfg.name))
     cfg.name = os.path.basename(run_dir)
-    cfg.dist.storage_path = cfg.output_dir
     # one MLflow database for the whole demo (tokenizer, AR and sampling runs), unless the user points elsewhere
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db")
 
@@ -99,8 +98,8 @@ def _ar_demo(tok_cfg, tokenizer_export: str) -> tuple:
     ar_cfg = load_ar_config("ar-tiny", [f"data.shards={shards}", f"model.num_classes={tok_cfg.data.synthetic_classes}",
                                         f"model.vocab_size={tok_cfg.model.quantizer.codebook_size}",
                                         f"model.grid={tok_cfg.model.vfm.grid}", f"name={tok_cfg.name}-ar",
-                                        f"output_dir={tok_cfg.output_dir}", f"dist.storage_path={tok_cfg.output_dir}"])
-    ar = train_ar(ar_cfg)
+                                        f"output_dir={tok_cfg.output_dir}"])
+    ar = train_ar(ar_cfg, tracking_uri=tracking_uri)  # the demo's one MLflow database
     samples = sample_images_ray(ar["export"], tokenizer_export, SampleConfig(cfg_scale=1.75, per_class=8, batch_size=40),
                                 None, os.path.join(run_dir, "samples"), device="cpu", num_samplers=1,
                                 tracking_uri=tracking_uri, log=lambda line: None)

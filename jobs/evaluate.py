@@ -24,6 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import require_durable_paths  # noqa: E402
+
 
 def _print(result: dict) -> None:
     from ideal_ray.pipelines.evaluate import protocol_line
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
         p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                                                             "<out>/mlflow.db; '' disables)")
     args = parser.parse_args(argv)
+    require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
 
     from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
 

@@ -21,6 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import require_durable_paths  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     local.add_argument("--in-process", action="store_true", help="no Ray: decode and encode in this process")
     local.add_argument("--num-workers", type=int, default=0, help="decode worker processes (--in-process)")
     args = parser.parse_args(argv)
+    require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     from ideal_ray.data.tokens import TokenShardError

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import parse_classes  # noqa: E402
+from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mlflow", action="store_true", help="log params, speed and the grid to MLflow "
                         "($MLFLOW_TRACKING_URI or <out>/mlflow.db)")
     args = parser.parse_args(argv)
+    require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
 
     from ideal_ray.tracking import default_tracking_uri
 

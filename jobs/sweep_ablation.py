@@ -25,6 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import require_durable_paths  # noqa: E402
+
 from ideal_ray.tune.ablation import STUDIES  # noqa: E402
 
 
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of the parent and child runs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every trial")
     args = parser.parse_args(argv)
+    require_durable_paths(**{"--storage": args.storage})  # under `ray job submit --working-dir`: absolute only
 
     asha = args.asha.split(":")
     if len(asha) < 2 or len(asha) > 4 or not all(p.isdigit() for p in asha[2:]):

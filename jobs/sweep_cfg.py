@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import parse_classes  # noqa: E402
+from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
 
 
 def _scales(values):
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--quiet", action="store_true", help="no Tune progress table, no trial logs")
     args = p.parse_args(argv)
+    require_durable_paths(**{"--storage-path": args.storage_path})  # in a `--working-dir` job: absolute only
     try:
         scales = _scales(args.cfg_scales)
     except argparse.ArgumentTypeError as e:

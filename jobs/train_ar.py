@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ideal_ray.cli import require_durable_paths  # noqa: E402
 from ideal_ray.config import AR_PRESETS, ConfigError, load_ar_config, validate_ar  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
         if args.gpus is not None:
             cfg.dist.use_gpu = args.gpus
         validate_ar(cfg)
+        require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path})
         from ideal_ray.train.ar_stage import train_ar
 
         train_ar(cfg)

@@ -5,6 +5,11 @@ import socket
 import pytest
 import torch
 
+# Ray Train's controller polls its workers every 2 s by default; each tiny run waits one poll to start the worker
+# group and one to notice it finished. The local clusters the tests start inherit this (the workers are children
+# of the test process); it changes no result, only how soon the controller looks.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):

@@ -97,3 +97,30 @@ def test_runtime_env_keeps_user_data_out_of_the_upload():
         assert heavy in env["excludes"]
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     assert os.path.isfile(ROOT / "jobs" / "extract_tokens.py")  # the job its usage line names
+
+
+def test_jobs_refuse_relative_output_paths_only_inside_a_working_dir_job(monkeypatch, capsys):
+    """Ray gives a job's entrypoint its runtime env in $RAY_JOB_CONFIG_JSON_ENV_VAR (the real thing is exercised by
+    test_cluster_job.py); with a working_dir there, relative output paths are refused in one sentence."""
+    import json
+
+    from ideal_ray.cli import job_working_dir, require_durable_paths
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job_working_dir() is None
+    require_durable_paths(output_dir="runs", **{"--out": "x"})  # a plain `python jobs/x.py`: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"A": "1"}}}))
+    require_durable_paths(output_dir="runs")  # a job without --working-dir runs in the submitter's cwd: fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}}))
+    assert job_working_dir() == "gcs://_ray_pkg_abc.zip"
+    require_durable_paths(output_dir="/shared/runs", **{"dist.storage_path": "s3://bucket/runs", "--out": None})
+    with pytest.raises(SystemExit, match=r"--storage-path=runs/sweeps is relative.*--storage-path=/shared/runs/sweeps"):
+        require_durable_paths(**{"--storage-path": "runs/sweeps"})
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ar_job", Path(__file__).parents[1] / "jobs" / "train_ar.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit, match="output_dir=runs is relative"):
+        job.main(["--preset", "ar-tiny", "data.shards=/shared/tokens"])

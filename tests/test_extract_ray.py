@@ -212,3 +212,45 @@ def test_mostly_unreadable_shard_stops_the_run_unwritten(setup, tmp_path):
     assert not list(out.glob(tk.SHARD_GLOB))
     s = extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16, max_skip_fraction=1.0)
     assert s["verify"]["ok"] and len(s["skipped"]) >= 12
+
+
+def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray_local, local_ref, tmp_path):
+    """SIGKILL the encoder actor's process once the first shard is on disk: Ray Data restarts the actor and retries
+    its in-flight batches; the driver drops rows delivered twice, so the folder holds every row exactly once and
+    equals the in-process extraction."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    out = tmp_path / "killed"
+    result, errors = {}, []
+
+    def target():
+        try:  # one image per encoder call and per decode task: many tasks, a wide window for the kill
+            result.update(_run(setup, out, batch_size=20, decode_batch=1, tracking_uri=""))
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and thread.is_alive() and not list(out.glob(tk.SHARD_GLOB)):
+        time.sleep(0.02)
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "_EncodeViews" in " ".join(p.info["cmdline"] or [])]
+    assert thread.is_alive() and victims, "the kill must land mid-run, on the encoder actor"
+    written_at_kill = len(list(out.glob(tk.SHARD_GLOB)))
+    for p in victims:
+        os.kill(p.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and not errors, errors
+    s = result
+    print(f"killed {len(victims)} encoder process(es) after {written_at_kill} shard(s); "
+          f"{s['duplicates_dropped']} duplicate row(s) dropped, {s['shards']} shards")
+    assert s["complete"] and s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0
+    assert s["shards_written"] == s["shards"] > written_at_kill  # nothing was written before the run started
+    ds = tk.TokenShardDataset(out)
+    assert ds.image_ids == local_ref.image_ids and len(set(ds.image_ids)) == len(ds.image_ids)
+    np.testing.assert_array_equal(ds.labels, local_ref.labels)
+    np.testing.assert_array_equal(ds.tokens, local_ref.tokens)

@@ -1,4 +1,4 @@
-"""Every stage in order, resumable: tokenizer -> extract -> AR -> sample -> evaluate (-> CFG sweep).
+"""Every stage in order, resumable: tokenizer -> extract -> AR -> sample -> evaluate -> CFG sweep.
 
 A pipeline run lives in ``<output_dir>/<name>/`` with ``pipeline.json``, rewritten atomically after every stage:
 for each finished stage its outputs and seconds. A rerun of the same name skips every stage whose recorded outputs
@@ -82,6 +82,7 @@ def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = p
                                        "skipped": False, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_state(path, state)
         log(f"[pipeline] {stage.name}: finished in {state['stages'][stage.name]['seconds']:.0f} s")
+    _write_state(path, state)  # the file says what this run did, skipped stages included
     return state
 
 
@@ -109,22 +110,30 @@ def _driver_device() -> str:
 def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", ar_overrides: Optional[List[str]] = None,
                              views: str = "llamagen", sample_cfg=None, device: str = "auto",
                              eval_images: Optional[int] = None, probe_train_images: int = 0,
+                             sweep_cfg_scales: Optional[List[float]] = None, sweep_per_class: int = 4,
+                             reference: Optional[str] = None, fid_cache: Optional[str] = None,
                              tracking_uri: Optional[str] = None, log: Callable[[str], None] = print) -> List[Stage]:
     """The chain for one tokenizer config: train it, extract its codes (``views``), train ``ar_preset`` on them,
-    sample ``sample_cfg.per_class`` images per class, evaluate reconstruction and generation (against the val
-    folder of ``tok_cfg.data.root``). Every stage writes under ``run_dir`` and logs to ``tracking_uri``."""
+    sample ``sample_cfg.per_class`` images per class, evaluate reconstruction and generation against ``reference``
+    (an ADM reference npz or an image folder; default the val folder of ``tok_cfg.data.root``), then sweep the CFG
+    scale over ``sweep_cfg_scales`` on Ray Tune (``sweep_per_class`` images per class a trial; no sweep stage when
+    the list is empty or None). Every stage writes under ``run_dir`` and logs to ``tracking_uri``; the reference
+    statistics are computed once into ``fid_cache`` (default ``<run_dir>/fid_refs``; on a cluster, a shared folder)
+    and read by the evaluation and every sweep trial."""
     from ideal_ray.config import SampleConfig, load_ar_config
 
     sample_cfg = sample_cfg or SampleConfig()
     ar_overrides = list(ar_overrides or [])
     cpu = device == "cpu"
+    reference = reference or os.path.join(tok_cfg.data.root, "val")
+    fid_cache = fid_cache or os.path.join(run_dir, "fid_refs")
 
     def tokenizer(state):
         from ideal_ray.train.local import ensure_dataset
         from ideal_ray.train.ray_trainer import train_tokenizer
 
         ensure_dataset(tok_cfg)
-        r = train_tokenizer(tok_cfg, log=log)
+        r = train_tokenizer(tok_cfg, log=log, tracking_uri=tracking_uri)
         return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
 
     def extract(state):
@@ -144,7 +153,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                                          f"model.vocab_size={q.quantizer.codebook_size}", f"model.grid={q.vfm.grid}",
                                          f"name={tok_cfg.name}-ar", f"output_dir={tok_cfg.output_dir}",
                                          f"dist.storage_path={tok_cfg.dist.storage_path}"] + ar_overrides)
-        r = train_ar(cfg, log=log)
+        r = train_ar(cfg, log=log, tracking_uri=tracking_uri)
         return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
 
     def sample(state):
@@ -163,16 +172,34 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                              os.path.join(run_dir, "eval-recon"), split="val", num_images=eval_images,
                              device=device, num_actors=1 if cpu else None, probe_train_images=probe_train_images,
                              tracking_uri=tracking_uri, log_fn=log)
-        gen = evaluate_gen(state["stages"]["sample"]["outputs"]["samples"], os.path.join(tok_cfg.data.root, "val"),
-                           os.path.join(run_dir, "eval-gen"), device=_driver_device(),
+        gen = evaluate_gen(state["stages"]["sample"]["outputs"]["samples"], reference,
+                           os.path.join(run_dir, "eval-gen"), device=_driver_device(), cache_dir=fid_cache,
                            tracking_uri=tracking_uri, log_fn=log)
         return {"recon": os.path.join(rec["out_dir"], "result.json"), "gen": os.path.join(gen["out_dir"], "result.json"),
                 "rfid": rec["rfid"], "psnr": rec["psnr"], "usage": rec["usage"], "gfid": gen["gfid"]}
 
-    return [
+    def sweep(state):
+        from ideal_ray.tune.cfg_sweep import sweep_cfg
+
+        s = sweep_cfg(state["stages"]["ar"]["outputs"]["export"], state["stages"]["tokenizer"]["outputs"]["export"],
+                      reference, "cfg", os.path.join(run_dir, "sweeps"), list(sweep_cfg_scales),
+                      per_class=sweep_per_class, batch_size=sample_cfg.batch_size, seed=sample_cfg.seed,
+                      out_size=sample_cfg.out_size, gpus_per_trial=0 if cpu else None, cache_dir=fid_cache,
+                      tracking_uri=tracking_uri, verbose=0, log=log)
+        if s["errored"] or s["unfinished"] or s["best"] is None:
+            raise RuntimeError(f"the CFG sweep did not finish ({s['errored']} trial(s) failed, {s['unfinished']} "
+                               f"unfinished: {s['errors'][:1]}); rerun to resume it.")
+        return {"sweep": s["path"], "best": os.path.join(s["path"], "report", "best.json"),
+                "parent_run_id": s["parent_run_id"], "best_cfg_scale": float(s["best"]["config"]["cfg_scale"]),
+                "best_gfid": s["best"]["metrics"].get("gfid")}
+
+    stages = [
         Stage("tokenizer", tokenizer, _files_exist("export")),
         Stage("extract", extract, _extraction_complete),
         Stage("ar", ar, _files_exist("export")),
         Stage("sample", sample, _files_exist("samples", "grid")),
         Stage("evaluate", evaluate, _files_exist("recon", "gen")),
     ]
+    if sweep_cfg_scales:
+        stages.append(Stage("sweep", sweep, _files_exist("best")))
+    return stages

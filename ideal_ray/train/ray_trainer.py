@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -43,7 +43,7 @@ def _fs(uri: str):
 
 
 def storage_uri(cfg: TokenizerTrainConfig) -> str:
-    s = cfg.dist.storage_path
+    s = cfg.dist.storage_path or cfg.output_dir  # "" = next to the run's exports
     return s if "://" in s else os.path.abspath(s)
 
 
@@ -147,13 +147,15 @@ def init_ray(cfg: TokenizerTrainConfig) -> None:
 
 
 def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn: Callable[[int, int], Any],
-              total_steps: int, experiment: str, extra_config: Dict[str, Any], log: Callable[[str], None]):
+              total_steps: int, experiment: str, extra_config: Dict[str, Any], log: Callable[[str], None],
+              tracking_uri: Optional[str] = None):
     """Run a stage's workers on Ray Train and return ``(result, final_step, tracking_uri, local_dir)``.
 
     Shared by every stage: records/checks the config in the run folder, starts Ray, builds one dataset per rank
     (``rank_dataset_fn(rank, start_step)``, evaluated at every (re)start of the worker group so the data resumes
     at the latest checkpoint), and runs ``worker_fn`` on ``cfg.dist.num_workers`` workers with restarts
-    (``FailureConfig``) and checkpoints in ``cfg.dist.storage_path/cfg.name``.
+    (``FailureConfig``) and checkpoints in ``cfg.dist.storage_path/cfg.name``. MLflow: ``tracking_uri``, default
+    ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``.
     """
     import ray.train
     from ray.data import DataContext
@@ -167,7 +169,7 @@ def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn:
     d = cfg.dist
     path = run_uri(cfg)
     local_dir = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
-    tracking_uri = default_tracking_uri(local_dir)
+    tracking_uri = tracking_uri or default_tracking_uri(local_dir)
     log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {total_steps} steps on "
         f"{d.num_workers} workers, storage {path}, MLflow {tracking_uri}")
 
@@ -205,8 +207,11 @@ def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn:
     return result, final_step, tracking_uri, local_dir
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary."""
+def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print,
+                    tracking_uri: Optional[str] = None) -> Dict[str, Any]:
+    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary. MLflow
+    experiment ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or
+    ``<output_dir>/<name>/mlflow.db``)."""
     from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info
     from ideal_ray.train.tokenizer_stage import train_loop_per_worker, vfm_stage
 
@@ -228,7 +233,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
 
     result, final_step, tracking_uri, local_dir = run_stage(
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",
-        {"steps_per_epoch": steps_per_epoch}, log)
+        {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
     record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})

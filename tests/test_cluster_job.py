@@ -1,0 +1,254 @@
+"""Cluster operation end to end: a real local Ray head (`ray start --head`, GCS and dashboard / job API on
+127.0.0.1, token auth on), the tiny pipeline (tokenizer -> extract -> AR -> sample -> evaluate -> CFG sweep)
+submitted with `ray job submit --working-dir .`, and a real `mlflow server` (SQLite backend, proxied artifacts,
+localhost) as the job's tracking URI, as on a cluster.
+
+`make cluster-test` runs just this module (~3 minutes on 2 cores). The head and the server are stopped afterwards,
+whatever happened. The head gets its own --temp-dir, so no other `ray.init()` (of this or a parallel test process)
+finds and joins it, and stopping it ends only its processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)  # ray, mlflow and python of this environment
+TOKEN = uuid.uuid4().hex + uuid.uuid4().hex  # the cluster's auth token (Ray 2.60 token auth)
+
+# small enough for 2 CPU cores: 4 classes x 8 train images, 6 tokenizer steps, 4 AR steps on one worker each
+PIPELINE_OVERRIDES = ["name=tinyjob", "data.synthetic_classes=4", "data.synthetic_train_per_class=8",
+                      "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
+                      "schedule.ckpt_every=3", "schedule.log_every=3", "schedule.vis_every=1000",
+                      "dist.num_workers=1"]
+AR_SETS = ["schedule.steps=4", "schedule.ckpt_every=2", "schedule.log_every=2", "dist.num_workers=1"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", **extra)  # conftest.py says why
+    return env
+
+
+def _run(cmd, log, timeout, env=None, check=True):
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or _env(), cwd=REPO, timeout=timeout)
+    if check and p.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-6000:]
+        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {p.returncode}:\n{tail}")
+    return p.returncode
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head` bound to 127.0.0.1 (GCS and dashboard / job API), 8 logical CPUs, token auth; yields the
+    job API address. Stopped at the end (:func:`_stop_head`)."""
+    base = tmp_path_factory.mktemp("head")
+    log = str(base / "cluster.log")
+    temp_dir = tempfile.mkdtemp(prefix="irh", dir="/tmp")  # short: Ray's socket paths live under it
+    dash, gcs = _port(), _port()
+    cmd = [os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--num-gpus=0",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        _run(cmd, log, timeout=120, env=_env(DS_ACCELERATOR="cpu"))
+        yield {"address": f"http://127.0.0.1:{dash}", "log": log, "base": base}
+    finally:
+        _stop_head(temp_dir, gcs, log)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(temp_dir: str, gcs_port: int, log: str) -> None:
+    """`ray stop` for this head only (`ray stop` ends every Ray cluster of the user on the machine, a parallel test
+    process's too): the processes naming this head's temp dir or GCS port, and everything they started, get SIGTERM,
+    then SIGKILL after 15 s."""
+    import psutil
+
+    marks = (temp_dir, f":{gcs_port}")
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(m in " ".join(p.info["cmdline"] or []) for m in marks):
+                for q in [p] + p.children(recursive=True):
+                    procs[q.pid] = q
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    with open(log, "a") as f:
+        f.write(f"\nstopped the head: {len(procs)} process(es), {len(alive)} of them killed\n")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts (clients never touch its disk)."""
+    base = tmp_path_factory.mktemp("mlflow_server")
+    port = _port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                             "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, open(base / "server.log").read()[-3000:]
+            time.sleep(0.5)
+        yield {"uri": uri, "base": base}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _submit(head, entrypoint, log, env_vars=None, timeout=900):
+    """`ray job submit --working-dir .` (blocking: streams the job's output, exits 1 when it fails), then the job's
+    final status from `ray job status`: "SUCCEEDED", or the command's whole answer."""
+    ray = os.path.join(BIN, "ray")
+    sid = f"ideal-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", **(env_vars or {})}}
+    _run([ray, "job", "submit", "--address", head["address"], "--submission-id", sid, "--working-dir", ".",
+          "--runtime-env-json", json.dumps(runtime_env), "--", "python"] + entrypoint, log, timeout=timeout)
+    out = subprocess.run([ray, "job", "status", "--address", head["address"], sid], capture_output=True, text=True,
+                         env=_env(), cwd=REPO, timeout=60)
+    text = out.stdout + out.stderr
+    return "SUCCEEDED" if f"Job '{sid}' succeeded" in text else text  # the CLI's words for a finished job
+
+
+def _pipeline_args(head):
+    return (["jobs/pipeline.py", "--preset", "tiny", "--per-class", "2", "--sweep-per-class", "1", "--eval-images",
+             "8", f"output_dir={head['base'] / 'runs'}", f"data.root={head['base'] / 'data'}"]
+            + PIPELINE_OVERRIDES + [a for s in AR_SETS for a in ("--ar-set", s)])
+
+
+@pytest.fixture(scope="module")
+def pipeline_job(head, mlflow_server):
+    """The tiny pipeline as one submitted job, every output under an absolute folder outside the working dir, the
+    MLflow server as its tracking URI (the job's runtime env, as cluster/runtime_env.yaml does)."""
+    t0 = time.perf_counter()
+    status = _submit(head, _pipeline_args(head), head["log"], env_vars={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
+    return {"status": status, "run_dir": head["base"] / "runs" / "tinyjob", "seconds": time.perf_counter() - t0}
+
+
+def _stages(pipeline_job):
+    return json.loads((pipeline_job["run_dir"] / "pipeline.json").read_text())["stages"]
+
+
+def test_job_api_refuses_a_client_without_the_cluster_token(head):
+    env = _env()
+    env["RAY_AUTH_TOKEN"] = "0" * 64
+    p = subprocess.run([os.path.join(BIN, "ray"), "job", "list", "--address", head["address"]], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=60)
+    assert p.returncode != 0 and "ideal-test" not in p.stdout
+
+
+def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
+    print(f"pipeline job: {pipeline_job['seconds']:.0f} s")
+    assert pipeline_job["status"] == "SUCCEEDED", pipeline_job["status"]
+    state = _stages(pipeline_job)
+    assert list(state) == ["tokenizer", "extract", "ar", "sample", "evaluate", "sweep"]
+    assert not any(s["skipped"] for s in state.values())
+    assert state["tokenizer"]["outputs"]["steps"] == 6 and state["ar"]["outputs"]["steps"] == 4
+    ex = state["extract"]["outputs"]
+    assert (ex["images"], ex["rows"], ex["skipped"]) == (4 * 8, 4 * 8 * 2, 0)  # release views: 2 per image
+    assert state["sample"]["outputs"]["num_images"] == 4 * 2
+    for key in ("recon", "gen"):
+        result = json.load(open(state["evaluate"]["outputs"][key]))
+        assert result["protocol"]
+    assert state["sweep"]["outputs"]["best_cfg_scale"] in (1.0, 1.75)
+    for stage in ("tokenizer", "ar"):  # Ray Train checkpoints next to the exports (dist.storage_path = output_dir)
+        assert os.path.isdir(state[stage]["outputs"]["checkpoint"])
+        assert os.path.isfile(state[stage]["outputs"]["export"])
+
+
+def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_server):
+    """Every stage's run, metrics and artifacts went through the server's REST API and artifact proxy into its
+    SQLite store and artifact folder."""
+    import mlflow
+
+    from ideal_ray.tracking import find_runs
+
+    assert pipeline_job["status"] == "SUCCEEDED"
+    state = _stages(pipeline_job)
+    uri = mlflow_server["uri"]
+    runs = {e: find_runs(uri, e) for e in ("ideal-tokenizer", "extract", "ideal-ar", "ideal-sample", "ideal-eval",
+                                           "ideal-sweep-cfg")}
+    for e, rs in runs.items():
+        assert rs and all(r["status"] == "FINISHED" for r in rs), (e, rs)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_metric_history(runs["ideal-tokenizer"][0]["run_id"], "g_loss")[-1].step == 6
+    assert client.get_metric_history(runs["ideal-ar"][0]["run_id"], "loss")[-1].step == 4
+    assert len(runs["ideal-eval"]) == 2  # reconstruction and generation
+    parent = state["sweep"]["outputs"]["parent_run_id"]
+    children = [r for r in runs["ideal-sweep-cfg"] if r["run_id"] != parent]
+    assert sorted(float(r["params"]["cfg_scale"]) for r in children) == [1.0, 1.75]  # one child run per trial
+    assert all("gfid" in r["metrics"] for r in children)
+    best = client.download_artifacts(parent, "sweep/best.json", str(mlflow_server["base"] / "dl"))
+    assert float(json.load(open(best))["config"]["cfg_scale"]) == state["sweep"]["outputs"]["best_cfg_scale"]
+    stored = {p.name for p in (mlflow_server["base"] / "artifacts").rglob("*") if p.is_file()}
+    assert {"best.json", "cfg_table.md", "summary.json", "result.json"} <= stored, stored
+    assert os.path.getsize(mlflow_server["base"] / "mlflow.db") > 0
+    assert not (pipeline_job["run_dir"] / "mlflow.db").exists()  # the job used the server, not a local file
+
+
+def test_resubmitted_pipeline_skips_every_finished_stage(head, pipeline_job, mlflow_server):
+    assert pipeline_job["status"] == "SUCCEEDED"
+    before = _stages(pipeline_job)
+    status = _submit(head, _pipeline_args(head), head["log"], env_vars={"MLFLOW_TRACKING_URI": mlflow_server["uri"]},
+                     timeout=300)
+    assert status == "SUCCEEDED", status
+    after = _stages(pipeline_job)
+    assert all(s["skipped"] for s in after.values())
+    assert {k: v["outputs"] for k, v in before.items()} == {k: v["outputs"] for k, v in after.items()}
+
+
+def test_relative_output_path_in_a_job_is_refused_before_any_work(head):
+    with pytest.raises(AssertionError, match="exited 1"):
+        _submit(head, ["jobs/pipeline.py", "--preset", "tiny", "output_dir=runs-rel"], head["log"], timeout=120)
+    with open(head["log"]) as f:
+        assert "output_dir=runs-rel is relative" in f.read()
