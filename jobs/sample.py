@@ -2,7 +2,7 @@
 
     python jobs/sample.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
         --out runs/samples-tiny --per-class 8 --cfg-scale 1.75 --mlflow
-    ray job submit --working-dir . -- python jobs/sample.py --gpt gpt_B.pt --tokenizer ideal.pt \\
+    ray job submit --working-dir . -- python jobs/sample.py --gpt /shared/runs/ar-B/gpt.pt --tokenizer /shared/ideal.pt \\
         --out /shared/samples-B-cfg1.75 --per-class 50 --batch-size 256     # 50k images for FID, every GPU
     python jobs/sample.py ... --in-process --device cuda                   # one process, one device
 

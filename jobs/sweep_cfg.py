@@ -3,7 +3,7 @@
     python jobs/sweep_cfg.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
         --reference data/synthetic/val --name cfg-tiny --storage-path runs/sweeps --cfg-scales 1.0 1.75 2.5 \\
         --per-class 8 --gpus-per-trial 0
-    ray job submit --working-dir . -- python jobs/sweep_cfg.py --gpt gpt_B.pt --tokenizer ideal.pt \\
+    ray job submit --working-dir . -- python jobs/sweep_cfg.py --gpt /shared/gpt_B.pt --tokenizer /shared/ideal.pt \\
         --reference /refs/VIRTUAL_imagenet256_labeled.npz --name cfg-B --storage-path /shared/sweeps \\
         --cfg-scales 1.0:3.0:0.25 --per-class 50 --gpus-per-trial 0.5 --cache-dir /shared/fid_refs
 

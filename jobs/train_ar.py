@@ -6,7 +6,7 @@ Laptop (tiny GPT on the tiny tokenizer's shards, 2 CPU workers):
     python jobs/train_ar.py --preset ar-tiny model.num_classes=10
 Cluster:
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python jobs/train_ar.py --preset ar-B --num-workers 8 --gpus data.shards=/data/tokens dist.storage_path=/nfs/runs
+        python jobs/train_ar.py --preset ar-B --num-workers 8 --gpus data.shards=/shared/tokens output_dir=/shared/runs
 
 A rerun with the same name resumes from the latest checkpoint. Results: Ray checkpoints under
 ``dist.storage_path/<name>``, the MLflow run (experiment ``ideal-ar``), and ``<output_dir>/<name>/gpt_step<N>.pt``

@@ -5,7 +5,8 @@ Laptop (starts a local Ray cluster, CPU workers):
 Cluster (from a machine that can reach the head node's dashboard):
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/train_tokenizer.py --preset paper --num-workers 8 --gpus \\
-        data.root=/datasets/imagenet dist.storage_path=s3://bucket/ideal-runs
+        data.root=/shared/imagenet output_dir=/shared/runs dist.storage_path=s3://bucket/ideal-runs
+    (inside a --working-dir job every output path must be absolute: relative ones are refused)
 
 The frozen VFM runs inside each train worker by default; ``dist.vfm_placement=data`` runs it in a Ray Data actor
 pool instead (``dist.vfm_actors`` per worker, one GPU each with ``--gpus``), so the trainers' GPUs skip its forward

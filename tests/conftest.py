@@ -9,6 +9,8 @@ import torch
 # group and one to notice it finished. The local clusters the tests start inherit this (the workers are children
 # of the test process); it changes no result, only how soon the controller looks.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# ... and starts a preemption-watcher actor (one more Python process per run) that a local CPU cluster never needs.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture

@@ -161,7 +161,8 @@ def test_nan_guard_stops_with_the_last_good_checkpoint(ray_cluster, data_root, r
     from ideal_ray.train.ray_trainer import latest_checkpoint_step
 
     cfg = tiny(data_root, runs_dir, "diverges", 10, "optim.lr=1e30", "optim.warmup_epochs=0",
-               "optim.min_lr=1e29", "optim.warmup_start_lr=1e29", "schedule.ckpt_every=1", "dist.max_bad_steps=2")
+               "optim.min_lr=1e29", "optim.warmup_start_lr=1e29", "schedule.ckpt_every=1", "dist.max_bad_steps=2",
+               "dist.num_workers=1")
     with pytest.raises(NonFiniteLossError, match="non-finite losses in a row") as e:
         train(cfg)
     step = latest_checkpoint_step(os.path.join(runs_dir, "diverges"))
