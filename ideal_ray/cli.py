@@ -40,18 +40,26 @@ def parse_classes(text: str):
         raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")
 
 
-def job_working_dir() -> Optional[str]:
-    """The ``working_dir`` of the Ray job this process is the entrypoint of (``ray job submit --working-dir``), else
-    None. Ray passes the job's runtime env to the entrypoint in ``$RAY_JOB_CONFIG_JSON_ENV_VAR``."""
+def ray_job() -> Optional[dict]:
+    """``{submission_id, working_dir}`` of the Ray job this process is the entrypoint of (``ray job submit``), else
+    None. Ray passes the job's runtime env and metadata to the entrypoint in ``$RAY_JOB_CONFIG_JSON_ENV_VAR``."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
     try:
-        env = json.loads(raw).get("runtime_env") or {}
+        job = json.loads(raw)
+        env, meta = job.get("runtime_env") or {}, job.get("metadata") or {}
     except (ValueError, AttributeError):
         return None
-    wd = env.get("working_dir") if isinstance(env, dict) else None
-    return wd or None
+    if not isinstance(env, dict) or not isinstance(meta, dict):
+        return None
+    return {"submission_id": meta.get("job_submission_id"), "working_dir": env.get("working_dir") or None}
+
+
+def job_working_dir() -> Optional[str]:
+    """The ``working_dir`` of the Ray job this process is the entrypoint of (``--working-dir``), else None."""
+    job = ray_job()
+    return job["working_dir"] if job else None
 
 
 def require_durable_paths(**paths: Optional[str]) -> None:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
-    from ideal_ray.cli import require_durable_paths
+    from ideal_ray.cli import ray_job, require_durable_paths
     from ideal_ray.config import SampleConfig
     from ideal_ray.pipelines.pipeline import run_stages, tokenizer_to_eval_stages
     from ideal_ray.tracking import default_tracking_uri
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         sweep_per_class=args.sweep_per_class or (4 if tiny else 50), reference=args.reference,
         fid_cache=args.fid_cache, tracking_uri=default_tracking_uri(run_dir))
     try:
-        state = run_stages(run_dir, stages, only=args.only)
+        state = run_stages(run_dir, stages, only=args.only, meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,10 +49,11 @@ def _write_state(path: str, state: Dict[str, Any]) -> None:
 
 
 def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = print,
-               only: Optional[List[str]] = None) -> Dict[str, Any]:
+               only: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run ``stages`` in order under ``run_dir``, skipping those recorded as done whose outputs are still valid.
 
     ``only``: run just these stage names (the stages before them must be done already; later ones are left).
+    ``meta``: what to record about this invocation (e.g. the Ray job it is); appended to the state's ``runs``.
     Returns the final state; its
     ``stages[name]`` holds each stage's outputs, ``seconds`` and ``skipped`` (True when this run skipped it).
     """
@@ -65,6 +66,7 @@ def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = p
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, STATE_FILE)
     state = _read_state(path)
+    state.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})})
     last = max(names.index(n) for n in only) if only else len(stages) - 1
     for stage in stages[:last + 1]:  # with ``only``, nothing after the last requested stage runs
         rec = state["stages"].get(stage.name)
