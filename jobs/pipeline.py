@@ -3,10 +3,11 @@
     python jobs/pipeline.py --preset tiny                      # the demo's chain on a local Ray cluster (CPU)
     ray job submit --working-dir . -- python jobs/pipeline.py --preset paper --ar-preset ar-XXL \\
         --views llamagen --per-class 50 --cfg-scale 1.25 --reference /shared/refs/VIRTUAL_imagenet256_labeled.npz \\
-        --fid-cache /shared/fid_refs data.root=/shared/imagenet dist.num_workers=64 dist.use_gpu=true \\
-        output_dir=/shared/runs name=ideal-paper
+        --fid-cache /shared/fid_refs --ar-set dist.num_workers=64 data.root=/shared/imagenet dist.num_workers=64 \\
+        dist.use_gpu=true output_dir=/shared/runs name=ideal-paper
 
-The run folder ``<output_dir>/<name>/`` holds ``pipeline.json`` (each finished stage's outputs and seconds). Rerun the
+The run folder ``<output_dir>/<name>/`` holds ``pipeline.json`` (each finished stage's outputs and seconds, and every
+invocation under ``runs`` with the Ray job it was, if any). Rerun the
 same command to resume: finished stages are skipped, an interrupted one resumes from its own checkpoints / shards.
 ``--only STAGE`` runs one stage (the earlier ones must be done). Stages: tokenizer, extract, ar, sample, evaluate,
 sweep (CFG scales ``--sweep-cfg-scales``, default 1.0 1.75 for tiny and the paper's 1.0..3.0 step 0.25 otherwise;
