@@ -85,3 +85,24 @@ def fid_inception():
         return resolve_inception_weights()
     except MissingWeightsError:
         pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
+
+
+def random_sampling_models(folder, num_classes: int):
+    """(GPT export, tokenizer checkpoint) paths in ``folder``: a tiny random GPT whose weights, head included, are
+    drawn N(0, 0.2) (the zero-init head would give uniform logits, so classes and CFG would change nothing) and a
+    random tiny tokenizer, both from seed 0, for the sampling and CFG-sweep tests."""
+    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.config import gpt_config, load_config
+    from ideal_ray.models.gpt import GPT
+    from ideal_ray.models.tokenizer import IdealTokenizer
+    from ideal_ray.train.ar_stage import write_gpt_export
+
+    torch.manual_seed(0)
+    cfg = gpt_config("tiny", num_classes=num_classes)
+    gpt = GPT(cfg)
+    for p in gpt.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    gpt_path = write_gpt_export(os.path.join(folder, "gpt_step0.pt"), cfg, gpt.state_dict(), 0)
+    tcfg = load_config("tiny")
+    tok = IdealTokenizer(tcfg.model, load_weights=False)
+    return gpt_path, save_inference_checkpoint(os.path.join(folder, "tokenizer.pt"), tok, tcfg)

@@ -1,18 +1,13 @@
 """jobs/sample.py and ideal_ray.pipelines.sample_local: tiny random GPT + tiny tokenizer, on CPU."""
-import dataclasses
 import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ideal_ray.checkpoint import save_inference_checkpoint
-from ideal_ray.config import SampleConfig, gpt_config, load_config
-from ideal_ray.models.gpt import GPT
-from ideal_ray.models.tokenizer import IdealTokenizer
+from conftest import random_sampling_models
+from ideal_ray.config import SampleConfig
 from ideal_ray.pipelines.sample_local import GRID_COLUMNS, grid_image, sample_images, sample_seed
-from ideal_ray.train.ar_stage import GPT_FORMAT
 
 OUT = 16  # saved image size: small, the resize path is the same
 
@@ -22,19 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    cfg = gpt_config("tiny", num_classes=4)
-    gpt = GPT(cfg)
-    for p in gpt.parameters():  # the zero-init head would give uniform logits; make classes matter
-        torch.nn.init.normal_(p, std=0.2)
-    gpt_path = str(d / "gpt_step0.pt")
-    torch.save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg), "model": gpt.state_dict(), "step": 0},
-               gpt_path)
-    tcfg = load_config("tiny")
-    tok = IdealTokenizer(tcfg.model, load_weights=False)
-    tok_path = save_inference_checkpoint(str(d / "tokenizer.pt"), tok, tcfg)
-    return gpt_path, tok_path
+    return random_sampling_models(tmp_path_factory.mktemp("ckpts"), num_classes=4)
 
 
 def _cfg(**kw):

@@ -8,7 +8,6 @@ FINISHED child runs under one parent; jobs/compare.py must then list both trials
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -18,7 +17,8 @@ import sys
 import time
 
 import pytest
-import torch
+
+from conftest import random_sampling_models
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -28,24 +28,10 @@ SCALES = ("1.0", "2.0")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, fid_inception):
-    from ideal_ray.checkpoint import save_inference_checkpoint
-    from ideal_ray.config import gpt_config, load_config
     from ideal_ray.data.synthetic import make_synthetic_imagenet
-    from ideal_ray.models.gpt import GPT
-    from ideal_ray.models.tokenizer import IdealTokenizer
-    from ideal_ray.train.ar_stage import GPT_FORMAT
 
     d = tmp_path_factory.mktemp("sweep")
-    torch.manual_seed(0)
-    cfg = gpt_config("tiny", num_classes=2)
-    gpt = GPT(cfg)
-    for p in gpt.parameters():  # the zero-init head would give uniform logits; make CFG matter
-        torch.nn.init.normal_(p, std=0.2)
-    gpt_path = str(d / "gpt.pt")
-    torch.save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg), "model": gpt.state_dict(), "step": 0},
-               gpt_path)
-    tcfg = load_config("tiny")
-    tok_path = save_inference_checkpoint(str(d / "tok.pt"), IdealTokenizer(tcfg.model, load_weights=False), tcfg)
+    gpt_path, tok_path = random_sampling_models(d, num_classes=2)
     make_synthetic_imagenet(str(d / "data"), num_classes=2, train_per_class=1, val_per_class=4, size=40, seed=1)
     return {"dir": d, "gpt": gpt_path, "tok": tok_path, "ref": str(d / "data" / "val"),
             "storage": str(d / "sweeps"), "cache": str(d / "refs")}

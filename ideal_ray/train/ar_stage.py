@@ -146,7 +146,6 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
 
 def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
     """Single-file GPT export: EMA weights + model config, loadable with ``weights_only=True``."""
-    from ideal_ray.checkpoint import atomic_torch_save
     from ideal_ray.train.loop import EMA_FILE
 
     if os.path.exists(out_path):
@@ -156,7 +155,15 @@ def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
         ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
     state = {k: v.clone() for k, v in state.items()}
     state.update({k: v.to(state[k].dtype) for k, v in ema.items()})
-    return atomic_torch_save({"format": GPT_FORMAT, "config": dataclasses.asdict(cfg.model), "model": state,
+    return write_gpt_export(out_path, cfg.model, state, step)
+
+
+def write_gpt_export(out_path: str, model_cfg, state: dict, step: int) -> str:
+    """The single-file GPT format :func:`load_gpt` reads: ``model_cfg`` (a GPTConfig), the weights, the step.
+    Written atomically; an existing file is never replaced."""
+    from ideal_ray.checkpoint import atomic_torch_save
+
+    return atomic_torch_save({"format": GPT_FORMAT, "config": dataclasses.asdict(model_cfg), "model": state,
                               "step": int(step)}, out_path)
 
 
