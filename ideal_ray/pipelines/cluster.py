@@ -8,8 +8,9 @@ import os
 from typing import Optional, Tuple
 
 
-def init_ray(logical_cpus: int) -> None:
-    """Connect to ``$RAY_ADDRESS`` or start a local cluster with at least ``logical_cpus`` logical CPUs.
+def init_ray(logical_cpus: int, address: str = "", runtime_env: Optional[dict] = None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``) or start a local cluster with at least ``logical_cpus`` logical
+    CPUs and ``runtime_env``; returns True when this call started the local cluster.
 
     On a 2-core laptop too few logical CPUs deadlock the actor pools; oversubscribing the cores only slows them.
     Does nothing when Ray is already initialized (the caller's cluster is used as it is).
@@ -17,12 +18,13 @@ def init_ray(logical_cpus: int) -> None:
     import ray
 
     if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=False)
+        return False
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=False, runtime_env=runtime_env)
+    return True
 
 
 def actor_device(device: str, num_actors: Optional[int]) -> Tuple[str, int, int, int]:

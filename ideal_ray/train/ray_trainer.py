@@ -126,17 +126,16 @@ def local_cluster_cpus(cfg) -> int:
 
 
 def init_ray(cfg: TokenizerTrainConfig) -> None:
+    """Join ``dist.ray_address`` / ``$RAY_ADDRESS`` or start a local cluster sized for the stage
+    (:func:`local_cluster_cpus`; DeepSpeed told to use the CPU when the workers have no GPU)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address)
-        return
+    from ideal_ray.pipelines.cluster import init_ray as connect_or_start
+
     d = cfg.dist
-    ray.init(num_cpus=max(os.cpu_count() or 1, local_cluster_cpus(cfg)), include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not d.use_gpu else None)
+    if not connect_or_start(local_cluster_cpus(cfg), d.ray_address,
+                            None if d.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}):
+        return
     if d.use_gpu:  # a local cluster cannot grow: say so now rather than wait forever for GPUs
         have, need = int(ray.cluster_resources().get("GPU", 0)), d.num_workers + vfm_actors_total(cfg)
         if have < need:
