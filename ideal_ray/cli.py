@@ -18,11 +18,12 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny
                         help="dotted config overrides, e.g. optim.lr=2e-4 data.root=/datasets/imagenet")
 
 
-def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
+def config_from_args(args: argparse.Namespace, in_process: bool = False) -> TokenizerTrainConfig:
     """Build and validate the config; a wrong value exits with its one-sentence message (no traceback), and so
-    does a relative path inside a Ray job (:func:`require_durable_paths`)."""
+    does a relative path inside a Ray job (:func:`require_durable_paths`). ``in_process``: the config of a run in
+    this process, one rank (``dist.num_workers=1`` before the overrides, so e.g. ``dist.engine=torch`` validates)."""
     try:
-        cfg = load_config(args.preset, args.overrides)
+        cfg = load_config(args.preset, (["dist.num_workers=1"] if in_process else []) + list(args.overrides))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,

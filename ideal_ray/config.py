@@ -228,6 +228,27 @@ class DistributedConfig:
     # The math is the same either way (a pure function of the image), so a resumed run may switch it.
     vfm_placement: str = "trainer"
     vfm_actors: int = 1  # VFM actors per rank's dataset with vfm_placement=data (one GPU each with use_gpu)
+    # How parameters are updated (train/engines.py): "deepspeed" (every Ray run; one process too) or "torch"
+    # (plain torch AdamW in one process: quick CPU runs where DeepSpeed's start-up costs more than the run)
+    engine: str = "deepspeed"
+
+
+@dataclass
+class PerfConfig:
+    """Speed levers of a stage's step on a GPU (train/levers.py). Each keeps the math of the plain step (tested
+    on CPU) and each is timed alone by ``jobs/bench.py``; on CPU the GPU-only ones change nothing. Defaults follow
+    the H200 measurements in the README ("Performance"): a lever is on by default once it measured a gain."""
+
+    frozen_bf16: bool = False  # frozen trunks' linear/conv weights held in bf16 (CUDA + precision=bf16 only)
+    channels_last: bool = False  # pixel decoder activations and the LPIPS trunk in NHWC (CUDA only)
+    compile: bool = False  # torch.compile (inductor) of the step's regions (CUDA only): decoders, trunk blocks
+    # torch.compile mode of those regions: default | reduce-overhead (CUDA graphs of each region) |
+    # max-autotune-no-cudagraphs (autotuned kernels; long first compile)
+    compile_mode: str = "default"
+    # when the host reads the NaN guard: "after_backward" launches the backward first (the host waits while the
+    # GPU already has the backward queued; a non-finite step's gradients are NaN-poisoned and dropped), or
+    # "before_backward" (the host waits for the forward, the GPU idles until the backward is launched)
+    nan_check: str = "after_backward"
 
 
 class StageConfig:
@@ -253,6 +274,7 @@ class TokenizerTrainConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     output_dir: str = "runs"
 
 
@@ -343,6 +365,8 @@ class ARTrainConfig(StageConfig):
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(log_every=100, ckpt_every=25000,
                                                                             vis_every=10**9))
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    # compiled GPT blocks: GPT-B 838 vs 468 seq/s at batch 64 on one H200 (README "Performance")
+    perf: PerfConfig = field(default_factory=lambda: PerfConfig(compile=True))
     output_dir: str = "runs"
 
 
@@ -398,6 +422,7 @@ def validate_ar(cfg: ARTrainConfig) -> None:
     _check(d.loader_workers >= 1, "data.loader_workers must be at least 1.")
     _check(t.zero_stage in (0, 1, 2), f"dist.zero_stage {t.zero_stage} is not supported (0, 1 or 2): the EMA keeps "
            f"full parameters on every rank.")
+    validate_engine_and_perf(t, cfg.perf)
     _check(t.vfm_placement == "trainer",
            f"dist.vfm_placement '{t.vfm_placement}' does not apply to the AR stage (it reads token shards and runs "
            f"no VFM); leave dist.vfm_placement=trainer.")
@@ -614,6 +639,9 @@ LPIPS_NETS = ("vgg", "alex", "squeeze")
 PRECISIONS = ("bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 VFM_PLACEMENTS = ("trainer", "data")
+ENGINES = ("deepspeed", "torch")
+NAN_CHECKS = ("after_backward", "before_backward")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _check(ok: bool, sentence: str) -> None:
@@ -661,6 +689,17 @@ def validate_tokenizer(m: TokenizerConfig) -> None:
     _check(v.grid * up == m.image_size,
            f"The pixel decoder upsamples the {v.grid}x{v.grid} token grid by {up} to {v.grid * up}, "
            f"but model.image_size is {m.image_size}: change model.pixel_decoder.ch_mult or model.image_size.")
+
+
+def validate_engine_and_perf(t: DistributedConfig, p: PerfConfig) -> None:
+    """The engine backend and the speed levers, for every training stage."""
+    _check(t.engine in ENGINES, f"dist.engine '{t.engine}' is unknown; choose one of {ENGINES}.")
+    _check(t.engine == "deepspeed" or t.num_workers == 1,
+           f"dist.engine=torch runs one process, but dist.num_workers is {t.num_workers}; use dist.engine=deepspeed "
+           f"for several workers, or dist.num_workers=1.")
+    _check(p.nan_check in NAN_CHECKS, f"perf.nan_check '{p.nan_check}' is unknown; choose one of {NAN_CHECKS}.")
+    _check(p.compile_mode in COMPILE_MODES,
+           f"perf.compile_mode '{p.compile_mode}' is unknown; choose one of {COMPILE_MODES}.")
 
 
 def validate(cfg: TokenizerTrainConfig) -> None:
@@ -714,5 +753,6 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _check(t.vfm_placement in VFM_PLACEMENTS,
            f"dist.vfm_placement '{t.vfm_placement}' is unknown; choose one of {VFM_PLACEMENTS}.")
     _check(t.vfm_actors >= 1, f"dist.vfm_actors {t.vfm_actors} must be at least 1 (VFM actors per rank's dataset).")
+    validate_engine_and_perf(t, cfg.perf)
     _check(s.log_every >= 1 and s.ckpt_every >= 1 and s.vis_every >= 1,
            "schedule.log_every, ckpt_every and vis_every must be at least 1.")

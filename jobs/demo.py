@@ -10,7 +10,8 @@
 
     python jobs/demo.py                       # both parts (a few minutes on 2 cores)
     python jobs/demo.py --tokenizer-only      # part 1 only
-    python jobs/demo.py --in-process          # part 1 in one process, no Ray
+    python jobs/demo.py --in-process          # part 1 in this process, no Ray (the same stage, loop and export)
+    python jobs/demo.py --in-process dist.engine=torch   # ... on plain torch AdamW: the quick CPU option
     python jobs/demo.py schedule.steps=100    # a.b=c overrides of the tokenizer config
 """
 import argparse
@@ -26,24 +27,20 @@ from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, default_preset="tiny")
-    parser.add_argument("--in-process", action="store_true", help="train in this process (no Ray, no DeepSpeed)")
-    parser.add_argument("--device", default=None, help="--in-process only: cpu or cuda")
+    parser.add_argument("--in-process", action="store_true",
+                        help="part 1 only, trained in this process (no Ray): one rank of the same stage and loop, "
+                             "checkpoints, MLflow and export (dist.use_gpu=true for a GPU, dist.engine=torch for "
+                             "plain torch AdamW)")
     parser.add_argument("--tokenizer-only", action="store_true", help="stop after the tokenizer (part 1)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, in_process=args.in_process)
     # a fresh run folder each time: a demo never resumes or overwrites an earlier one
     run_dir = unique_dir(os.path.join(cfg.output_dir, cfg.name))
     cfg.name = os.path.basename(run_dir)
     # one MLflow database for the whole demo (tokenizer, AR and sampling runs), unless the user points elsewhere
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db")
 
-    if args.in_process:
-        from ideal_ray.train.local import train_tokenizer_local
-
-        result = train_tokenizer_local(cfg, device=args.device)
-        before, after = result["before"], result["after_ema"]
-    else:
-        before, after, export = _ray_demo(cfg)
+    before, after, export = _tokenizer_demo(cfg, in_process=args.in_process)
     better = after["psnr"] > before["psnr"] and after["usage"] >= before["usage"]
     print(f"[ideal-ray] trained tokenizer beats the untrained one: {'yes' if better else 'NO'}")
     if not better:
@@ -55,25 +52,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ray_demo(cfg):
+def _tokenizer_demo(cfg, in_process: bool):
+    """Part 1: train the tokenizer (Ray Train, or this process), then PSNR / usage on the val split of the untrained
+    model and of the export (EMA weights)."""
     import torch
+    from torch.utils.data import DataLoader
 
     from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.config import ConfigError
+    from ideal_ray.data.folder import ImageFolderDataset
+    from ideal_ray.data.transforms import eval_transform
     from ideal_ray.models.tokenizer import IdealTokenizer
-    from ideal_ray.train.local import ensure_dataset, loaders
     from ideal_ray.train.ray_trainer import train_tokenizer
     from ideal_ray.train.tokenizer_step import evaluate_reconstruction
 
-    ensure_dataset(cfg)
-    result = train_tokenizer(cfg)
-    _, val_loader = loaders(cfg)
+    try:
+        result = train_tokenizer(cfg, in_process=in_process)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    d = cfg.data
+    val_loader = DataLoader(ImageFolderDataset(d.root, "val", eval_transform(d.image_size), class_index=d.class_index),
+                            batch_size=d.global_batch)
     torch.manual_seed(cfg.optim.seed)  # the trained run's initial weights
     before = evaluate_reconstruction(IdealTokenizer(cfg.model), val_loader)
     after = evaluate_reconstruction(load_tokenizer(result["export"]), val_loader)
     print(f"[ideal-ray] {'':14s} {'PSNR (dB)':>10s} {'usage':>8s} {'entropy':>8s}")
     for name, r in (("untrained", before), ("trained (EMA)", after)):
         print(f"[ideal-ray] {name:14s} {r['psnr']:10.2f} {r['usage']:8.1%} {r['entropy']:8.2f}")
-    print(f"[ideal-ray] Ray checkpoints and MLflow run: {result['run_path']} ({result['tracking_uri']})\n"
+    print(f"[ideal-ray] checkpoints and MLflow run: {result['run_path']} ({result['tracking_uri']})\n"
           f"[ideal-ray] inference export: {result['export']}\n"
           f"[ideal-ray] compare runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
     return before, after, result["export"]

@@ -42,6 +42,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def local_group():
+    """A one-rank gloo process group for engines outside Ray Train (in-process stages, as ``jobs/bench.py`` and
+    in-process runs build them); destroyed after the module, with the environment it set restored."""
+    from ideal_ray.train.sessions import local_process_group
+
+    with local_process_group(torch.device("cpu")):
+        yield
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance for Ray Train tests: 8 logical CPUs (workers + decode actors + Ray Data's tasks fit on
     a 2-core machine without deadlock) and DeepSpeed told to use the CPU."""

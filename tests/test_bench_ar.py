@@ -17,14 +17,39 @@ def _row(out: str, first_cell: str):
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def test_ar_train_table(capsys):
-    main(["ar-train", "--preset", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu"])
+def _table(out: str, first_header: str = "variant"):
+    header = [c.strip() for c in next(ln for ln in out.splitlines()
+                                      if ln.startswith(f"| {first_header}")).strip("|").split("|")]
+    return header
+
+
+def test_ar_train_table_times_the_stage(capsys, local_group):
+    """The AR benchmark times ARStage's own step on the DeepSpeed engine, one row per lever variant."""
+    main(["ar-train", "--preset", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
+          "--variants", "base,nan_after"])
     out = capsys.readouterr().out
-    header = [c.strip() for c in next(ln for ln in out.splitlines() if ln.startswith("| preset")).strip("|").split("|")]
-    row = dict(zip(header, _row(out, "GPT-tiny")))
-    assert float(row["seq/s"]) > 0 and float(row["tokens/s"]) > 0 and float(row["TFLOP/s"]) > 0
-    assert float(row["MFU %"]) > 0
+    header = _table(out)
+    for variant, levers in (("base", "-"), ("nan_after", "nan_after")):
+        row = dict(zip(header, _row(out, variant)))
+        assert row["levers"] == levers and row["engine"] == "deepspeed" and row["ZeRO"] == "1"
+        assert float(row["seq/s"]) > 0 and float(row["TFLOP/s"]) > 0 and float(row["MFU %"]) > 0
+        assert row["skipped"] == "0"
+    assert "ARStage.train_step + EMA" in out
     assert "6 x N_params x T + 12 x layers x width x T^2" in out
+
+
+def test_tokenizer_table_times_the_stage(capsys, local_group):
+    main(["tokenizer", "--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+          "--variants", "base", "dist.engine=torch"])
+    out = capsys.readouterr().out
+    row = dict(zip(_table(out), _row(out, "base")))
+    assert row["engine"] == "torch" and float(row["img/s"]) > 0 and float(row["TFLOP/s"]) > 0
+    assert "TokenizerStage.train_step + EMA" in out
+
+
+def test_unknown_variant_is_one_sentence():
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        main(["ar-train", "--preset", "tiny", "--device", "cpu", "--variants", "fast"])
 
 
 def test_flops_formula_matches_performance_note():

@@ -102,7 +102,9 @@ def test_prefill_and_decode_with_the_kv_cache_equal_the_full_forward():
     with torch.no_grad():
         full = model(tokens, labels)  # (B, N, V)
         cache = model.new_cache(4)
-        assert cache.kv.shape == (2, 2, 4, 4, n + 1, 16)
+        assert len(cache.keys) == len(cache.values) == 2
+        assert all(t.shape == (4, 4, n + 1, 16) for t in cache.buffers())
+        assert len({t.data_ptr() for t in cache.buffers()}) == 4  # separate buffers, not views of one
         steps = [model.prefill(labels, cache)]
         for pos in range(1, n):
             p = pos if pos % 2 else torch.tensor(pos)  # ints and 0-dim tensors both work
@@ -115,14 +117,52 @@ def test_kv_cache_is_static_and_reusable():
     model = _random_model().eval()
     tokens, labels = _batch(model, b=2)
     cache = KVCache(model.cfg, 2)
-    ptr = cache.kv.data_ptr()
+    ptrs = [t.data_ptr() for t in cache.buffers()]
     with torch.no_grad():
         for _ in range(2):  # a second batch through the same cache gives the same answers
             out = [model.prefill(labels, cache)]
             out += [model.decode_step(tokens[:, p - 1], p, cache) for p in range(1, 8)]
-        assert cache.kv.data_ptr() == ptr
+        assert [t.data_ptr() for t in cache.buffers()] == ptrs
         full = model(tokens[:, :8], labels)
     torch.testing.assert_close(torch.stack(out, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_bounded_kv_len_gives_the_full_cache_logits():
+    """Attending over slots [0, kv_len) only (what the sampler's buckets do) changes no logit: the extra slots
+    are masked either way. Garbage in the unread slots (a previous batch) must not matter either."""
+    model = _random_model().eval()
+    tokens, labels = _batch(model, b=3)
+    n = model.num_tokens
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(3), model.new_cache(3)
+        for t in cache.buffers():
+            t.normal_()  # stale values everywhere
+        ref = [model.prefill(labels, ref_cache)]
+        out = [model.prefill(labels, cache)]
+        for pos in range(1, n):
+            ref.append(model.decode_step(tokens[:, pos - 1], pos, ref_cache))
+            kv_len = pos + 1 + (pos % 3) * 5  # the tightest bound and some looser ones
+            out.append(model.decode_step(tokens[:, pos - 1], torch.tensor(pos), cache, kv_len=min(kv_len, n + 1)))
+    torch.testing.assert_close(torch.stack(out, 1), torch.stack(ref, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not reach"):
+        model.decode_step(tokens[:, 0], 5, cache, kv_len=5)
+    with pytest.raises(ValueError, match="kv_len"):
+        model.decode_step(tokens[:, 0], 5, cache, kv_len=n + 2)
+
+
+def test_rope_pairs_equal_apply_rope_bit_for_bit():
+    from ideal_ray.models.gpt import apply_rope, apply_rope_pairs, rope_pair_table
+
+    cfg = gpt_config("tiny")
+    cos, sin = rope_2d_tables(cfg)
+    table = rope_pair_table(cos, sin)  # (S, 2, hd)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 1, 4, 16, generator=g) * 5).to(dtype)  # (B, 1, H, hd)
+        for slot in (0, 1, 9, 37, 64):
+            ref = apply_rope(x, cos[slot:slot + 1], sin[slot:slot + 1])
+            got = apply_rope_pairs(x, table[slot])
+            assert got.dtype == dtype and torch.equal(got, ref), (dtype, slot)
 
 
 def test_sampling_paths_check_mode_cache_and_position():

@@ -241,6 +241,19 @@ def test_resume_yields_exact_tail_and_rebuild_is_identical(full_rank0, synth, ra
     np.testing.assert_array_equal(again["index"], full_rank0["index"])
 
 
+def test_local_batches_are_the_ray_rows(full_rank0, synth):
+    """The in-process runs' batches (no Ray) are the rank's Ray rows, byte for byte, as torch batches of one step."""
+    cfg = _cfg(synth)
+    for start in (0, 6):  # from the beginning, and resumed mid-run across an epoch boundary
+        batches = list(rp.local_batches(cfg, WORLD, 0, start, STEPS - start, SEED))
+        assert len(batches) == STEPS - start
+        for c in rp.COLUMNS:
+            got = torch.cat([b[c] for b in batches])
+            assert got.dtype == rp.TORCH_DTYPES[c], c
+            assert got.numpy().tobytes() == full_rank0[c][start * 2:].astype(got.numpy().dtype).tobytes(), c
+        assert [int(b["step"][0]) for b in batches] == list(range(start, STEPS))
+
+
 def test_iter_torch_batches_through_train_data_config(synth, ray_local):
     """Rank 1 (default columns) through Train's DataConfig, which replaces execution options: one batch = one step."""
     cfg = _cfg(synth)
@@ -300,3 +313,6 @@ def test_bad_file_is_substituted_without_changing_row_count(synth, tmp_path, ray
     assert rows["index"][j] == sub and rows["label"][j] == labels[sub]
     np.testing.assert_array_equal(rows["image"][j], rp.load_sample(paths[sub], cfg, SEED, e, p))
     assert (np.delete(rows["index"], j) != bad).all()
+    local = list(rp.local_batches(cfg, world, 0, step, 2, SEED))  # the in-process batches substitute alike
+    for c in rp.COLUMNS:
+        np.testing.assert_array_equal(torch.cat([b[c] for b in local]).numpy(), rows[c], err_msg=c)

@@ -1,4 +1,7 @@
-"""Sampling: CFG, the cfg interval, seeds per sample, filtering, the exponential race, decoding to uint8."""
+"""Sampling: CFG, the cfg interval, seeds per sample, filtering, the exponential race, bounded KV reads,
+torch.compile of the decode step, decoding to uint8."""
+import os
+
 import pytest
 import torch
 
@@ -163,6 +166,113 @@ def test_compiled_decode_step_traces_as_one_graph():
     assert torch.equal(compiled(LABELS, SEEDS), eager)
     assert torch.equal(compiled(LABELS, SEEDS), eager)  # static shapes: the second batch reuses the graph
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------ bounded KV reads
+def test_kv_bucket_ends_cover_every_position():
+    from ideal_ray.sampling import _kv_bucket_ends
+
+    for decode_length, buckets in [(576, 8), (576, 16), (576, 1), (64, 3), (16, 2), (16, 100), (2, 4)]:
+        ends = _kv_bucket_ends(decode_length, 1, buckets)
+        assert ends == sorted(set(ends)) and ends[-1] == decode_length and len(ends) <= buckets
+        assert all(e % 8 == 0 for e in ends[:-1]) and ends[0] >= 2
+    assert _kv_bucket_ends(576, 1, 8) == [72, 144, 216, 288, 360, 432, 504, 576]
+    with pytest.raises(ValueError, match="kv_buckets"):
+        _kv_bucket_ends(576, 1, 0)
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 8, 64])
+def test_bounded_kv_sampling_gives_the_full_cache_tokens(model, buckets):
+    """Reading slots [0, end of the position's bucket) instead of the whole cache changes no token: CFG on and
+    off, sampled and greedy, a padded batch, and a cache full of the previous batch's values."""
+    for cfg in (SampleConfig(cfg_scale=2.0, top_k=50), SampleConfig(cfg_scale=1.0),
+                SampleConfig(cfg_scale=3.0, cfg_interval=(0.2, 0.7), temperature=0.0)):
+        full = Sampler(model, 6, cfg, kv_bound=False)
+        bounded = Sampler(model, 6, cfg, kv_buckets=buckets)
+        assert full.kv_lengths == [N + 1] and bounded.kv_lengths[-1] == N
+        ref = full(LABELS, SEEDS)
+        bounded(LABELS[:1], [99])  # leaves other values in every slot
+        assert torch.equal(bounded(LABELS, SEEDS), ref)
+        assert torch.equal(bounded(LABELS[1:3], SEEDS[1:3]), ref[1:3])  # padded to the static batch
+    assert torch.equal(sample(model, LABELS, SampleConfig(), SEEDS, kv_bound=False, kv_buckets=buckets),
+                       sample(model, LABELS, SampleConfig(), SEEDS))
+
+
+def test_int32_hash_equals_the_int64_hash():
+    from ideal_ray.sampling import _hash32, _hash32_i32, _to_i32
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.cat([torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF]),
+                    torch.randint(0, 2**32, (10000,), generator=g)])
+    assert torch.equal(_hash32_i32(_to_i32(xs)).long() & 0xFFFFFFFF, _hash32(xs))
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def _small_model():
+    torch.manual_seed(0)
+    small = GPT(gpt_config("tiny", n_layer=1, grid=4, dim=32, n_head=2, vocab_size=64))
+    with torch.no_grad():
+        small.head.weight.normal_(0.0, 0.3)
+    return small.eval()
+
+
+def test_compiled_step_has_no_graph_breaks_and_one_graph_for_all_buckets():
+    """aot_eager runs dynamo and AOT functionalization (what inductor gets) without compiling C++: fullgraph=True
+    would raise on a break; the counters show one graph, kv_len dynamic, serving all three buckets."""
+    from torch._dynamo.utils import counters
+
+    small = _small_model()
+    cfg = SampleConfig(cfg_scale=2.0, top_k=20)
+    eager = Sampler(small, 2, cfg, kv_buckets=3)(LABELS[:2], SEEDS[:2])
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = Sampler(small, 2, cfg, kv_buckets=3, compile=True, compile_backend="aot_eager")
+        assert len(compiled.kv_lengths) == 2  # 16 slots in 3 buckets, rounded to multiples of 8: [8, 16]
+        assert torch.equal(compiled(LABELS[:2], SEEDS[:2]), eager)
+        assert sum(counters["graph_break"].values()) == 0
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def _cxx_compiler():
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+
+
+@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler (g++ or clang++)")
+def test_inductor_step_matches_eager_and_copies_no_cache():
+    """The inductor-compiled step gives the eager tokens, and its generated code allocates no buffer as large as
+    a layer's K or V cache: the write into the cache is done in place (docs/perf-notes/sampling.md shows what
+    the old layout generated -- a copy of the whole cache per step)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    small = _small_model()
+    cfg = SampleConfig(cfg_scale=2.0)
+    eager = Sampler(small, 2, cfg, kv_buckets=2)(LABELS[:2], SEEDS[:2])
+    torch._dynamo.reset()
+    try:
+        compiled = Sampler(small, 2, cfg, kv_buckets=2, compile=True)
+        assert compiled.kv_lengths == [8, 16]
+        tokens, codes = run_and_get_code(compiled, LABELS[:2], SEEDS[:2])
+        assert torch.equal(tokens, eager)
+        assert torch.equal(compiled(LABELS[:2], SEEDS[:2]), eager)
+    finally:
+        torch._dynamo.reset()
+    assert len(codes) == 1  # one compile serves both buckets
+    layer = compiled.cache.keys[0].numel()  # 4 rows x 2 heads x 17 slots x 16
+    sizes = []
+    for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", codes[0]):
+        dims = [d.strip() for d in shape.split(",") if d.strip()]
+        numel = 1
+        for d in dims:
+            numel *= int(d) if d.isdigit() else compiled.cache.length  # a symbolic kv_len: at most the cache
+        sizes.append(numel)
+    assert sizes and max(sizes) < layer, (max(sizes), layer)
 
 
 def test_settings_and_inputs_are_checked(model):

@@ -15,7 +15,7 @@ import torch
 from ideal_ray.checkpoint import load_tokenizer
 from ideal_ray.config import ConfigError, load_config
 from ideal_ray.tracking import find_runs
-from ideal_ray.train.ds import load_module_state
+from ideal_ray.train.engines import load_module_state
 from ideal_ray.train.loop import NonFiniteLossError
 
 pytestmark = pytest.mark.slow

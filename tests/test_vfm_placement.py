@@ -4,7 +4,8 @@ Properties: the split ``FrozenVFM`` (``trunk_features`` then ``finish``) is the 
 ``*_from_trunk`` paths equal the image paths; the actor stage's features are the trainer's own (fp32: exact) and
 its bf16 wire is exactly the bf16 rounding; the data order is unchanged; training with the VFM in the data pipeline
 reaches the weights and losses of training with it in the trainer, and a resumed run may switch placement; bad
-settings are one-sentence errors. Real Ray, tiny preset, CPU, one train worker; the training runs are slow
+settings are one-sentence errors. Beside the 1-worker reference run: the same config trained in this process
+(no Ray) equals it. Real Ray, tiny preset, CPU, one train worker; the training runs are slow
 (~30 s each on 2 cores).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.data import ray_pipeline as rp
 from ideal_ray.train.tokenizer_stage import vfm_stage
-from ideal_ray.train.tokenizer_step import LocalTrainer, TokenizerSystem
+from ideal_ray.train.tokenizer_step import TokenizerSystem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,8 +95,10 @@ def test_bad_placement_settings_are_one_sentence(overrides, fragment):
 def test_placement_is_refused_where_no_vfm_runs():
     with pytest.raises(ConfigError, match="does not apply to the AR stage"):
         load_ar_config("ar-tiny", ["dist.vfm_placement=data"])
-    with pytest.raises(ConfigError, match="needs the Ray pipeline"):
-        LocalTrainer(load_config("tiny", ["dist.vfm_placement=data"]))
+    from ideal_ray.train.ray_trainer import train_tokenizer
+
+    with pytest.raises(ConfigError, match="runs the VFM in Ray Data actors, which an in-process run does not have"):
+        train_tokenizer(load_config("tiny", ["dist.vfm_placement=data"]), in_process=True)
 
 
 def test_stage_follows_the_trainers_autocast_rule():
@@ -179,17 +182,17 @@ def tiny(data_root, runs_dir, name, steps, placement):
                                 f"dist.vfm_placement={placement}"])
 
 
-def train(cfg):
+def train(cfg, in_process=False):
     from ideal_ray.train.ray_trainer import train_tokenizer
 
-    return train_tokenizer(cfg, log=lambda line: None)
+    return train_tokenizer(cfg, log=lambda line: None, in_process=in_process)
 
 
 def checkpoint_states(run_dir):
     """{step: generator module state} of every checkpoint Ray Train kept for a run."""
     from ray.train import Result
 
-    from ideal_ray.train.ds import load_module_state
+    from ideal_ray.train.engines import load_module_state
 
     out = {}
     for ckpt, metrics in Result.from_path(run_dir).best_checkpoints:
@@ -263,3 +266,20 @@ def test_data_placement_trains_like_trainer_placement(trainer_run, data_run):
     assert set(got_loss) == {1, 2}
     for step in got_loss:
         assert got_loss[step] == pytest.approx(ref_loss[step], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_in_process_run_equals_the_one_worker_ray_run(trainer_run, data_root, runs_dir):
+    """The same config trained in this process (no Ray: LocalSession, ray_pipeline.local_batches) takes the 1-worker
+    Ray run's steps bit for bit: the same batches, per-step losses and final weights (DeepSpeed engine on both, one
+    thread each: the Ray worker's OMP_NUM_THREADS=1 and this module's one_thread)."""
+    from ideal_ray.train.engines import load_module_state
+
+    ref, ref_states = trainer_run
+    got = train(tiny(data_root, runs_dir, "in-process", 2, "trainer"), in_process=True)
+    assert got["steps"] == 2 and got["export"].endswith("tokenizer_step2.pt")
+    got_states = load_module_state(got["checkpoint"], "generator")
+    assert got_states.keys() == ref_states[2].keys()
+    for k, v in ref_states[2].items():
+        assert torch.equal(got_states[k], v), k
+    assert g_losses(got) == g_losses(ref) and set(g_losses(got)) == {1, 2}

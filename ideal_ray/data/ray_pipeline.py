@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -311,33 +311,23 @@ def put_images(paths: Sequence[str], labels: np.ndarray):
 class _DecodeAugment:
     """Callable class of the actor pool: receives the packed image list once per actor process."""
 
-    def __init__(
-        self,
-        images,  # ObjectRef of _pack_images(...) output
-        seed: int,
-        start_step: int,
-        rank: int,
-        local_batch: int,
-        global_batch: int,
-        image_size: int,
-        resize_min: int,
-        resize_max: int,
-        hflip_prob: float,
-        provenance: bool = False,
-    ) -> None:
-        import ray
+    def __init__(self, images, data_cfg, seed: int, start_step: int, rank: int, local_batch: int,
+                 provenance: bool = False) -> None:
+        if not isinstance(images, dict):  # an ObjectRef of _pack_images(...) in an actor; the dict in-process
+            import ray
 
-        packed = ray.get(images) if isinstance(images, ray.ObjectRef) else images
-        self.base: str = packed["base"]
-        self.rel: np.ndarray = packed["rel"]  # (N,) bytes, zero-copy view into the object store
-        self.labels: np.ndarray = packed["labels"]  # (N,) int64
+            images = ray.get(images)
+        self.base: str = images["base"]
+        self.rel: np.ndarray = images["rel"]  # (N,) bytes, zero-copy view into the object store
+        self.labels: np.ndarray = images["labels"]  # (N,) int64
         self.n = len(self.labels)
-        self.seed, self.start_step, self.rank = seed, start_step, rank
-        self.lb, self.gb = local_batch, global_batch
-        self.spe = schedule_info(self.n, global_batch)
-        self.aug = (image_size, resize_min, resize_max, hflip_prob)
-        self.provenance = provenance
-        self._perm = PermutationCache(seed, self.n)
+        self.seed, self.start_step, self.rank = int(seed), int(start_step), int(rank)
+        self.lb, self.gb = int(local_batch), int(data_cfg.global_batch)
+        self.spe = schedule_info(self.n, self.gb)
+        self.aug = (int(data_cfg.image_size), int(data_cfg.resize_min), int(data_cfg.resize_max),
+                    float(data_cfg.hflip_prob))
+        self.provenance = bool(provenance)
+        self._perm = PermutationCache(self.seed, self.n)
         self._bad: set[int] = set()  # indices known undecodable in this process
 
     def _path(self, index: int) -> str:
@@ -521,6 +511,30 @@ def rank_datasets(
             for r in range(world_size)]
 
 
+def local_batches(data_cfg, world_size: int, rank: int, start_step: int, num_steps: int, seed: int,
+                  split: str = "train", *, images=None) -> Iterator[dict[str, torch.Tensor]]:
+    """Rank ``rank``'s batches for steps ``[start_step, start_step + num_steps)`` made in this process, without Ray:
+    what ``rank_dataset(...).iter_torch_batches(batch_size=LB, dtypes=TORCH_DTYPES)`` hands a Ray Train worker,
+    byte for byte (the same schedule and the same decode + augment code, one step per batch).
+
+    The in-process runs use it (``ray_trainer.train_tokenizer(in_process=True)``). ``images``: None (list
+    ``data_cfg.root/split``) or ``(paths, labels)``. Decoding happens in the calling thread, one step at a time.
+    """
+    local_batch = _check_request(data_cfg, world_size, start_step, num_steps, 1, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size}).")
+    paths, labels = images if images is not None else list_training_images(data_cfg.root, split,
+                                                                            data_cfg.class_index)
+    decode_augment = _DecodeAugment(_pack_images(paths, labels), data_cfg, seed, start_step, rank, local_batch)
+    return _local_steps(decode_augment, local_batch, num_steps)  # checked above, decoded as it is read
+
+
+def _local_steps(decode_augment: "_DecodeAugment", local_batch: int, num_steps: int):
+    for i in range(num_steps):
+        rows = decode_augment({"id": np.arange(i * local_batch, (i + 1) * local_batch, dtype=np.int64)})
+        yield {c: torch.as_tensor(rows[c], dtype=TORCH_DTYPES[c]) for c in COLUMNS}
+
+
 def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
            steps_per_block, provenance, vfm):
     import ray
@@ -532,19 +546,7 @@ def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_ac
     ds = ray.data.range(rows).repartition(target_num_rows_per_block=steps_per_block * local_batch)
     ds = ds.map_batches(
         _DecodeAugment,
-        fn_constructor_args=(
-            ref,
-            int(seed),
-            int(start_step),
-            int(rank),
-            int(local_batch),
-            int(data_cfg.global_batch),
-            int(data_cfg.image_size),
-            int(data_cfg.resize_min),
-            int(data_cfg.resize_max),
-            float(data_cfg.hflip_prob),
-            bool(provenance),
-        ),
+        fn_constructor_args=(ref, data_cfg, seed, start_step, rank, local_batch, provenance),
         batch_size=local_batch,
         batch_format="numpy",
         zero_copy_batch=True,

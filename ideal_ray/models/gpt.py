@@ -6,9 +6,10 @@ Single-device PyTorch. Three explicit entry points instead of one forward that g
   ``[class, tokens[:, :-1]]`` under a causal mask, so ``logits[:, i]`` predicts ``tokens[:, i]``.
 - :meth:`GPT.prefill` ``(labels, cache) -> logits`` runs the class position, fills slot 0 of a :class:`KVCache`
   and predicts token 0.
-- :meth:`GPT.decode_step` ``(tokens, pos, cache) -> logits`` feeds token ``pos - 1`` and predicts token ``pos``.
-  Shapes never change from step to step (the cache is preallocated, the step attends over all of it under a
-  position mask, ``pos`` may be a device tensor), so the step can be compiled or captured as a CUDA graph.
+- :meth:`GPT.decode_step` ``(tokens, pos, cache, kv_len) -> logits`` feeds token ``pos - 1`` and predicts token
+  ``pos``, attending over cache slots ``[0, kv_len)`` under a position mask (``kv_len`` defaults to the whole
+  cache). Shapes never change from step to step for a given ``kv_len`` (the cache is preallocated, ``pos`` may be
+  a device tensor), so the step can be compiled or captured as a CUDA graph -- one per ``kv_len`` bucket.
 
 The architecture, the 2D RoPE layout and the initialisation follow LlamaGen's ``autoregressive/models/gpt.py``
 (which the Ideal release reuses) closely enough that its released weights give its logits here: see
@@ -31,6 +32,8 @@ __all__ = [
     "RMSNorm",
     "swiglu_hidden_dim",
     "rope_2d_tables",
+    "rope_pair_table",
+    "apply_rope_pairs",
     "validate_gpt_config",
     "convert_llamagen_state_dict",
     "load_llamagen_state_dict",
@@ -95,6 +98,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c, s = cos[None, :, None, :], sin[None, :, None, :]  # (1, S, 1, hd / 2)
     out = torch.stack([a * c - b * s, b * c + a * s], dim=-1)  # (B, S, H, hd / 2, 2)
     return out.flatten(-2).type_as(x)
+
+
+def rope_pair_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos/sin (S, hd / 2) -> (S, 2, hd) float32: row 0 each cosine twice (c0, c0, c1, c1, ...), row 1 the sines
+    with the even channel's sign flipped (-s0, s0, -s1, s1, ...), for :func:`apply_rope_pairs`."""
+    c2 = torch.stack([cos, cos], dim=-1).flatten(-2)  # (S, hd)
+    s2 = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (S, hd)
+    return torch.stack([c2, s2], dim=1)  # (S, 2, hd)
+
+
+def apply_rope_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` for one position in fewer kernels, bit for bit: x (..., hd), table (2, hd) from
+    :func:`rope_pair_table` (broadcast against x's last dim) -> x * cos2 + swap(x) * sin2 in float32, where swap
+    exchanges the channels of each pair. Per pair (a, b) that is (a c + b (-s), b c + a s): IEEE defines a - y as
+    a + (-y) and b (-s) = -(b s), so every value equals apply_rope's ``a c - b s`` / ``b c + a s`` exactly."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., hd): (b, a) for each pair (a, b)
+    return (xf * table[0] + swapped * table[1]).type_as(x)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -182,13 +203,24 @@ class Attention(nn.Module):
         v_cache[:, :, :s].copy_(v)
         return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One new position: write its key/value at ``slot`` (1,), attend over the whole cache under ``mask``."""
-        q, k, v = self._qkv(x, cos, sin)  # (B, H, 1, hd)
-        k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
-        o = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
+    def decode(self, x: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new position: write its key/value at ``slot`` (1,) of this layer's cache (B, H, S, hd), then attend
+        over slots [0, kv_len) only, kv_len = mask.shape[-1]; ``mask`` (1, 1, 1, kv_len) is additive (0 / -inf)
+        in the compute dtype, ``rope`` (2, hd) the position's :func:`rope_pair_table` row.
+
+        The write goes to the layer's own buffer (a graph input of its own, not a view of a bigger one) by
+        ``index_put_``, which inductor re-inplaces; see docs/perf-notes/sampling.md."""
+        b = x.shape[0]
+        qkv = self.qkv(x).view(b, 1, 3, self.n_head, self.head_dim)  # (B, 1, 3, H, hd)
+        qk = apply_rope_pairs(qkv[:, :, :2], rope)  # (B, 1, 2, H, hd): q and k rotated together
+        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, H, 1, hd) each
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, 1, hd)
+        k_cache[:, :, slot] = k.to(k_cache.dtype)
+        v_cache[:, :, slot] = v.to(v_cache.dtype)
+        n = mask.shape[-1]
+        o = F.scaled_dot_product_attention(q, k_cache[:, :, :n].to(q.dtype), v_cache[:, :, :n].to(q.dtype),
+                                           attn_mask=mask)
         return self._out(o)
 
 
@@ -212,18 +244,22 @@ class Block(nn.Module):
     def prefill(self, x, cos, sin, k_cache, v_cache):
         return self._ffn(x + self.attn.prefill(self.attn_norm(x), cos, sin, k_cache, v_cache))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slot, mask):
-        return self._ffn(x + self.attn.decode(self.attn_norm(x), cos, sin, k_cache, v_cache, slot, mask))
+    def decode(self, x, rope, k_cache, v_cache, slot, mask):
+        return self._ffn(x + self.attn.decode(self.attn_norm(x), rope, k_cache, v_cache, slot, mask))
 
 
 # ------------------------------------------------------------------------------------------ KV cache
 class KVCache:
-    """Static keys/values for every layer, allocated once: ``kv`` is (layers, 2, B, heads, cls + N, head_dim).
+    """Static keys/values for every layer, allocated once: ``keys[i]`` and ``values[i]`` are (B, heads, cls + N,
+    head_dim), one separate buffer each.
 
-    Nothing is appended or reallocated while sampling; a step writes one slot in place and reads the whole
-    buffer under a position mask, so its shapes (and memory addresses) stay fixed across steps -- what
+    Nothing is appended or reallocated while sampling; a step writes one slot in place and reads slots
+    ``[0, kv_len)`` under a position mask, so its shapes (and memory addresses) stay fixed across steps -- what
     ``torch.compile`` and CUDA-graph capture need. Slots past the current position are never read unmasked,
     so a cache can be reused for the next batch without clearing it.
+
+    Separate buffers, not views of one (layers, 2, ...) tensor: a compiled step that writes into views of one
+    graph input is functionalized into copies of the whole base (docs/perf-notes/sampling.md).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, dtype: torch.dtype = torch.float32,
@@ -234,24 +270,34 @@ class KVCache:
         self.batch_size = batch_size
         self.length = cfg.cls_token_num + cfg.num_tokens
         head_dim = cfg.dim // cfg.n_head
-        self.kv = torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_head, self.length, head_dim, dtype=dtype,
-                              device=device)  # (L, 2, B, H, S, hd)
+        shape = (batch_size, cfg.n_head, self.length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]  # (B, H, S, hd)
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.positions = torch.arange(self.length, device=device)  # (S,) slot ids, for the decode mask
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.kv.dtype
+        return self.keys[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.kv.device
+        return self.keys[0].device
+
+    @property
+    def decode_length(self) -> int:
+        """Slots a decode step can ever read: the class positions and tokens 0..N-2 (token N-1 is never fed)."""
+        return self.length - 1
 
     def layer(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) views of layer i, each (B, H, S, hd)."""
-        return self.kv[i, 0], self.kv[i, 1]
+        """(keys, values) of layer i, each (B, H, S, hd)."""
+        return self.keys[i], self.values[i]
+
+    def buffers(self):
+        """Every buffer: keys then values, layer by layer."""
+        return [t for pair in zip(self.keys, self.values) for t in pair]
 
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -280,6 +326,7 @@ class GPT(nn.Module):
         # RoPE tables: derived from the config, never saved, and kept float32 whatever dtype the model is cast to
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_pairs", torch.empty(0), persistent=False)  # (cls + N, 2, hd), for decode
         self.reset_rope()
         if not self.tok_embed.weight.is_meta:  # on meta (counting, deferred init) there is nothing to fill;
             self.init_weights()  # after to_empty(), call init_weights() or load a state dict
@@ -302,6 +349,7 @@ class GPT(nn.Module):
         cos, sin = rope_2d_tables(self.cfg)
         self.rope_cos = cos.to(device)  # (cls + N, hd / 2)
         self.rope_sin = sin.to(device)
+        self.rope_pairs = rope_pair_table(cos, sin).to(device)  # (cls + N, 2, hd)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would cast the RoPE tables and .to_empty() would leave them uninitialised;
@@ -371,27 +419,37 @@ class GPT(nn.Module):
             h = blk.prefill(h, cos, sin, k_cache, v_cache)  # (B, 1, D)
         return self._logits(h[:, -1])  # (B, V)
 
-    def decode_step(self, tokens: torch.Tensor, pos: Union[int, torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, pos: Union[int, torch.Tensor], cache: KVCache,
+                    kv_len: Optional[int] = None) -> torch.Tensor:
         """tokens (B,) long = token ``pos - 1`` of each row -> logits (B, vocab) float32 for token ``pos``.
 
         ``pos`` is in [1, N): an int, or a 0-dim long tensor on the cache's device (a tensor keeps the step free
         of host syncs and of recompiles). The input token occupies cache slot ``cls_token_num + pos - 1``.
+        ``kv_len`` (a Python int, default: the whole cache) bounds the attention to slots ``[0, kv_len)``; it must
+        exceed that slot (checked only when ``pos`` is an int). The answer does not depend on it: slots past the
+        current one are masked either way, so only the bytes read change.
         """
         b = tokens.shape[0]
         self._check_sampling(cache, b)
+        n = cache.length if kv_len is None else kv_len  # an int (or, under torch.compile, possibly a SymInt)
+        if not 1 <= n <= cache.length:
+            raise ValueError(f"decode_step kv_len {n} is out of range; it must be in [1, {cache.length}].")
         if isinstance(pos, int):
             if not 1 <= pos < self.num_tokens:
                 raise ValueError(f"decode_step pos {pos} is out of range; it predicts tokens 1..{self.num_tokens - 1} "
                                  f"(token 0 comes from prefill).")
+            if self.cfg.cls_token_num + pos - 1 >= n:
+                raise ValueError(f"decode_step kv_len {n} does not reach the slot of pos {pos} "
+                                 f"({self.cfg.cls_token_num + pos - 1}); use kv_len > cls_token_num + pos - 1.")
             pos = torch.tensor(pos, device=cache.device)
         slot = (pos + (self.cfg.cls_token_num - 1)).reshape(1)  # (1,)
-        cos = self.rope_cos.index_select(0, slot)  # (1, hd / 2)
-        sin = self.rope_sin.index_select(0, slot)
-        mask = (cache.positions <= slot).view(1, 1, 1, -1)  # (1, 1, 1, S): this slot and every earlier one
+        rope = self.rope_pairs.index_select(0, slot)[0]  # (2, hd) float32
         h = self.tok_embed(tokens)[:, None]  # (B, 1, D)
+        # additive mask in the compute dtype, built once per step (SDPA would convert a bool mask in every layer)
+        mask = torch.where(cache.positions[:n] <= slot, 0.0, float("-inf")).to(h.dtype).view(1, 1, 1, n)
         for i, blk in enumerate(self.blocks):
             k_cache, v_cache = cache.layer(i)
-            h = blk.decode(h, cos, sin, k_cache, v_cache, slot, mask)  # (B, 1, D)
+            h = blk.decode(h, rope, k_cache, v_cache, slot, mask)  # (B, 1, D)
         return self._logits(h[:, 0])  # (B, V)
 
 

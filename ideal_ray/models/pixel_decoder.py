@@ -106,6 +106,9 @@ class PixelDecoder(nn.Module):
             self.conv_blocks.append(block)
         self.norm_out = _norm(ch, g)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, kernel_size=3, padding=1)
+        # activations in NHWC (cuDNN's tensor-core layout); the weights keep their layout, which the engines' flat
+        # parameter buffers need (train/levers.py: perf.channels_last)
+        self.channels_last = False
 
     @property
     def upsample_factor(self) -> int:
@@ -118,6 +121,8 @@ class PixelDecoder(nn.Module):
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         """feat (B, C, h, w) -> image (B, out_channels, h * 2**(L-1), w * 2**(L-1)), unbounded."""
+        if self.channels_last:
+            feat = feat.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(feat)  # (B, C0, h, w)
         for layer in self.mid:
             h = layer(h)

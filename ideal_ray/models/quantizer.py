@@ -109,12 +109,17 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def usage(self) -> float:
         """Fraction of codebook entries seen among the remembered indices (0 when nothing was pushed)."""
-        valid = self.usage_buffer[self.usage_buffer >= 0]
-        if valid.numel() == 0:
-            return 0.0
-        seen = torch.zeros(self.codebook_size, dtype=torch.bool, device=valid.device)
-        seen[valid] = True
-        return seen.sum().item() / self.codebook_size
+        return float(self.usage_tensor().item())
+
+    @torch.no_grad()
+    def usage_tensor(self) -> torch.Tensor:
+        """:meth:`usage` as a 0-dim float32 tensor on the buffer's device, computed without a host sync (the
+        training step logs it; the loop reads it only when it logs)."""
+        k = self.codebook_size
+        buf = self.usage_buffer
+        slots = torch.where(buf >= 0, buf, torch.full_like(buf, k))  # empty slots (-1) land in the extra entry k
+        seen = torch.zeros(k + 1, dtype=torch.float32, device=buf.device).index_fill_(0, slots, 1.0)  # (K + 1,)
+        return seen[:k].sum() / k
 
     @torch.no_grad()
     def reset_usage(self) -> None:

@@ -131,10 +131,8 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
     fid_cache = fid_cache or os.path.join(run_dir, "fid_refs")
 
     def tokenizer(state):
-        from ideal_ray.train.local import ensure_dataset
         from ideal_ray.train.ray_trainer import train_tokenizer
 
-        ensure_dataset(tok_cfg)
         r = train_tokenizer(tok_cfg, log=log, tracking_uri=tracking_uri)
         return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
 

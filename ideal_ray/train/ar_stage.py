@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 from ideal_ray.config import ARTrainConfig, ConfigError, from_dict, validate_ar
 from ideal_ray.models.gpt import GPT
-from ideal_ray.train import ds as dsu
+from ideal_ray.train import levers
+from ideal_ray.train.engines import build_engine
 from ideal_ray.train.loop import StepResult
 from ideal_ray.train.schedule import LRSchedule
-from ideal_ray.train.tokenizer_stage import CONFIG_FILE, step_seed
-from ideal_ray.train.tokenizer_step import autocast
+from ideal_ray.train.step import autocast, data_position, guarded_update, step_seed
+from ideal_ray.train.tokenizer_stage import CONFIG_FILE
 
 GPT_FORMAT = "ideal-ray/gpt/v1"
 
@@ -37,10 +38,15 @@ class ARStage:
         torch.manual_seed(cfg.optim.seed)
         self.model = GPT(cfg.model).to(device)
         self.model.train()
-        dsu.prepare_deepspeed(device.type)
-        self.engine = dsu.build_engine(self.model, dataclasses.replace(cfg.optim, precision="fp32"),
-                                       self.schedule.peak_lr, self.micro_batch, world_size, cfg.dist.zero_stage,
-                                       device.type)
+        self.levers = []
+        if cfg.perf.compile and device.type == "cuda":  # the blocks share one compiled graph (equal shapes)
+            levers.compile_regions(self.model.blocks, mode=cfg.perf.compile_mode)
+            self.levers.append("compile")
+        if cfg.perf.nan_check == "after_backward":
+            self.levers.append("nan_after")
+        self.engine = build_engine(cfg.dist.engine, self.model, dataclasses.replace(cfg.optim, precision="fp32"),
+                                   self.schedule.peak_lr, self.micro_batch, world_size, cfg.dist.zero_stage,
+                                   device.type)
 
     def ema_module(self) -> torch.nn.Module:
         return self.model
@@ -56,29 +62,27 @@ class ARStage:
         seed = step_seed(self.cfg.optim.seed, step, self.rank)
         torch.manual_seed(seed)  # class/token dropout, drop path
         lr = self.schedule(step - 1)
-        dsu.set_lr(self.engine, lr)
+        self.engine.set_lr(lr)
         with autocast(self.device, self.cfg.optim.precision):
             logits = self.model(tokens, labels)  # (B, N, V)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-        if not all_finite(loss):
+        if not guarded_update(self.engine, loss, all_finite, self.cfg.perf.nan_check):
             return StepResult(metrics={}, samples=0, skipped=True)
-        self.engine.backward(loss)
-        self.engine.step()
-        return StepResult(metrics={"loss": loss.detach(), "lr": lr, "grad_norm": dsu.grad_norm(self.engine) or 0.0},
+        norm = self.engine.grad_norm()
+        return StepResult(metrics={"loss": loss.detach(), "lr": lr, "grad_norm": 0.0 if norm is None else norm},
                           samples=tokens.shape[0])
 
     def _position(self) -> Dict[str, int]:
-        return {"step": self.last_step, "epoch": self.last_step // self.steps_per_epoch,
-                "step_in_epoch": self.last_step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
+        return data_position(self.last_step, self.steps_per_epoch)
 
     def save(self, ckpt_dir: str) -> None:
-        dsu.save_engine(self.engine, ckpt_dir, "gpt", {"data_position": self._position()})
+        self.engine.save(ckpt_dir, "gpt", {"data_position": self._position()})
         if self.rank == 0:
             with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
                 json.dump({"config": dataclasses.asdict(self.cfg), "data_position": self._position()}, f, indent=1)
 
     def load(self, ckpt_dir: str) -> None:
-        self.last_step = dsu.load_engine(self.engine, ckpt_dir, "gpt")["data_position"]["step"]
+        self.last_step = self.engine.load(ckpt_dir, "gpt")["data_position"]["step"]
 
     def visualize(self, batch: Any, out_dir: str, step: int) -> Optional[str]:
         return None  # sample grids need the tokenizer's decoder: jobs/sample.py
@@ -151,7 +155,9 @@ def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
     if os.path.exists(out_path):
         return out_path  # an earlier export of the same step; never replaced silently
     with checkpoint.as_directory() as d:
-        state = dsu.load_module_state(d, "gpt")
+        from ideal_ray.train.engines import load_module_state
+
+        state = load_module_state(d, "gpt")
         ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
     state = {k: v.clone() for k, v in state.items()}
     state.update({k: v.to(state[k].dtype) for k, v in ema.items()})

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ideal_ray.config import OptimConfig
+from ideal_ray.train.engines import CLIENT_KEY, TORCH_OPTIM_FILE
 from ideal_ray.train.optim import decay_groups
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -28,8 +29,7 @@ ZERO_STAGES = (0, 1, 2)
 # DeepSpeed prints a progress line every ``steps_per_print`` steps; our loop logs on its own cadence (MLflow).
 NEVER = 2 ** 62
 # DeepSpeed merges client_state into its own checkpoint dict and hands back everything it does not recognize;
-# keeping ours under one key returns exactly what was saved.
-CLIENT_KEY = "ideal_ray_client_state"
+# keeping ours under one key (CLIENT_KEY) returns exactly what was saved.
 
 _state = {"device_type": None, "world_group": None}
 
@@ -166,7 +166,7 @@ def _record_fp32_grad_norm(engine) -> None:
     def clip_and_record():
         norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
                                mpu=engine.mpu)
-        engine._global_grad_norm = float(norm)
+        engine._global_grad_norm = norm  # kept as it comes (a tensor on recent versions): no host sync here
 
     engine.clip_fp32_gradients = clip_and_record
 
@@ -178,7 +178,8 @@ def set_lr(engine, lr: float) -> None:
 
 
 def grad_norm(engine) -> Optional[float]:
-    """Global gradient norm (before clipping) of the last engine.step(); None before the first step."""
+    """Global gradient norm (before clipping) of the last engine.step() as a float; None before the first step.
+    (Reads a device value: a host sync. :meth:`DeepSpeedEngine.grad_norm` hands back the tensor instead.)"""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
@@ -205,6 +206,11 @@ def load_engine(engine, ckpt_dir: str, tag: str) -> dict:
     if not os.path.isdir(os.path.join(ckpt_dir, str(tag))):
         raise FileNotFoundError(f"No DeepSpeed checkpoint {tag!r} under {ckpt_dir}; pass the directory and tag "
                                 f"given to save_engine.")
+    if os.path.isfile(os.path.join(ckpt_dir, str(tag), TORCH_OPTIM_FILE)):
+        from ideal_ray.config import ConfigError
+
+        raise ConfigError(f"The checkpoint {tag!r} under {ckpt_dir} was written by the torch engine; resume it with "
+                          f"dist.engine=torch.")
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
     if path is None:
@@ -214,16 +220,42 @@ def load_engine(engine, ckpt_dir: str, tag: str) -> dict:
     return client_state[CLIENT_KEY]
 
 
-def load_module_state(ckpt_dir: str, tag: str) -> dict:
-    """The module's full state dict from a checkpoint written by :func:`save_engine`, without building an engine
-    (the driver's export step). DeepSpeed keeps it in ``<tag>/mp_rank_00_model_states.pt`` under ``"module"``."""
-    path = os.path.join(ckpt_dir, str(tag), "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No DeepSpeed model states at {path}; pass the directory and tag given to "
-                                f"save_engine.")
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # DeepSpeed stores a few plain objects beside the tensors
-        raise ValueError(f"{path} cannot be read with weights_only=True ({e}); it was not written by save_engine "
-                         f"of this DeepSpeed version.") from None
-    return states["module"]
+class DeepSpeedEngine:
+    """The DeepSpeed backend of :mod:`ideal_ray.train.engines` (its interface; the functions above do the work)."""
+
+    def __init__(self, module: nn.Module, optim: OptimConfig, lr: float, micro_batch: int, world_size: int,
+                 zero_stage: int, device_type: str):
+        self.engine = build_engine(module, optim, lr, micro_batch, world_size, zero_stage, device_type)
+        self.zero_stage = zero_stage
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.engine, lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def skip(self) -> None:
+        """Drop the gradients of a backward whose loss was not finite (the stage poisoned them with NaN, see
+        ``engines.nan_poison``). ZeRO 1/2: ``step()`` itself, because DeepSpeed's ZeRO optimizer finds the global
+        norm non-finite, skips the update and clears its gradient partitions (its overflow path); stage 0 has no
+        such path, so the gradients are cleared here and no step is taken."""
+        if self.zero_stage > 0:
+            self.engine.step()
+        else:
+            self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self):
+        return self.engine.get_global_grad_norm()
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        save_engine(self.engine, ckpt_dir, tag, client_state)
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        return load_engine(self.engine, ckpt_dir, tag)

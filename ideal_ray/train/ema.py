@@ -19,10 +19,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """shadow <- d * shadow + (1 - d) * param, for all parameters in two multi-tensor kernels (the same
+        arithmetic as a per-tensor ``mul_`` then ``add_``, without hundreds of small launches per step)."""
         d = self.decay if decay is None else decay
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        pairs = [(self.shadow[n], p.detach().float()) for n, p in model.named_parameters() if n in self.shadow]
+        if not pairs:
+            return
+        shadow, params = (list(x) for x in zip(*pairs))
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, params, alpha=1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

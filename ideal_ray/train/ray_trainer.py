@@ -1,17 +1,28 @@
-"""The driver side of a training stage on Ray Train: checks, datasets, ``TorchTrainer``, resume, export.
+"""The driver side of a training stage: checks, data, the run record, workers, resume, export.
 
 ``train_tokenizer(cfg)`` is the whole tokenizer stage as one function call: it validates the config and the data
-folder before any worker starts, builds one deterministic Ray dataset per rank, runs the workers of
-``tokenizer_stage.train_loop_per_worker`` with DeepSpeed, and finally exports a single-file inference checkpoint.
-A rerun with the same run name continues from the latest checkpoint (Ray Train keeps a checkpoint index in the run
-folder); a worker that dies is replaced and the group resumes from the latest checkpoint (``FailureConfig``).
+folder before any worker starts, records the config in the run folder (a changed experiment under an existing name
+is refused), runs the stage's workers (``tokenizer_stage.train_loop_per_worker``: the shared loop over
+``TokenizerStage``), and finally exports a single-file inference checkpoint. Two places to run the workers, one
+path otherwise (:func:`run_stage`):
+
+* on Ray Train (default): one deterministic Ray dataset per rank, ``TorchTrainer`` workers, checkpoints reported
+  to Ray in ``dist.storage_path/<name>``; a worker that dies is replaced and the group resumes from the latest
+  checkpoint (``FailureConfig``);
+* in this process (``in_process=True``): rank 0 of 1, no Ray; the same worker function, stage, loop, MLflow
+  record and export, the batches a 1-worker Ray run reads (``ray_pipeline.local_batches``) and checkpoints in the
+  run folder (``LocalSession``).
+
+Either way a rerun with the same run name continues from the latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -20,6 +31,10 @@ from ideal_ray.config import ConfigError, TokenizerTrainConfig, validate
 from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
 
 CONFIG_FILE = "ideal_config.json"
+# The run record also says where the run's checkpoints live: Ray Train's checkpoint index, or LocalSession's
+# numbered folders. Neither reads the other's, so a run resumes only the way it started.
+RUNNER_KEY = "runner"
+RUNNERS = {"ray": "on Ray Train", "in-process": "in one process (in_process / --in-process)"}
 # Fields a rerun of an existing run may change: how long, how often, on how many workers. Anything else (model,
 # loss, optimizer, data) would silently mix two experiments in one run folder.
 # The worker count and ZeRO stage cannot change: ZeRO optimizer shards are per rank.
@@ -67,19 +82,25 @@ def latest_checkpoint_step(run_path: str) -> int:
     return int((result.metrics or {}).get("step", 0)) if result.checkpoint else 0
 
 
-def check_or_record_config(cfg: TokenizerTrainConfig) -> bool:
-    """Record the config in the run folder; on a rerun, refuse a config that changes the experiment.
+def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bool:
+    """Record the config (and the runner, a key of :data:`RUNNERS`) in the run folder; on a rerun, refuse a config
+    that changes the experiment, or the other runner.
 
     Returns True when the run folder already held this run (a resume)."""
     import pyarrow.fs
 
     fs, path = _fs(run_uri(cfg))
     cfg_path = path.rstrip("/") + "/" + CONFIG_FILE
-    new = cfg.flat()
+    new = {**cfg.flat(), RUNNER_KEY: runner}
     if fs.get_file_info(cfg_path).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(cfg_path) as f:
             old = json.loads(f.read().decode())
-        changed = sorted(k for k in set(old) | set(new) if _norm(old.get(k)) != _norm(new.get(k))
+        was = old.pop(RUNNER_KEY, "ray")  # records from before the in-process runner were Ray runs
+        if was != runner:
+            was = RUNNERS.get(was, was)
+            raise ConfigError(f"Run '{cfg.name}' in {storage_uri(cfg)} was trained {was} and resumes only that "
+                              f"way; rerun it {was}, or choose a new name.")
+        changed = sorted(k for k in set(old) | set(cfg.flat()) if _norm(old.get(k)) != _norm(new.get(k))
                          and not k.startswith(RESUMABLE_CHANGES))
         if changed:
             raise ConfigError(f"Run '{cfg.name}' already exists in {storage_uri(cfg)} with a different "
@@ -99,11 +120,18 @@ def _norm(v):
 
 # -------------------------------------------------------------------------------------------- the stage
 def prepare_data(cfg: TokenizerTrainConfig):
-    """List the training images (clear errors before any worker starts); make the synthetic set for tiny."""
+    """List the training images (clear errors before any worker starts); make the synthetic set for tiny when
+    ``data.root`` holds no ``train`` folder yet."""
     from ideal_ray.data.ray_pipeline import list_training_images
-    from ideal_ray.train.local import ensure_dataset
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
 
-    ensure_dataset(cfg)
+    d = cfg.data
+    if not os.path.isdir(os.path.join(d.root, "train")):
+        if cfg.preset.split("+")[0] != "tiny":
+            raise FileNotFoundError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/"
+                                    f"*.JPEG); point data.root at your ImageNet copy.")
+        make_synthetic_imagenet(d.root, num_classes=d.synthetic_classes, train_per_class=d.synthetic_train_per_class,
+                                val_per_class=d.synthetic_val_per_class, size=d.synthetic_size, seed=cfg.optim.seed)
     paths, labels = list_training_images(cfg.data.root, "train", cfg.data.class_index)
     if len(paths) < cfg.data.global_batch:
         raise ConfigError(f"data.root {cfg.data.root} has {len(paths)} training images, fewer than one global batch "
@@ -145,32 +173,71 @@ def init_ray(cfg: TokenizerTrainConfig) -> None:
                               f"dist.vfm_actors, or use dist.vfm_placement=trainer.")
 
 
-def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn: Callable[[int, int], Any],
-              total_steps: int, experiment: str, extra_config: Dict[str, Any], log: Callable[[str], None],
-              tracking_uri: Optional[str] = None):
-    """Run a stage's workers on Ray Train and return ``(result, final_step, tracking_uri, local_dir)``.
+@dataclass
+class LocalResult:
+    """What an in-process :func:`run_stage` returns where a Ray run returns Ray Train's ``Result``."""
 
-    Shared by every stage: records/checks the config in the run folder, starts Ray, builds one dataset per rank
-    (``rank_dataset_fn(rank, start_step)``, evaluated at every (re)start of the worker group so the data resumes
-    at the latest checkpoint), and runs ``worker_fn`` on ``cfg.dist.num_workers`` workers with restarts
-    (``FailureConfig``) and checkpoints in ``cfg.dist.storage_path/cfg.name``. MLflow: ``tracking_uri``, default
-    ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``.
+    checkpoint: Optional[str]  # the latest checkpoint: a directory in the run folder
+
+
+def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn: Optional[Callable[[int, int], Any]],
+              total_steps: int, experiment: str, extra_config: Dict[str, Any], log: Callable[[str], None],
+              tracking_uri: Optional[str] = None, local_batches: Optional[Callable[[int], Iterator[Any]]] = None):
+    """Run a stage's workers and return ``(result, final_step, tracking_uri, local_dir)``; ``result.checkpoint`` is
+    the latest checkpoint (Ray Train's ``Result``, or a :class:`LocalResult` in process).
+
+    Shared by every stage and both runners: records/checks the config in the run folder, picks the MLflow store
+    (``tracking_uri``, default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``), hands ``worker_fn``
+    one train_loop_config, and checks that the run reached its last step (else the NaN guard stopped it).
+
+    * On Ray Train (``local_batches`` None): starts Ray, builds one dataset per rank (``rank_dataset_fn(rank,
+      start_step)``, evaluated at every (re)start of the worker group so the data resumes at the latest checkpoint),
+      and runs ``worker_fn`` on ``cfg.dist.num_workers`` workers with restarts (``FailureConfig``) and checkpoints
+      in ``cfg.dist.storage_path/cfg.name``.
+    * In this process (``local_batches(start_step)``: the one rank's batches from a step on): ``worker_fn`` runs here
+      as rank 0 of 1 (:class:`~ideal_ray.train.worker.LocalRun`) on the device of ``dist.use_gpu``, with
+      checkpoints in the same run folder (``LocalSession``).
     """
+    from ideal_ray.tracking import default_tracking_uri
+
+    in_process = local_batches is not None
+    d = cfg.dist
+    path = run_uri(cfg)
+    if in_process and "://" in path:
+        raise ConfigError(f"An in-process run keeps its checkpoints in a local folder, but dist.storage_path is "
+                          f"{d.storage_path}; set a local (or NFS) path, or run on Ray.")
+    device = local_device(cfg) if in_process else None
+    resumed = check_or_record_config(cfg, "in-process" if in_process else "ray")
+    local_dir = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
+    tracking_uri = tracking_uri or default_tracking_uri(local_dir)
+    where = f"in this process ({device}, {d.engine} engine)" if in_process else f"on {d.num_workers} workers"
+    log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {total_steps} steps {where}, "
+        f"storage {path}, MLflow {tracking_uri}")
+    config = {"cfg": dataclasses.asdict(cfg), "total_steps": total_steps, "tracking_uri": tracking_uri,
+              "experiment": experiment, **extra_config}
+    if in_process:
+        result = _run_in_process(worker_fn, config, local_batches, device, path, log)
+        final_step = local_checkpoint_step(path)
+    else:
+        result = _run_on_ray(cfg, worker_fn, config, rank_dataset_fn, path)
+        final_step = latest_checkpoint_step(path)
+    if final_step < total_steps:
+        raise NonFiniteLossError(
+            f"Run '{cfg.name}' stopped at step {final_step} of {total_steps}: {d.max_bad_steps} non-finite losses in "
+            f"a row (see the worker log). The latest good checkpoint (step {final_step}) is kept; rerun the same "
+            f"name after lowering the learning rate or fixing the data to resume from it.")
+    return result, final_step, tracking_uri, local_dir
+
+
+def _run_on_ray(cfg, worker_fn, config: Dict[str, Any], rank_dataset_fn, path: str):
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ideal_ray.data.ray_pipeline import train_data_config
-    from ideal_ray.tracking import default_tracking_uri
 
-    resumed = check_or_record_config(cfg)
     init_ray(cfg)
     d = cfg.dist
-    path = run_uri(cfg)
-    local_dir = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
-    tracking_uri = tracking_uri or default_tracking_uri(local_dir)
-    log(f"[ideal-ray] run '{cfg.name}' ({'resuming' if resumed else 'new'}): {total_steps} steps on "
-        f"{d.num_workers} workers, storage {path}, MLflow {tracking_uri}")
 
     def dataset_for(rank: int):
         def build():
@@ -182,8 +249,7 @@ def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn:
     resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "total_steps": total_steps, "tracking_uri": tracking_uri,
-                           "experiment": experiment, **extra_config},
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -197,65 +263,132 @@ def run_stage(cfg, worker_fn: Callable[[Dict[str, Any]], None], rank_dataset_fn:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    final_step = latest_checkpoint_step(path)
-    if final_step < total_steps:
-        raise NonFiniteLossError(
-            f"Run '{cfg.name}' stopped at step {final_step} of {total_steps}: {d.max_bad_steps} non-finite losses in "
-            f"a row (see the worker log). The latest good checkpoint (step {final_step}) is kept; rerun the same "
-            f"name after lowering the learning rate or fixing the data to resume from it.")
-    return result, final_step, tracking_uri, local_dir
+    return result
+
+
+def local_device(cfg) -> torch.device:
+    """The device of an in-process run: the current CUDA device with ``dist.use_gpu``, else the CPU."""
+    if not cfg.dist.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("dist.use_gpu is true but this process sees no CUDA device; run on a GPU machine, or set "
+                          "dist.use_gpu=false (--cpu).")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def local_checkpoint(run_path: str) -> tuple:
+    """(directory, step) of the latest checkpoint an in-process run wrote in ``run_path`` ((None, 0) if none)."""
+    from ideal_ray.train.sessions import LocalSession
+
+    if not os.path.isdir(run_path):
+        return None, 0
+    ckpts = LocalSession(run_path).checkpoints()
+    if not ckpts:
+        return None, 0
+    with open(os.path.join(ckpts[-1], LOOP_STATE)) as f:
+        return ckpts[-1], int(json.load(f)["step"])
+
+
+def local_checkpoint_step(run_path: str) -> int:
+    """Step of the latest checkpoint of an in-process run (0 when there is none)."""
+    return local_checkpoint(run_path)[1]
+
+
+def _run_in_process(worker_fn, config: Dict[str, Any], local_batches, device: torch.device, path: str,
+                    log: Callable[[str], None]) -> LocalResult:
+    """``worker_fn`` in this process as rank 0 of 1, inside a one-rank process group (created for the run, unless
+    the caller has one), from the latest checkpoint in ``path``."""
+    from ideal_ray.train.sessions import local_process_group
+    from ideal_ray.train.worker import LocalRun
+
+    with local_process_group(device):
+        worker_fn({**config, "local": LocalRun(device, path, local_batches(local_checkpoint_step(path)), log)})
+    return LocalResult(local_checkpoint(path)[0])
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print,
-                    tracking_uri: Optional[str] = None) -> Dict[str, Any]:
-    """Train (or resume) the tokenizer on Ray Train + DeepSpeed; export the EMA weights. Returns a summary. MLflow
-    experiment ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or
-    ``<output_dir>/<name>/mlflow.db``)."""
-    from ideal_ray.data.ray_pipeline import put_images, rank_dataset, schedule_info
+                    tracking_uri: Optional[str] = None, in_process: bool = False) -> Dict[str, Any]:
+    """Train (or resume) the tokenizer; export the EMA weights. Returns a summary. MLflow experiment
+    ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
+
+    On Ray Train by default; ``in_process=True`` runs the same stage in this process, as the one rank of a 1-worker
+    run (``dist.num_workers`` is taken as 1), on the engine of ``dist.engine`` (``torch`` is the quick CPU option)."""
+    from ideal_ray.data.ray_pipeline import local_batches, put_images, rank_dataset, schedule_info
     from ideal_ray.train.tokenizer_stage import train_loop_per_worker, vfm_stage
 
+    if in_process:
+        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, num_workers=1))
     validate(cfg)
+    vfm = vfm_stage(cfg)
+    if in_process and vfm is not None:
+        raise ConfigError(f"dist.vfm_placement={cfg.dist.vfm_placement} runs the VFM in Ray Data actors, which an "
+                          f"in-process run does not have; set dist.vfm_placement=trainer (the same math).")
     paths, labels = prepare_data(cfg)
     steps_per_epoch = schedule_info(len(paths), cfg.data.global_batch)
     total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
-    vfm = vfm_stage(cfg)
     log(f"[ideal-ray] tokenizer: {len(paths)} images, {steps_per_epoch} steps/epoch, VFM in the "
         + ("trainers" if vfm is None else f"data pipeline ({vfm.num_actors} actor(s) per rank, "
            f"{'bf16' if vfm.bf16 else 'fp32'} features)"))
-    init_ray(cfg)
-    images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
 
-    def rank_data(rank: int, start: int):
-        return rank_dataset(cfg.data, cfg.dist.num_workers, rank, start_step=start,
-                            num_steps=max(total_steps - start, 0), seed=cfg.optim.seed, images=images,
-                            num_actors=max(1, cfg.data.loader_workers), vfm=vfm)
+    if in_process:
+        rank_data = None
+
+        def local(start: int):  # the batches of rank 0 of a 1-worker Ray run, made here
+            return local_batches(cfg.data, 1, 0, start, max(total_steps - start, 0), cfg.optim.seed,
+                                 images=(paths, labels))
+    else:
+        local = None
+        init_ray(cfg)
+        images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
+
+        def rank_data(rank: int, start: int):
+            return rank_dataset(cfg.data, cfg.dist.num_workers, rank, start_step=start,
+                                num_steps=max(total_steps - start, 0), seed=cfg.optim.seed, images=images,
+                                num_actors=max(1, cfg.data.loader_workers), vfm=vfm)
 
     result, final_step, tracking_uri, local_dir = run_stage(
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",
-        {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri)
+        {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri, local_batches=local)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
     record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})
-    log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
-    return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
+    log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
+    return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "steps": final_step,
             "tracking_uri": tracking_uri, "run_path": run_uri(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def checkpoint_dir(checkpoint) -> Iterator[str]:
+    """A local directory holding ``checkpoint``: a Ray Train ``Checkpoint`` (fetched when remote) or the directory
+    of an in-process run's checkpoint. (Ray's ``Checkpoint`` counts as ``os.PathLike`` but refuses ``fspath``.)"""
+    if isinstance(checkpoint, str):
+        yield checkpoint
+    else:
+        with checkpoint.as_directory() as d:
+            yield d
+
+
+def checkpoint_path(checkpoint) -> str:
+    """Where ``checkpoint`` is stored (a Ray Train ``Checkpoint``'s path, or the directory itself)."""
+    return checkpoint if isinstance(checkpoint, str) else str(checkpoint.path)
+
+
 def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step: int = 0,
                      overwrite: bool = False) -> str:
-    """Single-file inference checkpoint from a training checkpoint: the tokenizer with EMA weights + config.
+    """Single-file inference checkpoint from a training checkpoint (a Ray Train ``Checkpoint`` or an in-process
+    run's checkpoint directory): the tokenizer with EMA weights + config.
 
     The frozen VFM trunk is included when it has no weights file of its own (random-init tiny runs); with a
     pretrained VFM it is left out and the loader takes it from the VFM's weights file (full fp32 precision).
     """
     from ideal_ray.models.tokenizer import IdealTokenizer
-    from ideal_ray.train import ds as dsu
+    from ideal_ray.train.engines import load_module_state
 
     if os.path.exists(out_path) and not overwrite:
         return out_path  # an earlier export of the same step; never replaced silently
-    with checkpoint.as_directory() as d:
-        module_state = dsu.load_module_state(d, "generator")
+    with checkpoint_dir(checkpoint) as d:
+        module_state = load_module_state(d, "generator")
         ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
     model = IdealTokenizer(cfg.model, load_weights=False)
     model.load_state_dict(module_state)
@@ -272,11 +405,11 @@ def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str,
     checkpoint's loop state."""
     from ideal_ray.tracking import Tracker
 
-    with checkpoint.as_directory() as d:
+    with checkpoint_dir(checkpoint) as d:
         with open(os.path.join(d, LOOP_STATE)) as f:
             run_id = json.load(f).get("tracker_run_id")
     if not run_id:
         return
     t = Tracker(tracking_uri, experiment, run_name="", run_id=run_id)
-    t.set_tags({"final_checkpoint": str(checkpoint.path), **tags})
+    t.set_tags({"final_checkpoint": checkpoint_path(checkpoint), **tags})
     t.finish("FINISHED")

@@ -1,10 +1,12 @@
-"""The tokenizer stage on Ray Train + DeepSpeed: the per-worker step (:class:`TokenizerStage`) and the worker
-entry point (:func:`train_loop_per_worker`). The driver side (building the trainer) is in ``ray_trainer.py``.
+"""The tokenizer stage: its one training step (:class:`TokenizerStage`, what every run, test and benchmark takes)
+and the Ray Train worker entry point (:func:`train_loop_per_worker`). The driver side is in ``ray_trainer.py``.
 
-Each worker holds a :class:`~ideal_ray.train.tokenizer_step.TokenizerSystem` with two DeepSpeed engines: one over
-the tokenizer (the frozen VFM trunk stays frozen inside it) and one over the discriminator heads. Step order as in
-the release: G step -> (EMA, by the shared loop) -> D step. Weights stay fp32 in the engines; on GPU the forward
-runs under bf16 autocast, as the authors' release trains.
+Each rank holds a :class:`~ideal_ray.train.tokenizer_step.TokenizerSystem` with two engines (``dist.engine``:
+DeepSpeed, or plain torch in one process): one over the tokenizer (the frozen VFM trunk stays frozen inside it)
+and one over the discriminator heads. Step order as in the release: G step -> D step, then the shared loop's EMA
+(of G's parameters only, which the D step does not touch, so it equals the release's EMA between the two). Weights
+stay fp32 in the engines; on GPU the forward runs under bf16 autocast, as the authors' release trains. The
+``perf.*`` speed levers (:func:`apply_levers`) change where and how it runs, never what it computes.
 
 Determinism: the data order is fixed by the schedule of ``ideal_ray.data.ray_pipeline`` and every random draw of
 a step (dropout, DiffAugment, the discriminator's crop) is seeded from (seed, step, rank), so a resumed run takes
@@ -21,25 +23,22 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from ideal_ray.config import TokenizerTrainConfig, from_dict
 from ideal_ray.data.ray_pipeline import VFMStage, to_model_input, torch_dtypes, trunk_features_from_batch
 from ideal_ray.data.transforms import make_grid_png
-from ideal_ray.train import ds as dsu
+from ideal_ray.train import levers
+from ideal_ray.train.engines import build_engine
 from ideal_ray.train.loop import StepResult
 from ideal_ray.train.schedule import LRSchedule
-from ideal_ray.train.tokenizer_step import TokenizerSystem, autocast
+from ideal_ray.train.step import autocast, data_position, frozen, guarded_update, step_seed, uses_bf16
+from ideal_ray.train.tokenizer_step import TokenizerSystem
 
 LECAM_FILE = "lecam_rank{rank}.pt"
 CONFIG_FILE = "config.json"
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """One independent seed per (run seed, step, rank), so no random draw depends on what ran before."""
-    return (seed * 1_000_003 + step * 8191 + rank * 131) % (2**63 - 1)
 
 
 def vfm_stage(cfg: TokenizerTrainConfig) -> Optional[VFMStage]:
@@ -52,25 +51,46 @@ def vfm_stage(cfg: TokenizerTrainConfig) -> Optional[VFMStage]:
                     bf16=d.use_gpu and cfg.optim.precision == "bf16")
 
 
-@contextlib.contextmanager
-def frozen(module: Optional[torch.nn.Module]):
-    """Temporarily stop gradients into ``module``'s parameters (the generator's adversarial term must not touch
-    the discriminator's gradients, which DeepSpeed owns)."""
-    if module is None:
-        yield
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+def apply_levers(system: TokenizerSystem, cfg: TokenizerTrainConfig, device: torch.device) -> List[str]:
+    """Apply the ``perf.*`` speed levers that hold on this device to the networks of one tokenizer run; returns
+    the names of those applied (the benchmark prints them). None of them changes the math (train/levers.py)."""
+    p, applied = cfg.perf, []
+    tok, disc, lp = system.tokenizer, system.discriminator, system.lpips
+    if p.frozen_bf16 and uses_bf16(device, cfg.optim.precision):
+        for frozen_net in (tok.vfm.trunk, disc.trunk if disc is not None else None, lp):
+            if frozen_net is not None:
+                levers.hold_frozen_in_bf16(frozen_net)
+        applied.append("frozen_bf16")
+    if p.channels_last and device.type == "cuda":
+        tok.pixel_decoder.channels_last = True  # its activations (its weights live in the engine's flat buffers)
+        if lp is not None:
+            levers.to_channels_last(lp)  # frozen, outside every engine: weights too
+        applied.append("channels_last")
+    if p.compile and device.type == "cuda":
+        levers.compile_regions(compile_targets(system), mode=p.compile_mode)
+        applied.append("compile")
+    if p.nan_check == "after_backward":
+        applied.append("nan_after")
+    return applied
+
+
+def compile_targets(system: TokenizerSystem) -> List[torch.nn.Module]:
+    """The regions ``perf.compile`` compiles: both decoders and the fusion block (trainable), the VFM and DINO trunks'
+    blocks and the LPIPS trunk (frozen; gradients still flow through the last two into the reconstruction). The
+    discriminator heads stay eager (spectral norm updates its power-iteration buffers in place every forward)."""
+    tok, disc, lp = system.tokenizer, system.discriminator, system.lpips
+    regions = [tok.pixel_decoder, tok.feature_decoder, *tok.vfm.trunk.blocks]
+    if any(True for _ in tok.fusion.parameters()):
+        regions.append(tok.fusion)
+    if lp is not None:
+        regions.append(lp.net)
+    if disc is not None:
+        regions.extend(disc.trunk.blocks)
+    return regions
 
 
 class TokenizerStage:
-    """The tokenizer's step for the shared loop, on DeepSpeed engines."""
+    """The tokenizer's step for the shared loop, on the engine backend of ``dist.engine`` (train/engines.py)."""
 
     def __init__(self, cfg: TokenizerTrainConfig, device: torch.device, rank: int, world_size: int,
                  steps_per_epoch: int, load_weights: bool = True):
@@ -81,16 +101,18 @@ class TokenizerStage:
         self.steps_per_epoch = steps_per_epoch
         self.last_step = 0  # the last step taken (the next batch of the data stream is step last_step + 1)
         torch.manual_seed(o.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
-        self.system = TokenizerSystem(cfg, load_weights=load_weights).to(device)
+        # built where it runs: random init of ~900M parameters (VFM with its text tower, DINO, LPIPS) takes tens of
+        # seconds on a CPU and a moment on a GPU; pretrained weights load the same either way
+        with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self.system = TokenizerSystem(cfg, load_weights=load_weights)
+        self.system.to(device)
         self.system.train()
-        dsu.prepare_deepspeed(device.type)
+        self.levers = apply_levers(self.system, cfg, device)
         engine_optim = dataclasses.replace(o, precision="fp32")  # fp32 weights; bf16 comes from autocast
-        self.g = dsu.build_engine(self.system.tokenizer, engine_optim, self.schedule.peak_lr, self.micro_batch, world_size,
-                                  cfg.dist.zero_stage, device.type)
-        self.d = None
-        if self.system.discriminator is not None:
-            self.d = dsu.build_engine(self.system.discriminator, engine_optim, self.schedule.peak_lr, self.micro_batch,
-                                      world_size, cfg.dist.zero_stage, device.type)
+        make = lambda module: build_engine(cfg.dist.engine, module, engine_optim, self.schedule.peak_lr,  # noqa: E731
+                                           self.micro_batch, world_size, cfg.dist.zero_stage, device.type)
+        self.g = make(self.system.tokenizer)
+        self.d = make(self.system.discriminator) if self.system.discriminator is not None else None
         self.generator = torch.Generator(device="cpu")
         self.vfm_stage = vfm_stage(cfg)
 
@@ -99,7 +121,9 @@ class TokenizerStage:
         return self.system.tokenizer
 
     def train_step(self, batch: Dict[str, torch.Tensor], step: int,
-                   all_finite: Callable[[torch.Tensor], bool]) -> StepResult:
+                   all_finite: Callable[[torch.Tensor], Any]) -> StepResult:
+        """G step, then D step (the loop updates the EMA after this returns, as the release does between them:
+        the EMA sees only G's parameters). No host sync but the NaN guard's reads (``perf.nan_check``)."""
         self.last_step = step
         expected = step - 1
         got = int(batch["step"][0])
@@ -110,10 +134,10 @@ class TokenizerStage:
         torch.manual_seed(seed)
         self.generator.manual_seed(seed)
         lr = self.schedule(step - 1)
-        tok = self.system.tokenizer
+        tok, nan_check = self.system.tokenizer, self.cfg.perf.nan_check
 
         # generator step
-        dsu.set_lr(self.g, lr)
+        self.g.set_lr(lr)
         with autocast(self.device, self.cfg.optim.precision), frozen(self.system.discriminator):
             if self.vfm_stage is None:
                 g_loss, metrics, out = self.system.g_loss(images, step, generator=self.generator)
@@ -121,46 +145,41 @@ class TokenizerStage:
                 shallow_raw, deep = trunk_features_from_batch(batch, self.vfm_stage, self.device)
                 g_loss, metrics, out = self.system.g_loss_from_trunk(images, shallow_raw, deep, step,
                                                                      generator=self.generator)
-        if not all_finite(g_loss):
+        if not guarded_update(self.g, g_loss, all_finite, nan_check):
             return StepResult(metrics={}, samples=0, skipped=True)
-        self.g.backward(g_loss)
-        self.g.step()
-        metrics["grad_norm_g"] = dsu.grad_norm(self.g) or 0.0
+        metrics["grad_norm_g"] = _norm_or_zero(self.g.grad_norm())
         with torch.no_grad():
             tok.quantizer.update_usage(out.quant.indices)
-        metrics["usage"] = tok.quantizer.usage()
+        metrics["usage"] = tok.quantizer.usage_tensor()
         metrics["lr"] = lr
 
         # discriminator step (its grads were never touched by the generator step)
         if self.d is not None:
-            dsu.set_lr(self.d, lr)
+            self.d.set_lr(lr)
             with autocast(self.device, self.cfg.optim.precision):
                 d_loss, d_metrics = self.system.d_loss(images, out.recon, step, generator=self.generator)
             metrics.update(d_metrics)
-            if all_finite(d_loss):
-                self.d.backward(d_loss)
-                self.d.step()
-                metrics["grad_norm_d"] = dsu.grad_norm(self.d) or 0.0
+            if guarded_update(self.d, d_loss, all_finite, nan_check):
+                metrics["grad_norm_d"] = _norm_or_zero(self.d.grad_norm())
                 metrics["d_skipped"] = 0.0
             else:  # keep G's update, skip only D's; counted in the metrics
                 metrics["d_skipped"] = 1.0
         return StepResult(metrics=metrics, samples=images.shape[0])
 
     def save(self, ckpt_dir: str) -> None:
-        position = {"step": self.last_step, "epoch": self.last_step // self.steps_per_epoch,
-                    "step_in_epoch": self.last_step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
-        dsu.save_engine(self.g, ckpt_dir, "generator", {"data_position": position})
+        position = data_position(self.last_step, self.steps_per_epoch)
+        self.g.save(ckpt_dir, "generator", {"data_position": position})
         if self.d is not None:
-            dsu.save_engine(self.d, ckpt_dir, "discriminator", {"data_position": position})
+            self.d.save(ckpt_dir, "discriminator", {"data_position": position})
         torch.save(self.system.lecam.state_dict(), os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank)))
         if self.rank == 0:  # the checkpoint describes itself: the config and where the data stream stands
             with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
                 json.dump({"config": dataclasses.asdict(self.cfg), "data_position": position}, f, indent=1)
 
     def load(self, ckpt_dir: str) -> None:
-        self.last_step = dsu.load_engine(self.g, ckpt_dir, "generator")["data_position"]["step"]
+        self.last_step = self.g.load(ckpt_dir, "generator")["data_position"]["step"]
         if self.d is not None:
-            dsu.load_engine(self.d, ckpt_dir, "discriminator")
+            self.d.load(ckpt_dir, "discriminator")
         path = os.path.join(ckpt_dir, LECAM_FILE.format(rank=self.rank))
         if os.path.exists(path):  # a restart with more workers starts the new ranks' LeCAM averages fresh
             self.system.lecam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -181,6 +200,11 @@ class TokenizerStage:
         tok.train(was_training)
         return str(make_grid_png(images.float().cpu(), recon.float().cpu(),
                                  os.path.join(out_dir, f"recon_step{step:08d}.png"), nrow=4))
+
+
+def _norm_or_zero(norm):
+    """An engine's grad norm for the metrics (a tensor stays a tensor: read only when the loop logs)."""
+    return 0.0 if norm is None else norm
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:

@@ -1,34 +1,62 @@
-"""What every stage's Ray Train worker does around its step: session, data shard, shared loop, tracker."""
+"""What every stage's worker does around its step: session, batches, shared loop, tracker.
+
+One function for both places a rank runs: a Ray Train worker (``TorchTrainer`` calls the stage's
+``train_loop_per_worker``), or the driver's own process for an in-process run (``ray_trainer.run_stage`` calls the
+same ``train_loop_per_worker`` with a :class:`LocalRun` in its config). Only where the batches come from and where
+checkpoints go differ (:class:`~ideal_ray.train.sessions.RaySession` / :class:`~ideal_ray.train.sessions.LocalSession`).
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 
 from ideal_ray.train.loop import LoopConfig, NonFiniteLossError, run_loop
 
 
+@dataclass
+class LocalRun:
+    """An in-process run of a stage: this process is rank 0 of 1 (its process group already exists)."""
+
+    device: torch.device
+    root: str  # the run folder: LocalSession's checkpoints go to <root>/checkpoint_<step>
+    batches: Iterator[Any]  # the rank's batches from the step after the latest checkpoint in ``root``
+    log: Callable[[str], None] = print
+
+
 def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, int, int], Any],
                dtypes: Dict[str, torch.dtype], micro_batch: int, stage_name: str) -> None:
-    """``config``: the driver's train_loop_config ({"cfg", "total_steps", "tracking_uri", "experiment", ...});
-    ``make_stage(device, rank, world)`` builds the stage; rank r reads the dataset ``train_<r>``."""
-    import ray.train
-    import ray.train.torch
-    from ray.data import DataContext
-
+    """``config``: the driver's train_loop_config ({"cfg", "total_steps", "tracking_uri", "experiment", ...}, and
+    "local": a :class:`LocalRun` for an in-process run); ``make_stage(device, rank, world)`` builds the stage; on
+    Ray, rank r reads the dataset ``train_<r>``."""
     from ideal_ray.tracking import make_tracker
-    from ideal_ray.train.sessions import RaySession
+    from ideal_ray.train.sessions import LocalSession
 
-    # one progress bar per rank's dataset would flood the job log; the loop logs throughput instead
-    DataContext.get_current().enable_progress_bars = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    session = RaySession(device)
-    stage = make_stage(device, rank, world)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True,
-                                            prefetch_batches=cfg.dist.prefetch_batches, dtypes=dtypes))
+    local = config.get("local")
+    if local is None:
+        import ray.train
+        import ray.train.torch
+        from ray.data import DataContext
+
+        from ideal_ray.train.sessions import RaySession
+
+        # one progress bar per rank's dataset would flood the job log; the loop logs throughput instead
+        DataContext.get_current().enable_progress_bars = False
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+        session = RaySession(device)
+        stage = make_stage(device, rank, world)
+        shard = ray.train.get_dataset_shard(f"train_{rank}")
+        batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True,
+                                                prefetch_batches=cfg.dist.prefetch_batches, dtypes=dtypes))
+        log = lambda line: print(line, flush=True)  # noqa: E731
+    else:
+        rank = 0
+        session = LocalSession(local.root, keep=cfg.dist.keep_checkpoints)
+        stage = make_stage(local.device, 0, 1)
+        batches, log = local.batches, local.log
     loop_cfg = LoopConfig(total_steps=config["total_steps"], log_every=cfg.schedule.log_every,
                           ckpt_every=cfg.schedule.ckpt_every, vis_every=cfg.schedule.vis_every,
                           max_bad_steps=cfg.dist.max_bad_steps, ema_decay=cfg.optim.ema_decay)
@@ -41,8 +69,8 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
         return t
 
     try:
-        run_loop(stage, batches, session, loop_cfg, tracker_for, log=lambda line: print(line, flush=True))
+        run_loop(stage, batches, session, loop_cfg, tracker_for, log=log)
     except NonFiniteLossError as e:
         # Ending the worker normally keeps FailureConfig from restarting into the same non-finite steps; the
         # driver sees that the run stopped short of its last step and raises this message.
-        print(f"[ideal-ray] {e}", flush=True)
+        log(f"[ideal-ray] {e}")
