@@ -1,5 +1,5 @@
 # ideal-ray: two commands do all the set-up on a fresh machine.
-#   make demo   create .venv (once), generate the synthetic set, train the tiny tokenizer, report PSNR/usage
+#   make demo   create .venv (once), generate the synthetic set, run the whole pipeline at tiny scale, report
 #   make test   create .venv (once), run the test suite
 PYTHON ?= python3
 VENV   := .venv

@@ -116,3 +116,15 @@ def random_sampling_models(folder, num_classes: int):
     tcfg = load_config("tiny")
     tok = IdealTokenizer(tcfg.model, load_weights=False)
     return gpt_path, save_inference_checkpoint(os.path.join(folder, "tokenizer.pt"), tok, tcfg)
+
+
+def report_rows(text: str) -> dict:
+    """The rows of the pipeline report's table (``pipeline.pipeline_report``) in console text, as {stage: [seconds,
+    result, artifacts]}; the header row is left out."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    rows.pop("stage", None)
+    return rows

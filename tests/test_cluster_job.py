@@ -1,7 +1,9 @@
 """Cluster operation end to end: a real local Ray head (`ray start --head`, GCS and dashboard / job API on
 127.0.0.1, token auth on), the tiny pipeline (tokenizer -> extract -> AR -> sample -> evaluate -> CFG sweep)
 submitted with `ray job submit --working-dir .`, and a real `mlflow server` (SQLite backend, proxied artifacts,
-localhost) as the job's tracking URI, as on a cluster.
+localhost) as the job's tracking URI, as on a cluster. Then the same run resumed twice, every stage skipped: by
+`python jobs/pipeline.py` (a job and a plain run are interchangeable) and by `jobs/demo.py` (the demo is the
+pipeline).
 
 `make cluster-test` runs just this module (~3 minutes on 2 cores). The head and the server are stopped afterwards,
 whatever happened. The head gets its own --temp-dir, so no other `ray.init()` (of this or a parallel test process)
@@ -23,6 +25,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+from conftest import report_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -185,13 +189,21 @@ def _pipeline_args(head):
             + PIPELINE_OVERRIDES + [a for s in AR_SETS for a in ("--ar-set", s)])
 
 
+def _output(log, since: int) -> str:
+    """What was written to ``log`` after its first ``since`` bytes (a command's console output)."""
+    with open(log) as f:
+        f.seek(since)
+        return f.read()
+
+
 @pytest.fixture(scope="module")
 def pipeline_job(head, mlflow_server):
     """The tiny pipeline as one submitted job, every output under an absolute folder outside the working dir, the
     MLflow server as its tracking URI (the job's runtime env, as cluster/runtime_env.yaml does)."""
-    t0 = time.perf_counter()
+    t0, since = time.perf_counter(), os.path.getsize(head["log"])
     status = _submit(head, _pipeline_args(head), head["log"], env_vars={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
-    return {"status": status, "run_dir": head["base"] / "runs" / "tinyjob", "seconds": time.perf_counter() - t0}
+    return {"status": status, "run_dir": head["base"] / "runs" / "tinyjob", "seconds": time.perf_counter() - t0,
+            "output": _output(head["log"], since)}
 
 
 def _stages(pipeline_job):
@@ -235,6 +247,11 @@ def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
     # behind the refusal of relative output paths, whose sentence test_cluster_configs.py checks)
     (run,) = json.loads((pipeline_job["run_dir"] / "pipeline.json").read_text())["runs"]
     assert run["ray_job"]["submission_id"].startswith("ideal-test-") and run["ray_job"]["working_dir"]
+    # the job ends with the report: a row per stage with the seconds it took (pipeline.json's), then the total
+    rows = report_rows(pipeline_job["output"])
+    assert list(rows) == list(state) + ["total"]
+    assert [rows[k][0] for k in state] == [f"{s['seconds']:.0f}" for s in state.values()]
+    assert "gFID per CFG scale" in rows["sweep"][1] and rows["ar"][2].endswith("gpt_step40.pt")
 
 
 def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_server):
@@ -276,6 +293,7 @@ def test_rerun_as_a_plain_python_job_skips_every_finished_stage(head, pipeline_j
     interchangeable, and the rerun resumes the pipeline (every stage done, nothing redone)."""
     assert pipeline_job["status"] == "SUCCEEDED"
     before = _stages(pipeline_job)
+    since = os.path.getsize(head["log"])
     _run([sys.executable] + _pipeline_args(head), head["log"], timeout=300,
          env=_env(MLFLOW_TRACKING_URI=mlflow_server["uri"], DS_ACCELERATOR="cpu"))
     after = _stages(pipeline_job)
@@ -283,3 +301,31 @@ def test_rerun_as_a_plain_python_job_skips_every_finished_stage(head, pipeline_j
     runs = json.loads((pipeline_job["run_dir"] / "pipeline.json").read_text())["runs"]
     assert [r["ray_job"] is None for r in runs] == [False, True]  # the job, then the plain run
     assert {k: v["outputs"] for k, v in before.items()} == {k: v["outputs"] for k, v in after.items()}
+    _assert_skipped_everything(_output(head["log"], since), before)
+
+
+def _assert_skipped_everything(output: str, recorded: dict) -> None:
+    """A rerun's console: one line per skipped stage, and the report's rows saying 'skipped' with the seconds the
+    stage took when it ran."""
+    assert [line for line in output.splitlines() if "done earlier, skipped" in line] == [
+        f"[pipeline] {k}: done earlier, skipped ({s['seconds']:.0f} s then)" for k, s in recorded.items()]
+    rows = report_rows(output)
+    assert [rows[k][0] for k in recorded] == [f"skipped ({s['seconds']:.0f} s then)" for s in recorded.values()]
+
+
+def test_the_demo_is_the_pipeline_and_resumes_the_jobs_run(head, pipeline_job, mlflow_server):
+    """`jobs/demo.py` pointed at the job's run folder (its name and settings): the demo runs the pipeline's chain
+    (the same stages, recorded in the same pipeline.json), so it finds every stage done, skips each, and says so."""
+    assert pipeline_job["status"] == "SUCCEEDED"
+    before = _stages(pipeline_job)
+    since = os.path.getsize(head["log"])
+    _run([sys.executable, "jobs/demo.py", f"output_dir={head['base'] / 'runs'}", f"data.root={head['base'] / 'data'}"]
+         + PIPELINE_OVERRIDES, head["log"], timeout=300,
+         env=_env(MLFLOW_TRACKING_URI=mlflow_server["uri"], DS_ACCELERATOR="cpu"))
+    after = _stages(pipeline_job)
+    assert list(after) == ["tokenizer", "extract", "ar", "sample", "evaluate", "sweep"]
+    assert all(s["skipped"] for s in after.values())
+    assert {k: v["outputs"] for k, v in before.items()} == {k: v["outputs"] for k, v in after.items()}
+    runs = json.loads((pipeline_job["run_dir"] / "pipeline.json").read_text())["runs"]
+    assert runs[-1]["argv"][0] == f"output_dir={head['base'] / 'runs'}"  # the demo's invocation, recorded
+    _assert_skipped_everything(_output(head["log"], since), before)

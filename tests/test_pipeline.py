@@ -1,12 +1,15 @@
-"""ideal_ray.pipelines.pipeline: the stage runner's skip-if-done and resume rules, on stages that write real files.
+"""ideal_ray.pipelines.pipeline: the stage runner's skip-if-done and resume rules, on stages that write real files;
+the chain's tiny-vs-paper settings and the report table.
 
-(The real chain runs end to end in `make demo` and the cluster integration test.)"""
+(The real chain runs end to end in `make demo` and the cluster integration test, which also runs the demo on the
+job's run folder.)"""
 
 import json
 import os
 
 import pytest
 
+from conftest import report_rows
 from ideal_ray.pipelines.pipeline import STATE_FILE, Stage, run_stages
 
 
@@ -70,3 +73,99 @@ def test_only_and_bad_state_are_clear_errors(tmp_path):
         f.write('["not a state"]')
     with pytest.raises(ValueError, match="not a pipeline state file"):
         run_stages(run_dir, _chain(tmp_path, []), log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------ the chain's settings and report
+def _recorded_run(tmp_path):
+    """pipeline.json's ``stages`` after a rerun that skipped the tokenizer and ran the rest."""
+    run = tmp_path / "run"
+
+    def rec(seconds, skipped=False, **outputs):
+        return {"outputs": outputs, "seconds": seconds, "skipped": skipped}
+
+    return {"stages": {
+        "tokenizer": rec(118.4, True, export=str(run / "tokenizer_step300.pt"), steps=300, rec_mse=0.0301,
+                         usage=0.484),
+        "extract": rec(10.7, shards=str(run / "tokens"), images=320, rows=640, skipped=0, images_per_s=29.9),
+        "ar": rec(60.2, export=str(run / "gpt_step60.pt"), steps=60, loss=4.125),
+        "sample": rec(20.0, samples=str(run / "samples" / "samples.npz"), grid=str(run / "samples" / "grid.png"),
+                      num_images=80, images_per_s=4.04),
+        "evaluate": rec(30.0, recon=str(run / "eval-recon" / "result.json"), gen=str(run / "eval-gen" / "result.json"),
+                        rfid=210.5, psnr=18.25, usage=0.5, gfid=301.0),
+        "sweep": rec(40.1, best=str(run / "sweeps" / "cfg" / "report" / "best.json"), best_cfg_scale=1.75,
+                     gfid_by_cfg_scale={"1.75": 299.5, "1.0": 310.25}),
+    }}
+
+
+def test_report_is_one_table_a_row_per_stage_with_its_time_numbers_and_artifacts(tmp_path):
+    from ideal_ray.pipelines.pipeline import pipeline_report
+
+    text = pipeline_report(_recorded_run(tmp_path), "sqlite:////x/mlflow.db")
+    rows = report_rows(text)
+    assert list(rows) == ["tokenizer", "extract", "ar", "sample", "evaluate", "sweep", "total"]
+    assert rows["tokenizer"][0] == "skipped (118 s then)" and rows["extract"][0] == "11"
+    assert rows["total"][0] == "161"  # the stages run now: 10.7 + 60.2 + 20.0 + 30.0 + 40.1
+    assert "usage 48.4%" in rows["tokenizer"][1] and rows["tokenizer"][2].endswith("tokenizer_step300.pt")
+    assert "640 rows" in rows["extract"][1] and "29.9 images/s" in rows["extract"][1]
+    assert "final loss 4.125" in rows["ar"][1] and rows["sample"][1] == "80 images, 4.0 images/s"
+    assert rows["evaluate"][1] == "rFID 210.50, PSNR 18.25 dB, usage 50.0%, gFID 301.00"
+    assert rows["sweep"][1] == "gFID per CFG scale: 310.25 @ 1.0, 299.50 @ 1.75; best 1.75"
+    assert rows["sweep"][2].endswith(os.path.join("sweeps", "cfg", "report"))
+    assert text.splitlines()[-1].endswith("mlflow ui --backend-store-uri sqlite:////x/mlflow.db")
+    assert pipeline_report(_recorded_run(tmp_path), "http://mlflow:5000").splitlines()[-1].startswith(
+        "MLflow: http://mlflow:5000")
+
+
+def test_report_reads_a_state_written_before_the_headline_numbers(tmp_path):
+    from ideal_ray.pipelines.pipeline import pipeline_report
+
+    state = _recorded_run(tmp_path)
+    for rec in state["stages"].values():  # only the paths, as an older pipeline.json has them
+        rec["outputs"] = {k: v for k, v in rec["outputs"].items() if isinstance(v, str)}
+    rows = report_rows(pipeline_report(state, "sqlite:////x/mlflow.db"))
+    assert "final loss n/a" in rows["ar"][1] and "gFID per CFG scale: n/a" in rows["sweep"][1]
+
+
+def test_tiny_and_paper_defaults_live_in_one_place_and_the_job_flags_replace_them(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ideal_ray.config import load_config
+    from ideal_ray.pipelines import pipeline
+
+    tiny = pipeline.pipeline_defaults(load_config("tiny"))
+    paper = pipeline.pipeline_defaults(load_config("paper"))
+    assert (tiny["ar_preset"], tiny["views"], tiny["device"], tiny["sweep_cfg_scales"]) == (
+        "ar-tiny", "release", "cpu", [1.0, 1.75])
+    assert tiny["ar_overrides"] == ["model.num_classes=10"] and tiny["sample_cfg"].per_class == 8
+    assert (paper["ar_preset"], paper["views"], paper["device"], paper["ar_overrides"]) == (
+        "ar-B", "llamagen", "auto", [])
+    assert len(paper["sweep_cfg_scales"]) == 9 and paper["sample_cfg"].per_class == 50
+
+    got = {}
+
+    def fake_run_pipeline(cfg, settings, **kw):
+        got.update(settings)
+        return _recorded_run(tmp_path), "sqlite:////x/mlflow.db"
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run_pipeline)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
+    from pipeline import main  # jobs/pipeline.py
+
+    assert main(["--per-class", "2", "--ar-set", "schedule.steps=40", "--sweep-cfg-scales"]) == 0
+    assert got["sample_cfg"].per_class == 2 and got["sample_cfg"].cfg_scale == 1.75
+    assert got["ar_overrides"] == ["model.num_classes=10", "schedule.steps=40"]
+    assert got["sweep_cfg_scales"] == [] and got["views"] == "release"  # no values: no sweep stage
+    assert list(report_rows(capsys.readouterr().out)) == list(_recorded_run(tmp_path)["stages"]) + ["total"]
+
+
+def test_one_local_cluster_is_sized_for_every_training_stage(monkeypatch):
+    from ideal_ray.config import load_ar_config, load_config
+    from ideal_ray.pipelines import cluster
+    from ideal_ray.train.ray_trainer import init_ray, local_cluster_cpus
+
+    calls = []
+    monkeypatch.setattr(cluster, "init_ray", lambda *a: calls.append(a) or False)  # an existing cluster: joined
+    tok, ar = load_config("tiny"), load_ar_config("ar-tiny", ["dist.num_workers=4", "data.global_batch=8"])
+    init_ray(tok, ar)
+    assert calls == [(local_cluster_cpus(ar), "", {"env_vars": {"DS_ACCELERATOR": "cpu"}})]
+    assert local_cluster_cpus(ar) > local_cluster_cpus(tok)

@@ -245,7 +245,7 @@ def test_demo_in_process_trains_then_reports(data_root, tmp_path, capsys):
                  "dist.engine=torch", "data.global_batch=4"])
     out = capsys.readouterr().out
     assert code in (0, 1) and "trained (EMA)" in out and "beats the untrained one" in out  # 2 steps: either answer
-    assert (tmp_path / "ideal-tokenizer-tiny" / "tokenizer_step2.pt").is_file()
+    assert (tmp_path / "ideal-demo-in-process" / "tokenizer_step2.pt").is_file()  # its own fixed folder
 
 
 def test_real_data_root_must_exist(tmp_path):

@@ -7,7 +7,9 @@ on its own (Ray Train checkpoints, finished token shards). A changed configurati
 by the training stages themselves (``check_or_record_config``).
 
 :func:`run_stages` is the generic runner (a list of :class:`Stage`); :func:`tokenizer_to_eval_stages` builds the
-real chain from a tokenizer config; ``jobs/pipeline.py`` is the CLI.
+real chain from a tokenizer config, with the settings that follow its scale from :func:`pipeline_defaults`;
+:func:`run_pipeline` runs it in the run folder and :func:`pipeline_report` tells what it did. ``jobs/pipeline.py``
+is the CLI; ``jobs/demo.py`` runs the same chain on the synthetic set.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 STATE_FILE = "pipeline.json"
 
@@ -121,40 +123,55 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
     scale over ``sweep_cfg_scales`` on Ray Tune (``sweep_per_class`` images per class a trial; no sweep stage when
     the list is empty or None). Every stage writes under ``run_dir`` and logs to ``tracking_uri``; the reference
     statistics are computed once into ``fid_cache`` (default ``<run_dir>/fid_refs``; on a cluster, a shared folder)
-    and read by the evaluation and every sweep trial."""
+    and read by the evaluation and every sweep trial. The AR config is built (and checked) here, before any stage
+    runs."""
     from ideal_ray.config import SampleConfig, load_ar_config
 
     sample_cfg = sample_cfg or SampleConfig()
-    ar_overrides = list(ar_overrides or [])
     cpu = device == "cpu"
     reference = reference or os.path.join(tok_cfg.data.root, "val")
     fid_cache = fid_cache or os.path.join(run_dir, "fid_refs")
+    shards = os.path.join(run_dir, "tokens")
+    q = tok_cfg.model
+    ar_cfg = load_ar_config(ar_preset, [f"data.shards={shards}", f"model.vocab_size={q.quantizer.codebook_size}",
+                                        f"model.grid={q.vfm.grid}", f"name={tok_cfg.name}-ar",
+                                        f"output_dir={tok_cfg.output_dir}",
+                                        f"dist.storage_path={tok_cfg.dist.storage_path}"] + list(ar_overrides or []))
+
+    def on_ray(run):
+        """Every stage runs on one Ray cluster: the first stage that runs (a resumed pipeline may start anywhere)
+        joins ``dist.ray_address`` / ``$RAY_ADDRESS`` or starts a local cluster sized for both training stages,
+        and the later ones find it."""
+        def run_on_ray(state):
+            from ideal_ray.train.ray_trainer import init_ray
+
+            init_ray(tok_cfg, ar_cfg)
+            return run(state)
+
+        return run_on_ray
 
     def tokenizer(state):
         from ideal_ray.train.ray_trainer import train_tokenizer
 
         r = train_tokenizer(tok_cfg, log=log, tracking_uri=tracking_uri)
-        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"],
+                **{k: r["metrics"][k] for k in ("g_loss", "rec_mse", "usage") if k in r["metrics"]}}
 
     def extract(state):
         from ideal_ray.pipelines.extract_ray import extract_tokens_ray
 
-        shards = os.path.join(run_dir, "tokens")
         s = extract_tokens_ray(state["stages"]["tokenizer"]["outputs"]["export"], tok_cfg.data.root, shards,
                                views=views, device=device, num_encoders=1 if cpu else None,
                                decode_actors=2 if cpu else None, tracking_uri=tracking_uri)
-        return {"shards": shards, "images": s["images"], "rows": s["rows"], "skipped": len(s["skipped"])}
+        return {"shards": shards, "images": s["images"], "rows": s["rows"], "skipped": len(s["skipped"]),
+                "images_per_s": s["images_per_s"]}
 
     def ar(state):
         from ideal_ray.train.ar_stage import train_ar
 
-        q = tok_cfg.model
-        cfg = load_ar_config(ar_preset, [f"data.shards={state['stages']['extract']['outputs']['shards']}",
-                                         f"model.vocab_size={q.quantizer.codebook_size}", f"model.grid={q.vfm.grid}",
-                                         f"name={tok_cfg.name}-ar", f"output_dir={tok_cfg.output_dir}",
-                                         f"dist.storage_path={tok_cfg.dist.storage_path}"] + ar_overrides)
-        r = train_ar(cfg, log=log, tracking_uri=tracking_uri)
-        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"]}
+        r = train_ar(ar_cfg, log=log, tracking_uri=tracking_uri)
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"],
+                "loss": r["metrics"].get("loss")}
 
     def sample(state):
         from ideal_ray.pipelines.sample_ray import sample_images_ray
@@ -163,7 +180,8 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
         s = sample_images_ray(state["stages"]["ar"]["outputs"]["export"],
                               state["stages"]["tokenizer"]["outputs"]["export"], sample_cfg, None, out,
                               device=device, num_samplers=1 if cpu else None, tracking_uri=tracking_uri, log=log)
-        return {"samples": s["samples"], "grid": s["grid"], "num_images": s["num_images"]}
+        return {"samples": s["samples"], "grid": s["grid"], "num_images": s["num_images"],
+                "images_per_s": s["images_per_s"]}
 
     def evaluate(state):
         from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
@@ -191,15 +209,109 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                                f"unfinished: {s['errors'][:1]}); rerun to resume it.")
         return {"sweep": s["path"], "best": os.path.join(s["path"], "report", "best.json"),
                 "parent_run_id": s["parent_run_id"], "best_cfg_scale": float(s["best"]["config"]["cfg_scale"]),
-                "best_gfid": s["best"]["metrics"].get("gfid")}
+                "best_gfid": s["best"]["metrics"].get("gfid"),
+                "gfid_by_cfg_scale": {t["config"]["cfg_scale"]: t["metrics"].get("gfid") for t in s["trials"]}}
 
     stages = [
-        Stage("tokenizer", tokenizer, _files_exist("export")),
-        Stage("extract", extract, _extraction_complete),
-        Stage("ar", ar, _files_exist("export")),
-        Stage("sample", sample, _files_exist("samples", "grid")),
-        Stage("evaluate", evaluate, _files_exist("recon", "gen")),
+        Stage("tokenizer", on_ray(tokenizer), _files_exist("export")),
+        Stage("extract", on_ray(extract), _extraction_complete),
+        Stage("ar", on_ray(ar), _files_exist("export")),
+        Stage("sample", on_ray(sample), _files_exist("samples", "grid")),
+        Stage("evaluate", on_ray(evaluate), _files_exist("recon", "gen")),
     ]
     if sweep_cfg_scales:
-        stages.append(Stage("sweep", sweep, _files_exist("best")))
+        stages.append(Stage("sweep", on_ray(sweep), _files_exist("best")))
     return stages
+
+
+def pipeline_defaults(tok_cfg) -> Dict[str, Any]:
+    """The chain's settings that follow the scale of the tokenizer preset (keyword arguments of
+    :func:`tokenizer_to_eval_stages`): ``tiny`` is the demo's CPU run on the synthetic set (its class count, 2 views
+    per image, a 2-scale sweep of 4 images per class), anything else a GPU cluster run at the paper's settings."""
+    from ideal_ray.config import SampleConfig
+
+    tiny = tok_cfg.preset.split("+")[0] == "tiny"
+    return {"ar_preset": "ar-tiny" if tiny else "ar-B",
+            "ar_overrides": [f"model.num_classes={tok_cfg.data.synthetic_classes}"] if tiny else [],
+            "views": "release" if tiny else "llamagen",
+            "sample_cfg": SampleConfig(cfg_scale=1.75, per_class=8 if tiny else 50, batch_size=40 if tiny else 256),
+            "device": "cpu" if tiny else "auto",
+            "sweep_cfg_scales": [1.0, 1.75] if tiny else [1.0 + 0.25 * i for i in range(9)],
+            "sweep_per_class": 4 if tiny else 50}
+
+
+def run_pipeline(tok_cfg, settings: Optional[Dict[str, Any]] = None, *, only: Optional[List[str]] = None,
+                 meta: Optional[Dict[str, Any]] = None,
+                 log: Callable[[str], None] = print) -> Tuple[Dict[str, Any], str]:
+    """The chain for ``tok_cfg`` in its run folder ``<output_dir>/<name>/``, every stage logging to one MLflow store
+    (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the run folder). ``settings``: keyword arguments of
+    :func:`tokenizer_to_eval_stages` (default :func:`pipeline_defaults`); ``only`` and ``meta`` as in
+    :func:`run_stages`. Returns the final state and the MLflow tracking URI."""
+    from ideal_ray.tracking import default_tracking_uri
+
+    run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
+    tracking_uri = default_tracking_uri(run_dir)
+    settings = pipeline_defaults(tok_cfg) if settings is None else settings
+    stages = tokenizer_to_eval_stages(tok_cfg, run_dir, **settings, tracking_uri=tracking_uri, log=log)
+    return run_stages(run_dir, stages, log=log, only=only, meta=meta), tracking_uri
+
+
+# ------------------------------------------------------------------------------------------------- report
+def _short(path: Optional[str]) -> str:
+    """``path`` relative to the working directory when it lies inside it (what a user types), else as it is."""
+    if not path:
+        return "-"
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _num(value: Any, fmt: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _headline(name: str, out: Dict[str, Any]) -> Tuple[str, str]:
+    """(headline numbers, where the artifacts are) of one stage's recorded outputs (keys missing in a state file
+    written before they were recorded read n/a)."""
+    g = out.get
+    if name == "tokenizer":
+        return (f"{g('steps')} steps; last log: rec_mse {_num(g('rec_mse'), '.4f')}, usage {_num(g('usage'), '.1%')}",
+                _short(g("export")))
+    if name == "extract":
+        return (f"{g('rows')} rows ({g('images')} images, {g('skipped')} skipped), "
+                f"{_num(g('images_per_s'), '.1f')} images/s", _short(g("shards")))
+    if name == "ar":
+        return f"{g('steps')} steps; final loss {_num(g('loss'), '.3f')}", _short(g("export"))
+    if name == "sample":
+        return f"{g('num_images')} images, {_num(g('images_per_s'), '.1f')} images/s", _short(g("grid"))
+    if name == "evaluate":
+        return (f"rFID {_num(g('rfid'))}, PSNR {_num(g('psnr'))} dB, usage {_num(g('usage'), '.1%')}, "
+                f"gFID {_num(g('gfid'))}",
+                f"{_short(os.path.dirname(g('recon') or ''))}, {_short(os.path.dirname(g('gen') or ''))}")
+    if name == "sweep":
+        by_scale = sorted((g("gfid_by_cfg_scale") or {}).items(), key=lambda kv: float(kv[0]))
+        per = ", ".join(f"{_num(v)} @ {k}" for k, v in by_scale) or "n/a"
+        return f"gFID per CFG scale: {per}; best {g('best_cfg_scale')}", _short(os.path.dirname(g("best") or ""))
+    return ", ".join(f"{k} {v}" for k, v in out.items()), "-"
+
+
+def pipeline_report(state: Dict[str, Any], tracking_uri: str) -> str:
+    """The run in one table: per stage its wall time (a skipped stage: 'skipped' and the seconds it took when it
+    ran), its headline numbers and where its artifacts are; then how to browse the MLflow store."""
+    rows, total = [], 0.0
+    for name, rec in state["stages"].items():
+        headline, where = _headline(name, rec["outputs"])
+        if rec.get("skipped"):
+            seconds = f"skipped ({rec['seconds']:.0f} s then)"
+        else:
+            seconds, total = f"{rec['seconds']:.0f}", total + rec["seconds"]
+        rows.append((name, seconds, headline, where))
+    rows.append(("total", f"{total:.0f}", "wall time of the stages run now", ""))
+    header = ("stage", "seconds", "result", "artifacts")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "file:")):
+        lines.append(f"MLflow: {tracking_uri} (every stage's run, metrics and artifacts)")
+    else:
+        lines.append(f"browse every stage's MLflow run: mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)

@@ -122,7 +122,8 @@ def check_shards(cfg: ARTrainConfig) -> dict:
 def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
              tracking_uri: Optional[str] = None) -> Dict[str, Any]:
     """Train (or resume) a GPT on token shards on Ray Train + DeepSpeed; export the EMA weights. MLflow experiment
-    ``ideal-ar`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``)."""
+    ``ideal-ar`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
+    Returns ``checkpoint``, ``export``, ``steps``, ``tracking_uri`` and ``metrics`` (the MLflow run's latest values)."""
     from ideal_ray.data.tokens import ar_rank_dataset
     from ideal_ray.train.ray_trainer import record_final, run_stage
 
@@ -142,10 +143,10 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-ar", {"steps_per_epoch": steps_per_epoch}, log,
         tracking_uri=tracking_uri)
     export_path = export_gpt(result.checkpoint, cfg, os.path.join(local_dir, f"gpt_step{final_step}.pt"), final_step)
-    record_final(tracking_uri, "ideal-ar", result.checkpoint, {"inference_export": export_path})
+    metrics = record_final(tracking_uri, "ideal-ar", result.checkpoint, {"inference_export": export_path})
     log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
     return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri}
+            "tracking_uri": tracking_uri, "metrics": metrics}
 
 
 def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:

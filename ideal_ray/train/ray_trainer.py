@@ -145,6 +145,13 @@ def vfm_actors_total(cfg) -> int:
     return d.num_workers * d.vfm_actors if d.vfm_placement == "data" else 0
 
 
+def data_cpus_per_rank(cfg) -> int:
+    """Logical CPUs one rank's input pipeline reserves at most: its decode (or shard-reader) actors, its VFM actors
+    with ``dist.vfm_placement=data``, and one for Ray Data's read tasks."""
+    d = cfg.dist
+    return max(1, cfg.data.loader_workers) + (d.vfm_actors if d.vfm_placement == "data" else 0) + 1
+
+
 def local_cluster_cpus(cfg) -> int:
     """Logical CPUs a local cluster needs: the train workers', one decode actor pool per rank, the VFM actors
     (one CPU each, also on GPU) and room for Ray Data's read tasks. On a 2-core laptop Ray Data and Train
@@ -153,23 +160,26 @@ def local_cluster_cpus(cfg) -> int:
     return int(d.num_workers * (d.cpus_per_worker + max(1, cfg.data.loader_workers))) + vfm_actors_total(cfg) + 2
 
 
-def init_ray(cfg: TokenizerTrainConfig) -> None:
-    """Join ``dist.ray_address`` / ``$RAY_ADDRESS`` or start a local cluster sized for the stage
-    (:func:`local_cluster_cpus`; DeepSpeed told to use the CPU when the workers have no GPU)."""
+def init_ray(cfg, *more) -> None:
+    """Join ``dist.ray_address`` / ``$RAY_ADDRESS`` or start a local cluster sized for the stage ``cfg`` and any
+    ``more`` stage configs that will run on it (:func:`local_cluster_cpus` of the largest; DeepSpeed told to use the
+    CPU when no stage's workers have a GPU). A pipeline starts one such cluster for all its stages."""
     import ray
 
     from ideal_ray.pipelines.cluster import init_ray as connect_or_start
 
-    d = cfg.dist
-    if not connect_or_start(local_cluster_cpus(cfg), d.ray_address,
-                            None if d.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}):
+    cfgs = (cfg,) + more
+    use_gpu = any(c.dist.use_gpu for c in cfgs)
+    if not connect_or_start(max(local_cluster_cpus(c) for c in cfgs), cfg.dist.ray_address,
+                            None if use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}):
         return
-    if d.use_gpu:  # a local cluster cannot grow: say so now rather than wait forever for GPUs
-        have, need = int(ray.cluster_resources().get("GPU", 0)), d.num_workers + vfm_actors_total(cfg)
-        if have < need:
+    have = int(ray.cluster_resources().get("GPU", 0))
+    for c in cfgs:  # a local cluster cannot grow: say so now rather than wait forever for GPUs
+        need = c.dist.num_workers + vfm_actors_total(c)
+        if c.dist.use_gpu and have < need:
             ray.shutdown()
-            raise ConfigError(f"dist.use_gpu needs {need} GPUs on this machine ({d.num_workers} train workers + "
-                              f"{vfm_actors_total(cfg)} VFM actors) but it has {have}; lower dist.num_workers or "
+            raise ConfigError(f"dist.use_gpu needs {need} GPUs on this machine ({c.dist.num_workers} train workers + "
+                              f"{vfm_actors_total(c)} VFM actors) but it has {have}; lower dist.num_workers or "
                               f"dist.vfm_actors, or use dist.vfm_placement=trainer.")
 
 
@@ -257,7 +267,8 @@ def _run_on_ray(cfg, worker_fn, config: Dict[str, Any], rank_dataset_fn, path: s
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints)),
         datasets={f"train_{r}": dataset_for(r) for r in range(d.num_workers)},
-        dataset_config=train_data_config(),  # no splitting, order preserved: rank r reads only train_r
+        # no splitting, order preserved: rank r reads only train_r, within its share of the CPUs
+        dataset_config=train_data_config(data_cpus_per_rank(cfg)),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
     )
     result = trainer.fit()
@@ -308,7 +319,8 @@ def _run_in_process(worker_fn, config: Dict[str, Any], local_batches, device: to
 
 def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print,
                     tracking_uri: Optional[str] = None, in_process: bool = False) -> Dict[str, Any]:
-    """Train (or resume) the tokenizer; export the EMA weights. Returns a summary. MLflow experiment
+    """Train (or resume) the tokenizer; export the EMA weights. Returns a summary (``checkpoint``, ``export``,
+    ``steps``, ``tracking_uri``, ``run_path``, ``metrics``: the MLflow run's latest values). MLflow experiment
     ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
 
     On Ray Train by default; ``in_process=True`` runs the same stage in this process, as the one rank of a 1-worker
@@ -351,10 +363,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
         {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri, local_batches=local)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
-    record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})
+    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})
     log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
     return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri, "run_path": run_uri(cfg)}
+            "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -400,16 +412,17 @@ def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step:
     return save_inference_checkpoint(out_path, model, cfg, step=step, include_vfm=include_vfm, overwrite=overwrite)
 
 
-def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str]) -> None:
+def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str]) -> Dict[str, float]:
     """Attach the final checkpoint (and e.g. the export path) to the run's MLflow record; the run id is in the
-    checkpoint's loop state."""
+    checkpoint's loop state. Returns the run's metrics (the latest value of each; empty without a run)."""
     from ideal_ray.tracking import Tracker
 
     with checkpoint_dir(checkpoint) as d:
         with open(os.path.join(d, LOOP_STATE)) as f:
             run_id = json.load(f).get("tracker_run_id")
     if not run_id:
-        return
+        return {}
     t = Tracker(tracking_uri, experiment, run_name="", run_id=run_id)
     t.set_tags({"final_checkpoint": checkpoint_path(checkpoint), **tags})
     t.finish("FINISHED")
+    return dict(t.client.get_run(run_id).data.metrics)

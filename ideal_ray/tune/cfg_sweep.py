@@ -258,8 +258,9 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose`` 0
     silences Tune's progress table and the trials' logs.
 
-    Returns ``{path, tracking_uri, parent_run_id, best: {trial, config, metrics} or None, table (Markdown),
-    files, finished, errored, unfinished, errors}``.
+    Returns ``{path, tracking_uri, parent_run_id, best: {trial, config, metrics} or None, trials: [{config,
+    metrics}] of the finished trials (config values as MLflow params: strings), table (Markdown), files, finished,
+    errored, unfinished, errors}``.
     """
     from ray import tune
 
@@ -377,6 +378,7 @@ def _report(results, path: str, uri: str, experiment: str, parent: str, swept: L
         log(f"sweep interrupted: {len(finished)} of {n_trials} trials finished; rerun the same command to resume.")
     for e in errors:
         log(f"trial failed: {e}")
-    return {"path": path, "tracking_uri": uri, "parent_run_id": parent, "best": best, "table": table,
-            "files": files, "finished": len(finished), "errored": len(errors), "unfinished": unfinished,
-            "errors": errors}
+    trials = [{"config": {k: r.params.get(k) for k in swept}, "metrics": dict(r.metrics)} for r in rows]
+    return {"path": path, "tracking_uri": uri, "parent_run_id": parent, "best": best, "trials": trials,
+            "table": table, "files": files, "finished": len(finished), "errored": len(errors),
+            "unfinished": unfinished, "errors": errors}
