@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 RUN_NAME = "ideal-demo"  # runs/ideal-demo: fixed, so a rerun resumes (an in-process run gets its own folder)
 
@@ -39,10 +40,15 @@ def main(argv=None) -> int:
     name = f"{RUN_NAME}-in-process" if args.in_process else RUN_NAME  # a run resumes only the way it started
     args.overrides = [f"name={name}"] + args.overrides  # a name= of the user's comes later and wins
     cfg = config_from_args(args, in_process=args.in_process)
+    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: stage lines and bars; the rest: log
+        return _demo(args, cfg)
+
+
+def _demo(args, cfg) -> int:
     if args.in_process:
         before, after = _tokenizer_demo(cfg)
         better = after["psnr"] > before["psnr"] and after["usage"] >= before["usage"]
-        print(f"[ideal-ray] trained tokenizer beats the untrained one: {'yes' if better else 'NO'}")
+        say(f"[ideal-ray] trained tokenizer beats the untrained one: {'yes' if better else 'NO'}")
         return 0 if better else 1
 
     from ideal_ray.cli import ray_job
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
                                            meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    print(pipeline_report(state, tracking_uri))
+    say(pipeline_report(state, tracking_uri))
     return 0
 
 
@@ -84,10 +90,10 @@ def _tokenizer_demo(cfg):
     torch.manual_seed(cfg.optim.seed)  # the trained run's initial weights
     before = evaluate_reconstruction(IdealTokenizer(cfg.model), val_loader)
     after = evaluate_reconstruction(load_tokenizer(result["export"]), val_loader)
-    print(f"[ideal-ray] {'':14s} {'PSNR (dB)':>10s} {'usage':>8s} {'entropy':>8s}")
+    say(f"[ideal-ray] {'':14s} {'PSNR (dB)':>10s} {'usage':>8s} {'entropy':>8s}")
     for name, r in (("untrained", before), ("trained (EMA)", after)):
-        print(f"[ideal-ray] {name:14s} {r['psnr']:10.2f} {r['usage']:8.1%} {r['entropy']:8.2f}")
-    print(f"[ideal-ray] checkpoints and MLflow run: {result['run_path']} ({result['tracking_uri']})\n"
+        say(f"[ideal-ray] {name:14s} {r['psnr']:10.2f} {r['usage']:8.1%} {r['entropy']:8.2f}")
+    say(f"[ideal-ray] checkpoints and MLflow run: {result['run_path']} ({result['tracking_uri']})\n"
           f"[ideal-ray] inference export: {result['export']}\n"
           f"[ideal-ray] compare runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
     return before, after

@@ -9,6 +9,9 @@
     # samples (jobs/sample.py's ADM npz): gFID / sFID / precision-recall (+ IS) against ADM's reference batch
     python jobs/evaluate.py gen --samples /shared/samples-B/samples.npz \\
         --reference /refs/VIRTUAL_imagenet256_labeled.npz --out /shared/eval/B-cfg1.75
+    # + class accuracy: a classifier fitted on real train images (Inception pool features) scores the samples
+    python jobs/evaluate.py gen --samples runs/ideal-demo/samples/samples.npz --reference data/synthetic/val \\
+        --classifier-data data/synthetic --out runs/eval-gen-demo
 
 Results: ``<out>/result.json`` (metrics + ``protocol``), for ``recon`` also ``per_class.csv`` and ``grid.png``
 (real over reconstructed); one MLflow run in experiment ``ideal-eval`` ($MLFLOW_TRACKING_URI, else
@@ -25,14 +28,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def _print(result: dict) -> None:
     from ideal_ray.pipelines.evaluate import protocol_line
 
     shown = {k: v for k, v in result.items() if k != "protocol"}
-    print(json.dumps(shown, indent=1, default=float))
-    print(f"protocol: {protocol_line(result)}", file=sys.stderr)
+    say(json.dumps(shown, indent=1, default=float))
+    say(f"protocol: {protocol_line(result)}", err=True)
 
 
 def main(argv=None) -> int:
@@ -59,6 +63,12 @@ def main(argv=None) -> int:
     g.add_argument("--samples", required=True, help="samples.npz from jobs/sample.py (arr_0 uint8 N x H x W x 3)")
     g.add_argument("--reference", required=True,
                    help="ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or a folder of reference images")
+    g.add_argument("--classifier-data", default="",
+                   help="class accuracy of the samples: the root of the labelled data set their classes come from "
+                        "(a classifier is fitted on real images of its --classifier-split); default: off")
+    g.add_argument("--classifier-split", default="train")
+    g.add_argument("--classifier-per-class", type=int, default=None,
+                   help="real images per class the classifier is fitted on (default 50; 0 = all)")
     g.add_argument("--batch-size", type=int, default=50)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     for p in (r, g):
@@ -70,6 +80,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
 
+    with job_console(args.out):  # the console: the image bar and the result; the rest: <out>/console.log
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
@@ -86,9 +101,12 @@ def main(argv=None) -> int:
         else:
             result = evaluate_gen(args.samples, args.reference, args.out, batch_size=args.batch_size,
                                   device=args.device, inception_weights=args.inception_weights,
-                                  cache_dir=args.cache_dir, tracking_uri=args.tracking_uri, log_fn=log)
+                                  cache_dir=args.cache_dir, classifier_data=args.classifier_data,
+                                  classifier_split=args.classifier_split,
+                                  classifier_per_class=args.classifier_per_class, tracking_uri=args.tracking_uri,
+                                  log_fn=log)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", err=True)
         return 2
     _print(result)
     return 0

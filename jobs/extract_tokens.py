@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,12 +61,17 @@ def main(argv=None) -> int:
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from ideal_ray.data.tokens import TokenShardError
-
     common = dict(views=args.views, image_size=args.image_size, split=args.split, class_index=args.class_index,
                   fmt=args.format, labels_file=args.labels_file, shard_images=args.shard_images,
                   row_group_images=args.row_group_images, verify=args.verify, max_shards=args.max_shards,
                   max_skip_fraction=args.max_skip_fraction)
+    with job_console(args.out):  # the console: the image bar and the summary; the rest: <out>/console.log
+        return _extract(args, common)
+
+
+def _extract(args, common) -> int:
+    from ideal_ray.data.tokens import TokenShardError
+
     try:
         if args.in_process:
             from ideal_ray.pipelines.extract_local import extract_tokens_local
@@ -83,13 +89,13 @@ def main(argv=None) -> int:
                 decode_batch=args.decode_batch, tracking_uri=args.tracking_uri, **common)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         if isinstance(e, TokenShardError):
-            print(json.dumps(e.summary, indent=1), file=sys.stderr)
-        print(f"error: {e}", file=sys.stderr)
+            say(json.dumps(e.summary, indent=1), err=True)
+        say(f"error: {e}", err=True)
         return 2
     shown = dict(summary, skipped=summary["skipped"][:20])
     if len(summary["skipped"]) > 20:
         shown["skipped_more"] = len(summary["skipped"]) - 20
-    print(json.dumps(shown, indent=1))
+    say(json.dumps(shown, indent=1))
     return 0
 
 

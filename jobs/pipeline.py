@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -65,13 +66,14 @@ def main(argv=None) -> int:
                                                          "sweep_per_class") if getattr(args, key) is not None})
     settings.update(eval_images=args.eval_images, probe_train_images=args.probe_train_images,
                     reference=args.reference, fid_cache=args.fid_cache)
-    try:
-        state, tracking_uri = run_pipeline(cfg, settings, only=args.only,
-                                           meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(pipeline_report(state, tracking_uri))
+    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: stage lines and bars; the rest: log
+        try:
+            state, tracking_uri = run_pipeline(cfg, settings, only=args.only,
+                                               meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
+        except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+            say(f"error: {e}", err=True)
+            return 2
+        say(pipeline_report(state, tracking_uri))
     return 0
 
 

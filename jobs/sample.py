@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,8 +57,12 @@ def main(argv=None) -> int:
     cfg = SampleConfig(cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, per_class=args.per_class, batch_size=args.batch_size,
                        seed=args.seed, out_size=args.out_size)
+    with job_console(args.out):  # the console: the image bar and the summary; the rest: <out>/console.log
+        return _sample(args, cfg, default_tracking_uri(args.out) if args.mlflow else None)
+
+
+def _sample(args, cfg, uri) -> int:
     try:
-        uri = default_tracking_uri(args.out) if args.mlflow else None
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         if args.in_process:
             from ideal_ray.pipelines.sample_local import sample_images
@@ -71,9 +76,9 @@ def main(argv=None) -> int:
                                         device=args.device or "auto", num_samplers=args.num_samplers,
                                         precision=args.precision, tracking_uri=uri, log=log)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", err=True)
         return 2
-    print(json.dumps(summary, indent=1))
+    say(json.dumps(summary, indent=1))
     return 0
 
 

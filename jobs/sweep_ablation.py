@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 from ideal_ray.tune.ablation import STUDIES  # noqa: E402
 
@@ -58,6 +59,11 @@ def main(argv=None) -> int:
     if len(asha) < 2 or len(asha) > 4 or not all(p.isdigit() for p in asha[2:]):
         parser.error(f"--asha {args.asha} must be METRIC:MODE[:GRACE[:FACTOR]], e.g. train_rec_mse:min:100:3.")
 
+    with job_console(os.path.join(args.storage, args.name)):  # the console: results; the rest: the log
+        return _sweep(args, asha)
+
+
+def _sweep(args, asha) -> int:
     from ideal_ray.config import ConfigError
     from ideal_ray.tune.ablation import format_table, sweep_ablation
 
@@ -71,12 +77,12 @@ def main(argv=None) -> int:
             max_concurrent_trials=args.max_concurrent_trials, eval_images=args.eval_images,
             probe_train_images=args.probe_train_images, zero_shot=args.zero_shot, tracking_uri=args.tracking_uri)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", err=True)
         return 2
-    print(format_table(summary))
-    print(f"sweep {summary['path']}, MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
+    say(format_table(summary))
+    say(f"sweep {summary['path']}, MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
     if summary["interrupted"]:
-        print("interrupted: rerun the same command to resume (finished trials are kept)", file=sys.stderr)
+        say("interrupted: rerun the same command to resume (finished trials are kept)", err=True)
         return 130
     return 1 if any(t["error"] for t in summary["trials"]) else 0
 

@@ -2,13 +2,14 @@
 
     python jobs/sweep_cfg.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
         --reference data/synthetic/val --name cfg-tiny --storage-path runs/sweeps --cfg-scales 1.0 1.75 2.5 \\
-        --per-class 8 --gpus-per-trial 0
+        --per-class 8 --gpus-per-trial 0 --classifier-data data/synthetic     # + class accuracy of the samples
     ray job submit --working-dir . -- python jobs/sweep_cfg.py --gpt /shared/gpt_B.pt --tokenizer /shared/ideal.pt \\
         --reference /refs/VIRTUAL_imagenet256_labeled.npz --name cfg-B --storage-path /shared/sweeps \\
         --cfg-scales 1.0:3.0:0.25 --per-class 50 --gpus-per-trial 0.5 --cache-dir /shared/fid_refs
 
 Each trial samples --per-class images of every class on its GPU share and reports gFID / sFID / precision / recall
-(+ IS when the Inception weights have logits); one MLflow child run per trial under the sweep's parent run
+(+ IS when the Inception weights have logits; with --classifier-data the class accuracy of the samples under a
+classifier fitted on real images of that data set's train split); one MLflow child run per trial under the sweep's parent run
 ($MLFLOW_TRACKING_URI or <storage-path>/<name>/mlflow.db). The table (sorted by gFID), FID-vs-CFG and IS-vs-FID
 plots and the best config are written to <storage-path>/<name>/report/ and logged to the parent run. Rerunning the
 same --name resumes an interrupted sweep without rerunning finished trials. Compare sweeps with jobs/compare.py.
@@ -22,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def _scales(values):
@@ -80,6 +82,13 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default="", help="reference statistics cache shared by the trials "
                                                    "(default $IDEAL_RAY_FID_REFS or ~/.cache/ideal_ray/fid_refs)")
     p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--classifier-data", default="",
+                   help="class accuracy of every trial's samples: the root of the labelled data set the GPT's classes "
+                        "come from (a classifier is fitted once on real images of its --classifier-split); "
+                        "default: off")
+    p.add_argument("--classifier-split", default="train")
+    p.add_argument("--classifier-per-class", type=int, default=None,
+                   help="real images per class the classifier is fitted on (default 50; 0 = all)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                                                         "<storage-path>/<name>/mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
@@ -91,6 +100,11 @@ def main(argv=None) -> int:
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
 
+    with job_console(os.path.join(args.storage_path, args.name)):  # the console: results; the rest: the log
+        return _sweep(args, scales)
+
+
+def _sweep(args, scales) -> int:
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
@@ -102,15 +116,21 @@ def main(argv=None) -> int:
                             precision=args.precision, gpus_per_trial=args.gpus_per_trial,
                             cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=args.max_concurrent_trials,
                             inception_weights=args.inception_weights, cache_dir=args.cache_dir,
-                            eval_batch_size=args.eval_batch_size, tracking_uri=args.tracking_uri,
+                            eval_batch_size=args.eval_batch_size, classifier_data=args.classifier_data,
+                            classifier_split=args.classifier_split,
+                            classifier_per_class=args.classifier_per_class, tracking_uri=args.tracking_uri,
                             experiment=args.experiment, verbose=0 if args.quiet else 1, log=log)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", err=True)
         return 2
-    print(out["table"] or "(no finished trial yet)")
-    print(json.dumps({k: out[k] for k in ("path", "tracking_uri", "parent_run_id", "best", "files", "finished",
-                                          "errored", "unfinished")}, indent=1))
-    return 0 if not (out["errored"] or out["unfinished"]) else 1
+    say(out["table"] or "(no finished trial yet)")
+    say(json.dumps({k: out[k] for k in ("path", "tracking_uri", "parent_run_id", "best", "files", "finished",
+                                        "errored", "unfinished")}, indent=1))
+    if out["errored"] or out["unfinished"]:
+        say(f"sweep not finished: {out['finished']} trial(s) finished, {out['errored']} failed, {out['unfinished']} "
+            f"not run; rerun the same command to resume (finished trials are kept).", err=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

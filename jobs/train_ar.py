@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 from ideal_ray.config import AR_PRESETS, ConfigError, load_ar_config, validate_ar  # noqa: E402
 
 
@@ -40,7 +41,10 @@ def main(argv=None) -> int:
         require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path})
         from ideal_ray.train.ar_stage import train_ar
 
-        train_ar(cfg)
+        with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: the step bar; the rest: the log
+            result = train_ar(cfg)
+            say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
+                f"{result['checkpoint']}")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     return 0

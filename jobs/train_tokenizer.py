@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.console import job_console, say  # noqa: E402
 from ideal_ray.config import ConfigError  # noqa: E402
 
 
@@ -47,10 +48,13 @@ def main(argv=None) -> int:
     cfg = config_from_args(args, in_process=args.in_process)
     from ideal_ray.train.ray_trainer import train_tokenizer
 
-    try:
-        train_tokenizer(cfg, in_process=args.in_process)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: the step bar; the rest: the log
+        try:
+            result = train_tokenizer(cfg, in_process=args.in_process)
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+        say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
+            f"{result['checkpoint']}, MLflow {result['tracking_uri']}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -251,7 +252,42 @@ def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
     rows = report_rows(pipeline_job["output"])
     assert list(rows) == list(state) + ["total"]
     assert [rows[k][0] for k in state] == [f"{s['seconds']:.0f}" for s in state.values()]
-    assert "gFID per CFG scale" in rows["sweep"][1] and rows["ar"][2].endswith("gpt_step40.pt")
+    assert "CFG scale: gFID / class accuracy (chance 25%)" in rows["sweep"][1]  # 4 classes
+    assert "class accuracy" in rows["evaluate"][1] and rows["ar"][2].endswith("gpt_step40.pt")
+
+
+CHATTER = ("PlacementGroupCleaner", "FutureWarning", "TrainingReport", "Execution plan", "pretrained weights",
+           "mlflow.store", "Configuration for experiment", "tensorboard", "RayTrainWorker", "TrainController",
+           "core_worker", "INFO", "WARNING", "Traceback")
+
+
+def test_the_job_console_shows_each_stage_and_the_run_log_holds_the_libraries(pipeline_job):
+    """The job's own output (what `ray job submit` streams after Ray's job-manager lines): the line naming the log,
+    then per stage a start line, a progress bar (training, extraction, sampling, evaluation) and a result line, then
+    the report; no line of Ray, Ray Train, Ray Data, Tune, DeepSpeed, MLflow or open_clip. Those are in the run
+    folder's console.log, each worker line once, without the controller-query warnings or the deprecated all-gather."""
+    assert pipeline_job["status"] == "SUCCEEDED"
+    text = pipeline_job["output"].split("Tailing logs until the job exits")[1]
+    text = text[text.index("[ideal-ray] log "):text.rindex("Job 'ideal-test-")]
+    # a bar redraws itself after carriage returns; the job log's streaming may also break its redraws into lines
+    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    cli = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\t\w+ (sdk|cli)\.py:\d+ -- ")  # `ray job submit`'s own lines
+    lines = [line for line in lines if line.strip() and not cli.match(line)]
+    assert lines[0] == f"[ideal-ray] log (Ray, DeepSpeed, Tune, MLflow output): {pipeline_job['run_dir']}/console.log"
+    bar = re.compile(r"^(\x1b\[[0-9;]*m|\(pid=\d+\) )*(tokenizer|ar|extract|sample|evaluate)\b.*: +(\d+)%\|")
+    ours = ("[pipeline] ", "|", "MLflow: ")
+    assert [line for line in lines[1:] if not (line.startswith(ours) or bar.match(line))] == []
+    assert [line for line in lines if any(c in line for c in CHATTER)] == []
+    stages = ["tokenizer", "extract", "ar", "sample", "evaluate", "sweep"]
+    assert [line.split(":")[0][len("[pipeline] "):] for line in lines if line.startswith("[pipeline] ")] == [
+        s for s in stages for _ in range(2)]  # a start line and a result line each
+    done = {m.group(2) for m in map(bar.match, lines) if m and m.group(3) == "100"}
+    assert done == set(stages[:-1])  # every stage but the sweep has a bar, and it reached its end
+    log = (pipeline_job["run_dir"] / "console.log").read_text()
+    for library_line in ("TrainController", "Execution plan", "TrainingReport"):
+        assert library_line in log
+    assert log.count("[ideal-ray] step 3/6 ") == 1 and "Failed to query Ray Train Controller" not in log
+    assert "all_gather_into_tensor" not in log
 
 
 def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_server):

@@ -129,3 +129,27 @@ def test_log_and_checkpoint_cadence(tmp_path):
     assert [s for s, _ in rec.metrics] == [4, 8, 9]
     assert {"g_loss", "samples_per_s", "nonfinite_steps"} <= set(rec.metrics[0][1])
     assert [os.path.basename(c) for c in sess.checkpoints()] == ["checkpoint_00000006", "checkpoint_00000009"]
+
+
+def test_read_ahead_yields_the_same_batches_and_its_errors():
+    import threading
+
+    from ideal_ray.train.worker import read_ahead
+
+    started = threading.Event()
+
+    def source(n):
+        started.set()  # set by the background read, before anyone iterates
+        yield from range(n)
+
+    it = read_ahead(source(5))
+    assert started.wait(10)
+    assert list(it) == [0, 1, 2, 3, 4]
+    assert list(read_ahead(iter([]))) == []
+
+    def broken():
+        raise OSError("shard missing")
+        yield  # pragma: no cover
+
+    with pytest.raises(OSError, match="shard missing"):
+        next(read_ahead(broken()))

@@ -91,9 +91,10 @@ def _recorded_run(tmp_path):
         "sample": rec(20.0, samples=str(run / "samples" / "samples.npz"), grid=str(run / "samples" / "grid.png"),
                       num_images=80, images_per_s=4.04),
         "evaluate": rec(30.0, recon=str(run / "eval-recon" / "result.json"), gen=str(run / "eval-gen" / "result.json"),
-                        rfid=210.5, psnr=18.25, usage=0.5, gfid=301.0),
+                        rfid=210.5, psnr=18.25, usage=0.5, gfid=301.0, class_accuracy=0.85, class_chance=0.1),
         "sweep": rec(40.1, best=str(run / "sweeps" / "cfg" / "report" / "best.json"), best_cfg_scale=1.75,
-                     gfid_by_cfg_scale={"1.75": 299.5, "1.0": 310.25}),
+                     gfid_by_cfg_scale={"1.75": 299.5, "1.0": 310.3},
+                     class_accuracy_by_cfg_scale={"1.75": 0.9, "1.0": 0.4}, class_chance=0.1),
     }}
 
 
@@ -108,8 +109,10 @@ def test_report_is_one_table_a_row_per_stage_with_its_time_numbers_and_artifacts
     assert "usage 48.4%" in rows["tokenizer"][1] and rows["tokenizer"][2].endswith("tokenizer_step300.pt")
     assert "640 rows" in rows["extract"][1] and "29.9 images/s" in rows["extract"][1]
     assert "final loss 4.125" in rows["ar"][1] and rows["sample"][1] == "80 images, 4.0 images/s"
-    assert rows["evaluate"][1] == "rFID 210.50, PSNR 18.25 dB, usage 50.0%, gFID 301.00"
-    assert rows["sweep"][1] == "gFID per CFG scale: 310.25 @ 1.0, 299.50 @ 1.75; best 1.75"
+    assert rows["evaluate"][1] == ("rFID 210.50, PSNR 18.25 dB, usage 50.0%, gFID 301.00, class accuracy 85% "
+                                   "(chance 10%)")
+    assert rows["sweep"][1] == ("CFG scale: gFID / class accuracy (chance 10%): 1.0: 310.3 / 40%, 1.75: 299.5 / 90%; "
+                                "best gFID at 1.75")
     assert rows["sweep"][2].endswith(os.path.join("sweeps", "cfg", "report"))
     assert text.splitlines()[-1].endswith("mlflow ui --backend-store-uri sqlite:////x/mlflow.db")
     assert pipeline_report(_recorded_run(tmp_path), "http://mlflow:5000").splitlines()[-1].startswith(

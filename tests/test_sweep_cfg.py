@@ -32,13 +32,14 @@ def setup(tmp_path_factory, fid_inception):
 
     d = tmp_path_factory.mktemp("sweep")
     gpt_path, tok_path = random_sampling_models(d, num_classes=2)
-    make_synthetic_imagenet(str(d / "data"), num_classes=2, train_per_class=1, val_per_class=4, size=40, seed=1)
-    return {"dir": d, "gpt": gpt_path, "tok": tok_path, "ref": str(d / "data" / "val"),
+    make_synthetic_imagenet(str(d / "data"), num_classes=2, train_per_class=3, val_per_class=4, size=40, seed=1)
+    return {"dir": d, "gpt": gpt_path, "tok": tok_path, "ref": str(d / "data" / "val"), "data": str(d / "data"),
             "storage": str(d / "sweeps"), "cache": str(d / "refs")}
 
 
 def _kwargs(setup):
-    return dict(per_class=3, batch_size=6, out_size=32, cache_dir=setup["cache"], max_concurrent_trials=1)
+    return dict(per_class=3, batch_size=6, out_size=32, cache_dir=setup["cache"], max_concurrent_trials=1,
+                classifier_data=setup["data"])
 
 
 def _client(uri):
@@ -62,6 +63,7 @@ def interrupted(setup):
            setup["tok"], "--reference", setup["ref"], "--name", name, "--storage-path", setup["storage"],
            "--cfg-scales", *SCALES, "--per-class", str(kw["per_class"]), "--batch-size", str(kw["batch_size"]),
            "--out-size", str(kw["out_size"]), "--cache-dir", kw["cache_dir"], "--max-concurrent-trials", "1",
+           "--classifier-data", kw["classifier_data"],
            "--gpus-per-trial", "0", "--quiet"]
     path = os.path.join(setup["storage"], name)
     uri = f"sqlite:///{path}/mlflow.db"
@@ -141,6 +143,8 @@ def test_restore_finishes_the_sweep_without_rerunning_finished_trials(interrupte
     assert all(c["status"] == "FINISHED" for c in children)
     assert sorted(c["params"]["cfg_scale"] for c in children) == list(SCALES)
     assert all(math.isfinite(c["metrics"]["gfid"]) and "sfid" in c["metrics"] for c in children)
+    for c in children:  # the class accuracy of the trial's samples, with its chance level (2 classes)
+        assert 0.0 <= c["metrics"]["class_accuracy"] <= 1.0 and c["metrics"]["class_chance"] == 0.5
     first = next(c for c in children if c["run_id"] == interrupted["first"].info.run_id)
     assert first["metrics"]["gfid"] == interrupted["first"].data.metrics["gfid"]
     for f, stamp in interrupted["stamps"].items():  # trial 1 was not sampled or evaluated again
@@ -155,7 +159,8 @@ def test_report_best_table_and_plots(interrupted, resumed):
     assert resumed["best"]["run_id"] == best["run_id"]
     assert resumed["best"]["config"] == {"cfg_scale": best["params"]["cfg_scale"]}
     lines = resumed["table"].splitlines()
-    assert lines[0].startswith("| run | cfg_scale | gfid")
+    assert lines[0].startswith("| run | cfg_scale | gfid") and "class_accuracy" in lines[0]
+    assert "class_accuracy" in resumed["best"]["metrics"] and resumed["best"]["metrics"]["class_chance"] == 0.5
     assert best["run_name"] in lines[2]  # sorted by gFID, best first
     for key in ("table_md", "table_csv", "fid_vs_cfg", "best"):
         assert os.path.getsize(resumed["files"][key]) > 0
@@ -201,5 +206,7 @@ def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, inter
         run(name="other", gpt=str(setup["dir"] / "missing.pt"))
     with pytest.raises(ValueError, match="outside"):
         run(name="other", classes=[5])
+    with pytest.raises(FileNotFoundError, match="class accuracy needs labelled real images"):
+        run(name="other", classifier_split="test")
     assert not os.path.exists(os.path.join(setup["storage"], "other"))
     assert len(_children(interrupted["uri"], interrupted["parent"])) == 2

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import IO, Callable, NamedTuple
 
 import numpy as np
-import torch
 from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 log = logging.getLogger(__name__)
@@ -215,8 +214,10 @@ def list_image_folder(
     return FolderSplit(samples, [w for w, _ in entries], [n for _, n in entries], index_path)
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """ImageNet-layout folder ``root/<split>/<wnid>/*`` as (image_tensor, label) samples.
+class ImageFolderDataset:
+    """ImageNet-layout folder ``root/<split>/<wnid>/*`` as (image_tensor, label) samples: a map-style dataset for
+    ``torch.utils.data.DataLoader`` (``__len__`` + ``__getitem__``; this module does not import torch, so the Ray
+    decode actors that use its readers start without it).
 
     Attributes: ``samples`` [(path, label)], ``targets`` [label], ``classes`` [wnid by label], ``class_names``
     [name by label], ``class_to_idx`` {wnid: label}, ``skipped`` (paths that failed to decode, in the order met;

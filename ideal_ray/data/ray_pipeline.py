@@ -52,13 +52,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ideal_ray.config import VFMConfig
 from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, open_rgb
 from ideal_ray.data.transforms import check_train_augmentation
-from ideal_ray.models.vfm import FrozenVFM
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +84,15 @@ class VFMStage:
     @property
     def wire_dtype(self) -> torch.dtype:
         """dtype of the feature columns: uint16 holding bf16 bits, or float32."""
+        import torch
+
         return torch.uint16 if self.bf16 else torch.float32
 
 
 def torch_dtypes(provenance: bool = False, vfm: Optional[VFMStage] = None) -> dict[str, torch.dtype]:
     """``iter_torch_batches(dtypes=...)`` for the pipeline's columns (Ray 2.60 needs every column named)."""
+    import torch
+
     cols = COLUMNS + (PROVENANCE_COLUMNS if provenance else ())
     out = {c: torch.uint8 if c == "image" else torch.int64 for c in cols}
     for c in vfm.columns if vfm is not None else ():
@@ -98,7 +100,16 @@ def torch_dtypes(provenance: bool = False, vfm: Optional[VFMStage] = None) -> di
     return out
 
 
-TORCH_DTYPES = torch_dtypes()
+
+
+def __getattr__(name: str):
+    """``TORCH_DTYPES`` (= ``torch_dtypes()``) is made on first use: the decode actors import this module without
+    torch, which they do not need (seconds of start-up per actor process)."""
+    if name == "TORCH_DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Last word of the augmentation seed: SeedSequence pads short entropy with zeros, so [seed, e, 0] would
 # otherwise equal the epoch-permutation seed [seed, e]; a non-zero tag keeps the two streams apart.
 _AUG_STREAM = 0x6175676D  # "augm"
@@ -243,8 +254,11 @@ def load_sample(path: str, data_cfg, seed: int, epoch: int, position: int) -> np
     )
 
 
-def to_model_input(batch_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> ``dtype`` (B, 3, H, W) in [-1, 1]; call it after moving the uint8 batch to the device."""
+def to_model_input(batch_uint8: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> ``dtype`` (default float32) (B, 3, H, W) in [-1, 1]; call it after moving the uint8
+    batch to the device."""
+    import torch
+
     if batch_uint8.dim() != 4 or batch_uint8.shape[-1] != 3 or batch_uint8.dtype != torch.uint8:
         raise ValueError(
             f"to_model_input expects a uint8 (B, H, W, 3) batch, got {batch_uint8.dtype} "
@@ -252,13 +266,14 @@ def to_model_input(batch_uint8: torch.Tensor, dtype: torch.dtype = torch.float32
         )
     x = batch_uint8.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W) in [0, 255]
     x = x.div(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1], same arithmetic as folder.default_to_tensor
-    return x.to(dtype).contiguous()  # (B, 3, H, W)
+    return x.to(dtype or torch.float32).contiguous()  # (B, 3, H, W)
 
 
 def trunk_features_from_batch(batch: dict[str, torch.Tensor], vfm: VFMStage,
                               device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """A batch of the VFM stage -> (shallow before its norm (B, N, C) or None, deep (B, N, C)), fp32 on ``device``:
     what ``FrozenVFM.trunk_features`` returns for the batch's images (exactly, on the fp32 wire)."""
+    import torch
 
     def column(name: str) -> torch.Tensor:
         t = batch[name].to(device, non_blocking=True)  # (B, N, C) in the wire dtype
@@ -370,6 +385,10 @@ class _VFMFeatures:
     """Callable class of the VFM actor pool: the frozen trunk over one step's images, its outputs added as columns."""
 
     def __init__(self, stage: VFMStage) -> None:
+        import torch
+
+        from ideal_ray.models.vfm import FrozenVFM
+
         self.stage = stage
         self.device = torch.device("cuda" if stage.use_gpu else "cpu")
         torch.manual_seed(stage.seed)  # the trainer's weights for a random-init trunk (see VFMStage.seed)
@@ -377,10 +396,14 @@ class _VFMFeatures:
 
     def _wire(self, t: torch.Tensor) -> np.ndarray:
         """(B, N, C) features -> the wire format: bf16 bits as uint16, or float32."""
+        import torch
+
         t = t.to(torch.bfloat16).view(torch.uint16) if self.stage.bf16 else t.float()
         return t.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         images = to_model_input(torch.tensor(batch["image"]).to(self.device))  # (B, 3, S, S) in [-1, 1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.stage.bf16 and self.stage.use_gpu):
             shallow_raw, deep = self.vfm.trunk_features(images)  # (B, N, C) each, shallow None in single-layer
@@ -538,9 +561,12 @@ def local_batches(data_cfg, world_size: int, rank: int, start_step: int, num_ste
 
 
 def _local_steps(decode_augment: "_DecodeAugment", local_batch: int, num_steps: int):
+    import torch
+
+    dtypes = torch_dtypes()
     for i in range(num_steps):
         rows = decode_augment({"id": np.arange(i * local_batch, (i + 1) * local_batch, dtype=np.int64)})
-        yield {c: torch.as_tensor(rows[c], dtype=TORCH_DTYPES[c]) for c in COLUMNS}
+        yield {c: torch.as_tensor(rows[c], dtype=dtypes[c]) for c in COLUMNS}
 
 
 def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,

@@ -55,7 +55,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from ideal_ray.data.ray_pipeline import (
     PermutationCache,
@@ -82,7 +81,18 @@ TOKEN_SCHEMA = pa.schema(
 )
 
 AR_COLUMNS = ("tokens", "label", "step")
-AR_TORCH_DTYPES = {c: torch.int64 for c in AR_COLUMNS}  # iter_torch_batches(dtypes=...) must name every column
+
+
+def __getattr__(name: str):
+    """``AR_TORCH_DTYPES`` (iter_torch_batches(dtypes=...) must name every column) is made on first use: the
+    shard-reader actors import this module without torch, which they do not need."""
+    if name == "AR_TORCH_DTYPES":
+        import torch
+
+        return {c: torch.int64 for c in AR_COLUMNS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Last word of the view seed, so [seed, e, i, tag] never equals the permutation seed [seed, e] or ray_pipeline's
 # augmentation stream [seed, e, position, "augm"].
 _VIEW_STREAM = 0x76696577  # "view"
@@ -598,8 +608,9 @@ def ar_rank_datasets(
 
 
 # ------------------------------------------------------------------------------------- in-process dataset
-class TokenShardDataset(torch.utils.data.Dataset):
-    """Every view of every image in memory (uint16): for tests and small runs, not for ImageNet x 20 views.
+class TokenShardDataset:
+    """Every view of every image in memory (uint16): for tests and small runs, not for ImageNet x 20 views. A
+    map-style dataset for ``torch.utils.data.DataLoader``.
 
     One item per IMAGE: ``(tokens int64 (N,), label int64)`` of the view :func:`view_of` picks for the current
     epoch (:meth:`set_epoch`). Attributes: ``tokens`` uint16 (images, V, N), ``labels`` int64 (images,),
@@ -637,6 +648,8 @@ class TokenShardDataset(torch.utils.data.Dataset):
         return self.tokens[index, view_id]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         v = view_of(self.seed, self.epoch, index, self.num_views)
         return (torch.from_numpy(self.tokens[index, v].astype(np.int64)),  # (N,)
                 torch.tensor(self.labels[index], dtype=torch.int64))

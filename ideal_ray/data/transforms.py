@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 
-_BICUBIC = InterpolationMode.BICUBIC
+import numpy as np
+
+
+def _v2():
+    """torchvision's v2 transforms, imported when a transform is built: the Ray decode actors, which only validate
+    augmentation settings here, start without torch or torchvision."""
+    from torchvision.transforms import v2
+
+    return v2
+
+
+def _bicubic():
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode.BICUBIC
 
 
 def _to_pm1() -> list:
     """PIL/uint8 -> float32 [0, 1] -> [-1, 1] (mean = std = 0.5)."""
+    import torch
+
+    v2 = _v2()
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -41,13 +54,14 @@ def check_train_augmentation(image_size: int, resize_min: int, resize_max: int, 
         raise ValueError(f"{prefix}hflip_prob={hflip_prob} must be in [0, 1].")
 
 
-def train_transform(image_size: int, resize_min: int, resize_max: int, hflip_prob: float = 0.5) -> v2.Compose:
+def train_transform(image_size: int, resize_min: int, resize_max: int, hflip_prob: float = 0.5) -> "v2.Compose":
     """Random shorter-side resize in [resize_min, resize_max] -> random crop -> flip -> float (3, S, S) in [-1, 1]."""
     check_train_augmentation(image_size, resize_min, resize_max, hflip_prob)
+    v2 = _v2()
     return v2.Compose(
         [
             # Picks the shorter side uniformly from the integer list; PIL resizes are always antialiased.
-            v2.RandomShortestSize(list(range(resize_min, resize_max + 1)), interpolation=_BICUBIC, antialias=True),
+            v2.RandomShortestSize(list(range(resize_min, resize_max + 1)), interpolation=_bicubic(), antialias=True),
             v2.RandomCrop(image_size),
             v2.RandomHorizontalFlip(p=hflip_prob),
             *_to_pm1(),
@@ -55,20 +69,21 @@ def train_transform(image_size: int, resize_min: int, resize_max: int, hflip_pro
     )
 
 
-def eval_transform(image_size: int) -> v2.Compose:
+def eval_transform(image_size: int) -> "v2.Compose":
     """Shorter side resized to image_size (bicubic, antialiased) -> centre crop -> float (3, S, S) in [-1, 1]."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size} must be positive.")
+    v2 = _v2()
     return v2.Compose(
         [
-            v2.Resize(image_size, interpolation=_BICUBIC, antialias=True),
+            v2.Resize(image_size, interpolation=_bicubic(), antialias=True),
             v2.CenterCrop(image_size),
             *_to_pm1(),
         ]
     )
 
 
-def transforms_from_config(data_cfg) -> tuple[v2.Compose, v2.Compose]:
+def transforms_from_config(data_cfg) -> tuple["v2.Compose", "v2.Compose"]:
     """(train, eval) transforms from a ``config.DataConfig``."""
     return (
         train_transform(data_cfg.image_size, data_cfg.resize_min, data_cfg.resize_max, data_cfg.hflip_prob),
@@ -78,6 +93,8 @@ def transforms_from_config(data_cfg) -> tuple[v2.Compose, v2.Compose]:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float (C, H, W) or (B, C, H, W) -> uint8 numpy (H, W, C) or (B, H, W, C); clamps out-of-range."""
+    import torch
+
     if images.dim() not in (3, 4):
         raise ValueError(f"to_uint8 expects (C, H, W) or (B, C, H, W), got shape {tuple(images.shape)}.")
     x = images.detach().float().cpu().clamp(-1.0, 1.0)
@@ -98,6 +115,7 @@ def make_grid_png(
     its right, ``nrow`` pairs per row. The file is written atomically (tmp + rename), so an MLflow artifact
     upload never sees half a PNG.
     """
+    import torch
     from PIL import Image
     from torchvision.utils import make_grid
 

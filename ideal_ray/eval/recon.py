@@ -22,7 +22,6 @@ import math
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -44,13 +43,15 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # skimage's (scipy's) Gaussian support: radius int(3.5 * 1.5 + 0.5) = 5 -> 11 x 11 window
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = Union[np.ndarray, "torch.Tensor"]  # torch is imported where it is used (decode actors skip it)
 
 
 # ------------------------------------------------------------------------------------------- conversion
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images (B, 3, H, W) in [-1, 1] (tokenizer inputs/outputs; values outside are clamped) -> uint8 (B, H, W, 3),
     rounded to the nearest level: ``round(127.5 * (x + 1))``."""
+    import torch
+
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"to_uint8 expects images (B, 3, H, W), got shape {tuple(images.shape)}.")
     x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # (B, 3, H, W) in [0, 255]
@@ -58,7 +59,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _as_numpy(x: ArrayLike) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.asarray(x) if isinstance(x, np.ndarray) or not hasattr(x, "detach") else x.detach().cpu().numpy()
 
 
 def _pair(x: ArrayLike, y: ArrayLike) -> Tuple[np.ndarray, np.ndarray, float]:

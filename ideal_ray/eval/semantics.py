@@ -15,7 +15,8 @@ missing one fails in :func:`build_zero_shot_head` before anything is built, nami
 
 Linear probe (paper Table 1): multinomial logistic regression on (N, C) features -- pooled reconstructed deep
 features, or any others -- trained full-batch with L-BFGS from zero on standardized features, the L2 weight decay
-chosen on a seeded held-out part of the training split, then refit on all of it; deterministic for fixed inputs.
+chosen on a seeded held-out part of the training split, then refit on all of it; deterministic for fixed inputs
+(:mod:`ideal_ray.eval.probe`, re-exported here).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from ideal_ray.config import VFMConfig
+from ideal_ray.eval.probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe  # noqa: F401 (re-exported)
 from ideal_ray.models.tokenizer import IdealTokenizer
 from ideal_ray.models.vfm import build_zero_shot_model, get_tokenizer
 
@@ -51,7 +53,6 @@ Template = Union[str, Callable[[str], str]]
 IMAGENET_TEMPLATES: Tuple[Template, ...] = tuple(OPENAI_IMAGENET_TEMPLATES)  # the 80 OpenAI prompts
 # The ImageNet-1k class index in its standard (sorted wnid) order, which open_clip's IMAGENET_CLASSNAMES follows.
 _IMAGENET_FIRST_WNID, _IMAGENET_LAST_WNID = "n01440764", "n15075141"
-DEFAULT_WEIGHT_DECAYS: Tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 0))  # 1e-6 ... 1e-1
 
 
 # ------------------------------------------------------------------------------------------ class names
@@ -220,91 +221,4 @@ def zero_shot(head: ZeroShotHead, feats: PooledFeatures, ks: Sequence[int] = (1,
 
 
 # ------------------------------------------------------------------------------------------ linear probe
-@dataclass
-class ProbeResult:
-    top1: float  # on the evaluation split, with the chosen weight decay, fit on the whole training split
-    weight_decay: float
-    val_top1: Dict[float, float] = field(default_factory=dict)  # held-out top-1 of every weight decay tried
-    n_train: int = 0
-    n_eval: int = 0
-    skipped: int = 0  # rows with a non-finite feature or a label outside [0, num_classes)
-    protocol: Dict[str, object] = field(default_factory=dict)
-
-
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
-                  max_iter: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, full-batch L-BFGS from zero: x (N, C), y (N,) -> (W (C, K), b (K,)).
-    Loss = mean cross-entropy + weight_decay / 2 * ||W||^2 (the bias is not decayed)."""
-    w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
-
-
-def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((x @ w + b).argmax(1) == y).float().mean())
-
-
-def _valid_rows(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.isfinite(x).all(1) & (y >= 0) & (y < num_classes)  # (N,) bool
-
-
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor,
-                 num_classes: Optional[int] = None, weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
-                 val_fraction: float = 0.2, max_iter: int = 200, seed: int = 0,
-                 device: Union[str, torch.device] = "cpu") -> ProbeResult:
-    """Top-1 of a linear classifier on features (N, C) with labels (N,); ``num_classes`` defaults to the largest
-    training label + 1. Features are standardized with the fitting rows' mean/std; each weight decay is fit on a
-    seeded ``1 - val_fraction`` of the training rows and scored on the rest, the best (ties: the larger decay) is
-    refit on all training rows and scored on the evaluation split. Rows with a non-finite feature or an
-    out-of-range label are skipped and counted."""
-    if not weight_decays:
-        raise ValueError("linear_probe needs at least one weight decay to try.")
-    if not 0.0 < val_fraction < 1.0 and len(weight_decays) > 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1) to choose among {len(weight_decays)} "
-                         f"weight decays; pass one weight decay to skip the choice.")
-    k = int(num_classes if num_classes is not None else int(train_y.max()) + 1)
-    tx, ty = train_x.float(), train_y.long()
-    ex, ey = eval_x.float(), eval_y.long()
-    ok_t, ok_e = _valid_rows(tx, ty, k), _valid_rows(ex, ey, k)
-    skipped = int((~ok_t).sum() + (~ok_e).sum())
-    tx, ty, ex, ey = tx[ok_t].to(device), ty[ok_t].to(device), ex[ok_e].to(device), ey[ok_e].to(device)
-    if len(ty) < 2 or len(ey) == 0:
-        raise ValueError(f"linear_probe needs at least 2 training rows and 1 evaluation row with finite features "
-                         f"and labels in [0, {k}); got {len(ty)} and {len(ey)}.")
-
-    def standardize(fit: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor]:
-        mean, std = fit.mean(0), fit.std(0).clamp_min(1e-6)
-        return [(t - mean) / std for t in (fit, *others)]
-
-    val_top1: Dict[float, float] = {}
-    best = float(weight_decays[0])
-    if len(weight_decays) > 1:
-        perm = torch.randperm(len(ty), generator=torch.Generator().manual_seed(seed)).to(device)
-        n_val = min(max(1, round(val_fraction * len(ty))), len(ty) - 1)
-        val_i, fit_i = perm[:n_val], perm[n_val:]
-        fx, vx = standardize(tx[fit_i], tx[val_i])
-        for wd in sorted(weight_decays, reverse=True):  # strongest first, so ties keep the larger decay
-            val_top1[float(wd)] = _accuracy(vx, ty[val_i], *_fit_logistic(fx, ty[fit_i], k, wd, max_iter))
-        best = max(val_top1, key=lambda wd: (val_top1[wd], wd))
-    fx, vx = standardize(tx, ex)
-    top1 = _accuracy(vx, ey, *_fit_logistic(fx, ty, k, best, max_iter))
-    protocol = {
-        "classifier": f"multinomial logistic regression, {k} classes, standardized features, L-BFGS "
-                      f"(strong Wolfe, max_iter {max_iter}) from zero, loss CE + wd / 2 ||W||^2",
-        "weight_decay": (f"best of {sorted(float(w) for w in weight_decays)} on a seed-{seed} {val_fraction:g} "
-                         f"held-out part of the training rows, then refit on all" if len(weight_decays) > 1
-                         else f"{best:g} (fixed)"),
-    }
-    return ProbeResult(top1=top1, weight_decay=best, val_top1=val_top1, n_train=len(ty), n_eval=len(ey),
-                       skipped=skipped, protocol=protocol)
+# The probe itself lives in ideal_ray.eval.probe (torch only), shared with the class accuracy of samples.

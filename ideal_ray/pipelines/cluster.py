@@ -23,8 +23,19 @@ def init_ray(logical_cpus: int, address: str = "", runtime_env: Optional[dict] =
     if address:
         ray.init(address=address)
         return False
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=False, runtime_env=runtime_env)
+    # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner queries every second for its
+    # controller (without it: a warning a second, and no clean-up of a crashed run's placement group).
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=True, runtime_env=runtime_env)
     return True
+
+
+def actor_cpus(device: str, num_actors: int, cluster_cpus: int, others: int = 1) -> int:
+    """Logical CPUs for each of ``num_actors`` model actors: one beside a GPU; on the CPU, the node's cores shared
+    among them (Ray sets an actor's OMP_NUM_THREADS, so its torch threads, from this) within the cluster's CPUs
+    less ``others`` kept for the other tasks of the pipeline."""
+    if device == "cuda":
+        return 1
+    return max(1, min((os.cpu_count() or 1) // num_actors, (cluster_cpus - others) // num_actors))
 
 
 def actor_device(device: str, num_actors: Optional[int]) -> Tuple[str, int, int, int]:

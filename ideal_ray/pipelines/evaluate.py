@@ -17,7 +17,9 @@ The reference statistics of the real crops are keyed by (listing hash, crop, siz
 (``ideal_ray.eval.reference``): the second evaluation of the same split computes no real-image features.
 
 ``evaluate_gen`` -- samples (an ADM-format npz, e.g. from ``jobs/sample.py``) against a reference (ADM's
-``VIRTUAL_imagenet256_labeled.npz`` or an image folder): gFID, sFID, IS (when available), ADM precision/recall.
+``VIRTUAL_imagenet256_labeled.npz`` or an image folder): gFID, sFID, IS (when available), ADM precision/recall, and
+with ``classifier_data`` the class accuracy of the samples under a classifier fitted on real images of that data set
+(``ideal_ray.eval.class_accuracy``).
 
 Every result holds a ``protocol`` dict saying how each number was made (reference and its hash, image counts,
 resize rule, evaluator and weights hash) and is logged to MLflow (params, metrics, ``result.json``, tables).
@@ -82,8 +84,8 @@ class _ReconEval:
         from ideal_ray.eval.inception import load_inception
         from ideal_ray.eval.semantics import build_zero_shot_head
 
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):  # an actor: the threads Ray gave it
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         self.dev = torch.device(device)
         self.amp = torch.bfloat16 if precision == "bf16" else None
         self.tok = load_tokenizer(tokenizer_ckpt, device=str(self.dev))
@@ -159,6 +161,13 @@ def _per_class_csv(labels: np.ndarray, class_names, columns: Dict[str, np.ndarra
     return buf.getvalue()
 
 
+def _local_device(device: str) -> str:
+    """This process's device for work the driver does itself: the actors' device type if this process has one."""
+    import torch
+
+    return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
 def _check_out_dir(out_dir: str) -> str:
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(os.path.join(out_dir, "result.json")):
@@ -201,7 +210,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     from ideal_ray.eval.fid import compare
     from ideal_ray.eval.inception import load_inception
     from ideal_ray.pipelines.extract_common import listing_sha256
-    from ideal_ray.pipelines.cluster import actor_device, init_ray
+    from ideal_ray.pipelines.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.pipelines.sample_local import grid_image
 
     if batch_size < 1 or decode_actors < 1:
@@ -234,8 +243,10 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     cached = ref_mod.load_cached(identity, evaluator, cache_dir)
 
     init_ray(decode_actors + (num_actors or 1) + 1)  # decode pool + evaluation actors + Ray Data's own tasks
-    device, num_actors, _, _ = actor_device(device, num_actors)
+    device, num_actors, _, cluster_cpus = actor_device(device, num_actors)
     precision = precision or ("bf16" if device == "cuda" else "fp32")
+    # on CPU the Inception and tokenizer passes are the work: each evaluation actor gets its share of the cores
+    eval_cpus = actor_cpus(device, num_actors, cluster_cpus, others=decode_actors + 1)
     log_fn(f"reconstruction eval: {len(indices)} {split} images of {listing.root} on {num_actors} {device} actor(s); "
            f"reference statistics {'cached' if cached is not None else 'computed in this run'}")
 
@@ -248,11 +259,16 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
             _ReconEval, fn_constructor_args=(tokenizer_ckpt, device, precision, real_features, zs,
                                              inception_weights, return_images, pooled, metrics),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if device == "cuda" else 0, num_cpus=1)
+            num_gpus=1 if device == "cuda" else 0, num_cpus=eval_cpus)
+        from ideal_ray.console import progress
+
         cols: Dict[str, list] = {}
+        bar = progress(len(idx), "evaluate", "img")
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k, v in b.items():
                 cols.setdefault(k, []).append(v)
+            bar.update(len(b["index"]))
+        bar.close()
         got = {k: np.concatenate(v) for k, v in cols.items()}
         if not got or len(got.get("index", [])) == 0:
             raise RuntimeError("no image of the evaluation set could be read; check the split.")
@@ -324,7 +340,11 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     if grid:
         from PIL import Image
 
-        grid_rows = run(indices[:GRID_IMAGES], False, True, None)
+        # a handful of images: in this process on its own device (a second actor pass would reload every model)
+        picks = indices[:GRID_IMAGES]
+        crops = _CenterCrop(listing.pack(), picks, size)({"id": np.arange(len(picks))})
+        grid_rows = _ReconEval(tokenizer_ckpt, _local_device(device), precision, False, None, inception_weights,
+                               True)(crops)
         pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
         Image.fromarray(grid_image(pairs, 2, len(grid_rows["real_256"]))).save(os.path.join(out_dir, "grid.png"))
         artifacts.append("grid.png")
@@ -344,12 +364,21 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
 
 # ------------------------------------------------------------------------------------- generation
 def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: int = 50, device: str = "cpu",
-                 inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
-                 run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+                 inception_weights: str = "", cache_dir: str = "", classifier_data: str = "",
+                 classifier_split: str = "train", classifier_per_class: Optional[int] = None,
+                 tracking_uri: Optional[str] = None, run_name: Optional[str] = None,
+                 log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """gFID, sFID, IS (when the Inception weights have logits) and ADM precision/recall of the samples in
     ``samples_npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3)) against ``reference`` (an ADM reference npz such as
     ``VIRTUAL_imagenet256_labeled.npz``, or a folder of images: ADM center crop + resize to the samples' size).
-    Writes ``result.json`` (+ MLflow). The reference statistics are cached; the samples' features are not."""
+
+    ``classifier_data`` (a data set root; '' = off) adds the class accuracy (``ideal_ray.eval.class_accuracy``): a
+    classifier fitted on ``classifier_per_class`` real images of each class of its ``classifier_split`` (default
+    50) scores the samples against their ``labels`` (the npz must hold them): ``class_accuracy``, ``class_chance``
+    (1 / classes), ``class_accuracy_real`` (the classifier's held-out top-1 on real images).
+    Writes ``result.json`` (+ MLflow). The reference statistics and the classifier are cached; the samples'
+    features are not."""
+    from ideal_ray.eval import class_accuracy as ca
     from ideal_ray.eval import reference as ref_mod
     from ideal_ray.eval.fid import compare, features
     from ideal_ray.eval.inception import load_inception
@@ -361,6 +390,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
         if "arr_0" not in z.files:
             raise ValueError(f"{samples_npz} has no arr_0; it must be an ADM-format npz (jobs/sample.py writes one).")
         images = z["arr_0"]
+        sample_labels = z["labels"] if "labels" in z.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{samples_npz} arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, 3).")
     if os.path.isdir(reference):
@@ -370,9 +400,20 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
     else:
         raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
                                 f"or a folder of reference images.")
+    cls_data = None
+    if classifier_data:  # checked before any image is read: the split exists, the samples' labels fit its classes
+        per_class = ca.DEFAULT_PER_CLASS if classifier_per_class is None else int(classifier_per_class)
+        cls_data = ca.classifier_data(classifier_data, classifier_split, per_class)
+        if sample_labels is None:
+            raise ValueError(f"{samples_npz} has no labels; class accuracy needs the class of each sample "
+                             f"(jobs/sample.py writes them next to arr_0).")
+        sample_labels = ca.check_sample_labels(sample_labels, len(images), cls_data.num_classes, samples_npz,
+                                               cls_data.where)
     out_dir = _check_out_dir(out_dir)
     extractor = load_inception(inception_weights, device=device)
     ref = ref_mod.reference_stats(source, extractor, cache_dir, batch_size=batch_size)
+    clf = None if cls_data is None else ca.real_classifier(cls_data, images.shape[1], extractor, cache_dir,
+                                                           batch_size=batch_size)
     log_fn(f"generation eval: {len(images)} samples vs {ref.protocol['reference']['name']} "
            f"({ref.protocol['num_reference_images']} images, statistics {'cached' if ref.from_cache else 'computed'})")
     feats = features(images, batch_size=batch_size, extractor=extractor)
@@ -384,13 +425,22 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
     for key in ("fid_adm_stats", "sfid_adm_stats"):
         if key in gen:
             result[key] = gen[key]
+    if clf is not None:
+        result.update(ca.class_accuracy(clf, feats["pool"], sample_labels))
+        real = result.get("class_accuracy_real")
+        log_fn(f"class accuracy: {result['class_accuracy']:.1%} of {len(images)} samples (chance "
+               f"{result['class_chance']:.1%}" + ("" if real is None else f"; held-out real images: {real:.1%}") + ")")
     result["protocol"] = dict(gen["protocol"], reference_statistics="reused from the cache" if ref.from_cache
                               else "computed")
+    result["protocol"]["class_accuracy"] = "off (no classifier data set)" if clf is None else {
+        "metric": ca.METRIC_NOTE, **clf.protocol, "classifier_cache": "reused" if clf.from_cache else "computed"}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
-                       "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"]})
+                       "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"],
+                       "classifier_data": cls_data.where if cls_data is not None else "",
+                       "classifier_per_class": cls_data.per_class if cls_data is not None else 0})
         tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)
         tr.log_artifact(os.path.join(out_dir, "result.json"), "eval")
         result["mlflow_run_id"] = getattr(tr, "run_id", None)

@@ -27,7 +27,6 @@ import time
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from ideal_ray.data import crops
 from ideal_ray.data import tokens as tk
@@ -36,7 +35,7 @@ from ideal_ray.data.ray_pipeline import to_model_input
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".extract.lock"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # autocast dtype (torch attribute) by name; fp32: none
 SKIPPED_FILE = "skipped.tsv"
 # A shard with more unreadable images than this fraction (and more than MIN_SKIPS_TO_ABORT of them) stops the run:
 # ImageNet has a handful of bad files in 1.28M, so that many means a missing mount or a wrong format, not bad luck.
@@ -77,16 +76,26 @@ class ViewEncoder:
                  max_views: int = 64):
         if max_views < 1:
             raise ValueError(f"max_views={max_views} must be at least 1 (views per encoder forward).")
+        import torch  # here, not at the top: the decode actors import this module's neighbours without torch
+
         self.tok, self.views, self.size = tokenizer.eval(), crops.check_views(views), int(image_size)
         self.device = torch.device(device)
-        self.amp = PRECISIONS[check_precision(precision)]
+        amp = PRECISIONS[check_precision(precision)]
+        self.amp = getattr(torch, amp) if amp else None
         self.max_views = int(max_views)
         self.num_views = crops.num_views(views)
         self.num_tokens = int(tokenizer.grid) ** 2
 
-    @torch.inference_mode()
     def __call__(self, squares: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
         """``squares[k]`` uint8 ``(B, s_k, s_k, 3)`` (``crops.square_sizes`` order) -> uint16 ``(B, V, N)``."""
+        import torch
+
+        with torch.inference_mode():
+            return self._encode(squares)
+
+    def _encode(self, squares: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        import torch
+
         on_dev = [torch.as_tensor(s).to(self.device, non_blocking=True) for s in squares]
         views = crops.views_from_squares(on_dev, self.views, self.size)  # (B, V, S, S, 3) uint8 on the device
         b = views.shape[0]
@@ -118,7 +127,9 @@ def _refuse_foreign(out_dir: str) -> None:
     """A folder with files but no manifest is someone else's: never write into it."""
     if not os.path.isdir(out_dir) or os.path.isfile(tk.manifest_path(out_dir)):
         return
-    foreign = [n for n in os.listdir(out_dir) if n != LOCK_FILE and not n.endswith(tk.TMP_SUFFIX)]
+    from ideal_ray.console import LOG_FILE  # the extraction job's own log (jobs/extract_tokens.py) is no data
+
+    foreign = [n for n in os.listdir(out_dir) if n not in (LOCK_FILE, LOG_FILE) and not n.endswith(tk.TMP_SUFFIX)]
     if foreign:
         shown = ", ".join(sorted(foreign)[:5])
         raise FileExistsError(f"{out_dir} is not empty and has no {tk.MANIFEST_FILE} (it holds: {shown}); extract "

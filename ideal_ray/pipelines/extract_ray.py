@@ -285,8 +285,13 @@ def extract_tokens_ray(
                 ds = build_dataset(ray.put(listing.pack()), ray.put(todo.astype(np.int64)), len(todo),
                                    tokenizer_ckpt, views, size, device, precision, batch_size, num_encoders,
                                    decode_actors, decode_batch)
+                from ideal_ray.console import progress
+
+                bar = progress(len(todo), "extract", "img")
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                     collector.add(batch)
+                    bar.update(len(batch["index"]))
+                bar.close()
             if collector.pending:
                 raise RuntimeError(f"the pipeline ended with shards {collector.pending[:5]} incomplete; rerun to "
                                    f"redo them (finished shards are kept).")

@@ -50,7 +50,7 @@ def _write_state(path: str, state: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = print,
+def run_stages(run_dir: str, stages: List[Stage], log: Optional[Callable[[str], None]] = None,
                only: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run ``stages`` in order under ``run_dir``, skipping those recorded as done whose outputs are still valid.
 
@@ -58,7 +58,11 @@ def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = p
     ``meta``: what to record about this invocation (e.g. the Ray job it is); appended to the state's ``runs``.
     Returns the final state; its
     ``stages[name]`` holds each stage's outputs, ``seconds`` and ``skipped`` (True when this run skipped it).
+    ``log`` gets each stage's start and result line (default: the console, :func:`ideal_ray.console.say`).
     """
+    from ideal_ray.console import say
+
+    log = log or say
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names {names} repeat; each stage needs its own name.")
@@ -85,7 +89,8 @@ def run_stages(run_dir: str, stages: List[Stage], log: Callable[[str], None] = p
         state["stages"][stage.name] = {"outputs": outputs, "seconds": round(time.perf_counter() - t0, 2),
                                        "skipped": False, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_state(path, state)
-        log(f"[pipeline] {stage.name}: finished in {state['stages'][stage.name]['seconds']:.0f} s")
+        log(f"[pipeline] {stage.name}: finished in {state['stages'][stage.name]['seconds']:.0f} s: "
+            f"{_headline(stage.name, outputs)[0]}")
     _write_state(path, state)  # the file says what this run did, skipped stages included
     return state
 
@@ -116,6 +121,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                              eval_images: Optional[int] = None, probe_train_images: int = 0,
                              sweep_cfg_scales: Optional[List[float]] = None, sweep_per_class: int = 4,
                              reference: Optional[str] = None, fid_cache: Optional[str] = None,
+                             classifier_per_class: Optional[int] = None,
                              tracking_uri: Optional[str] = None, log: Callable[[str], None] = print) -> List[Stage]:
     """The chain for one tokenizer config: train it, extract its codes (``views``), train ``ar_preset`` on them,
     sample ``sample_cfg.per_class`` images per class, evaluate reconstruction and generation against ``reference``
@@ -123,7 +129,9 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
     scale over ``sweep_cfg_scales`` on Ray Tune (``sweep_per_class`` images per class a trial; no sweep stage when
     the list is empty or None). Every stage writes under ``run_dir`` and logs to ``tracking_uri``; the reference
     statistics are computed once into ``fid_cache`` (default ``<run_dir>/fid_refs``; on a cluster, a shared folder)
-    and read by the evaluation and every sweep trial. The AR config is built (and checked) here, before any stage
+    and read by the evaluation and every sweep trial. The samples' class accuracy (evaluation and every sweep trial)
+    comes from a classifier fitted on ``classifier_per_class`` real images per class (default 50) of the train split
+    of ``tok_cfg.data.root``, the data set the GPT's classes come from; it is cached beside the reference statistics. The AR config is built (and checked) here, before any stage
     runs."""
     from ideal_ray.config import SampleConfig, load_ar_config
 
@@ -192,9 +200,11 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                              tracking_uri=tracking_uri, log_fn=log)
         gen = evaluate_gen(state["stages"]["sample"]["outputs"]["samples"], reference,
                            os.path.join(run_dir, "eval-gen"), device=_driver_device(), cache_dir=fid_cache,
+                           classifier_data=tok_cfg.data.root, classifier_per_class=classifier_per_class,
                            tracking_uri=tracking_uri, log_fn=log)
         return {"recon": os.path.join(rec["out_dir"], "result.json"), "gen": os.path.join(gen["out_dir"], "result.json"),
-                "rfid": rec["rfid"], "psnr": rec["psnr"], "usage": rec["usage"], "gfid": gen["gfid"]}
+                "rfid": rec["rfid"], "psnr": rec["psnr"], "usage": rec["usage"], "gfid": gen["gfid"],
+                **{k: gen[k] for k in ("class_accuracy", "class_chance", "class_accuracy_real") if k in gen}}
 
     def sweep(state):
         from ideal_ray.tune.cfg_sweep import sweep_cfg
@@ -203,6 +213,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
                       reference, "cfg", os.path.join(run_dir, "sweeps"), list(sweep_cfg_scales),
                       per_class=sweep_per_class, batch_size=sample_cfg.batch_size, seed=sample_cfg.seed,
                       out_size=sample_cfg.out_size, gpus_per_trial=0 if cpu else None, cache_dir=fid_cache,
+                      classifier_data=tok_cfg.data.root, classifier_per_class=classifier_per_class,
                       tracking_uri=tracking_uri, verbose=0, log=log)
         if s["errored"] or s["unfinished"] or s["best"] is None:
             raise RuntimeError(f"the CFG sweep did not finish ({s['errored']} trial(s) failed, {s['unfinished']} "
@@ -210,7 +221,11 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
         return {"sweep": s["path"], "best": os.path.join(s["path"], "report", "best.json"),
                 "parent_run_id": s["parent_run_id"], "best_cfg_scale": float(s["best"]["config"]["cfg_scale"]),
                 "best_gfid": s["best"]["metrics"].get("gfid"),
-                "gfid_by_cfg_scale": {t["config"]["cfg_scale"]: t["metrics"].get("gfid") for t in s["trials"]}}
+                "gfid_by_cfg_scale": {t["config"]["cfg_scale"]: t["metrics"].get("gfid") for t in s["trials"]},
+                "class_accuracy_by_cfg_scale": {t["config"]["cfg_scale"]: t["metrics"].get("class_accuracy")
+                                                for t in s["trials"]},
+                "class_chance": next((t["metrics"]["class_chance"] for t in s["trials"]
+                                      if "class_chance" in t["metrics"]), None)}
 
     stages = [
         Stage("tokenizer", on_ray(tokenizer), _files_exist("export")),
@@ -227,7 +242,8 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
 def pipeline_defaults(tok_cfg) -> Dict[str, Any]:
     """The chain's settings that follow the scale of the tokenizer preset (keyword arguments of
     :func:`tokenizer_to_eval_stages`): ``tiny`` is the demo's CPU run on the synthetic set (its class count, 2 views
-    per image, a 2-scale sweep of 4 images per class), anything else a GPU cluster run at the paper's settings."""
+    per image, a 2-scale sweep of 4 images per class, a class-accuracy classifier fitted on 8 real train images per
+    class), anything else a GPU cluster run at the paper's settings."""
     from ideal_ray.config import SampleConfig
 
     tiny = tok_cfg.preset.split("+")[0] == "tiny"
@@ -237,7 +253,8 @@ def pipeline_defaults(tok_cfg) -> Dict[str, Any]:
             "sample_cfg": SampleConfig(cfg_scale=1.75, per_class=8 if tiny else 50, batch_size=40 if tiny else 256),
             "device": "cpu" if tiny else "auto",
             "sweep_cfg_scales": [1.0, 1.75] if tiny else [1.0 + 0.25 * i for i in range(9)],
-            "sweep_per_class": 4 if tiny else 50}
+            "sweep_per_class": 4 if tiny else 50,
+            "classifier_per_class": 8 if tiny else 50}
 
 
 def run_pipeline(tok_cfg, settings: Optional[Dict[str, Any]] = None, *, only: Optional[List[str]] = None,
@@ -246,14 +263,15 @@ def run_pipeline(tok_cfg, settings: Optional[Dict[str, Any]] = None, *, only: Op
     """The chain for ``tok_cfg`` in its run folder ``<output_dir>/<name>/``, every stage logging to one MLflow store
     (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the run folder). ``settings``: keyword arguments of
     :func:`tokenizer_to_eval_stages` (default :func:`pipeline_defaults`); ``only`` and ``meta`` as in
-    :func:`run_stages`. Returns the final state and the MLflow tracking URI."""
+    :func:`run_stages`. ``log``: the stages' own lines (in a job console, the log file); each stage's start and
+    result line goes to the console. Returns the final state and the MLflow tracking URI."""
     from ideal_ray.tracking import default_tracking_uri
 
     run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
     tracking_uri = default_tracking_uri(run_dir)
     settings = pipeline_defaults(tok_cfg) if settings is None else settings
     stages = tokenizer_to_eval_stages(tok_cfg, run_dir, **settings, tracking_uri=tracking_uri, log=log)
-    return run_stages(run_dir, stages, log=log, only=only, meta=meta), tracking_uri
+    return run_stages(run_dir, stages, only=only, meta=meta), tracking_uri
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -284,11 +302,18 @@ def _headline(name: str, out: Dict[str, Any]) -> Tuple[str, str]:
     if name == "sample":
         return f"{g('num_images')} images, {_num(g('images_per_s'), '.1f')} images/s", _short(g("grid"))
     if name == "evaluate":
+        acc = (f", class accuracy {_num(g('class_accuracy'), '.0%')} (chance {_num(g('class_chance'), '.0%')})"
+               if g("class_accuracy") is not None else "")
         return (f"rFID {_num(g('rfid'))}, PSNR {_num(g('psnr'))} dB, usage {_num(g('usage'), '.1%')}, "
-                f"gFID {_num(g('gfid'))}",
+                f"gFID {_num(g('gfid'))}{acc}",
                 f"{_short(os.path.dirname(g('recon') or ''))}, {_short(os.path.dirname(g('gen') or ''))}")
     if name == "sweep":
         by_scale = sorted((g("gfid_by_cfg_scale") or {}).items(), key=lambda kv: float(kv[0]))
+        acc = g("class_accuracy_by_cfg_scale") or {}
+        if any(v is not None for v in acc.values()):  # gFID / class accuracy per CFG scale
+            per = ", ".join(f"{k}: {_num(v, '.1f')} / {_num(acc.get(k), '.0%')}" for k, v in by_scale) or "n/a"
+            return (f"CFG scale: gFID / class accuracy (chance {_num(g('class_chance'), '.0%')}): {per}; "
+                    f"best gFID at {g('best_cfg_scale')}", _short(os.path.dirname(g("best") or "")))
         per = ", ".join(f"{_num(v)} @ {k}" for k, v in by_scale) or "n/a"
         return f"gFID per CFG scale: {per}; best {g('best_cfg_scale')}", _short(os.path.dirname(g("best") or ""))
     return ", ".join(f"{k} {v}" for k, v in out.items()), "-"

@@ -46,8 +46,8 @@ class _SampleBatch:
         from ideal_ray.train.ar_stage import load_gpt
 
         dev = torch.device(device)
-        if dev.type == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if dev.type == "cpu" and os.environ.get("OMP_NUM_THREADS"):  # an actor: the threads Ray gave it
+            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         self.cfg = SampleConfig(**sample_cfg)
         gpt = load_gpt(gpt_path, device="cpu").to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
         self.tok = load_tokenizer(tokenizer_path, device=str(dev))
@@ -92,7 +92,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     """
     import ray
 
-    from ideal_ray.pipelines.cluster import actor_device, init_ray
+    from ideal_ray.pipelines.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.sampling import validate_sample_config
 
     validate_sample_config(sample_cfg)
@@ -113,7 +113,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     n, s = len(labels), sample_cfg.out_size
 
     init_ray((num_samplers or 1) + 2)  # the sampler actors + Ray Data's own tasks
-    device, num_samplers, _, _ = actor_device(device, num_samplers)
+    device, num_samplers, _, cluster_cpus = actor_device(device, num_samplers)
     bs = min(sample_cfg.batch_size, -(-n // num_samplers))  # no actor gets only padding
     log(f"sampling {n} images ({len(cls_list)} classes x {sample_cfg.per_class}) at cfg {sample_cfg.cfg_scale} on "
         f"{num_samplers} {device} sampler actor(s), batch {bs}")
@@ -127,13 +127,18 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_samplers),
         num_gpus=1 if device == "cuda" else 0,
-        num_cpus=1,
+        num_cpus=actor_cpus(device, num_samplers, cluster_cpus),
     )
     images = np.empty((n, s, s, 3), dtype=np.uint8)  # (N, S, S, 3)
     filled = np.zeros(n, dtype=bool)
+    from ideal_ray.console import progress
+
+    bar = progress(n, "sample", "img")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         images[batch["index"]] = batch["image"]
         filled[batch["index"]] = True
+        bar.update(len(batch["index"]))
+    bar.close()
     if not filled.all():
         raise RuntimeError(f"{int((~filled).sum())} of {n} samples never arrived from the sampler actors; rerun.")
     total = time.perf_counter() - t0

@@ -20,10 +20,9 @@ from ideal_ray.config import ARTrainConfig, ConfigError, from_dict, validate_ar
 from ideal_ray.models.gpt import GPT
 from ideal_ray.train import levers
 from ideal_ray.train.engines import build_engine
-from ideal_ray.train.loop import StepResult
+from ideal_ray.train.loop import CONFIG_FILE, StepResult
 from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.step import autocast, data_position, guarded_update, step_seed
-from ideal_ray.train.tokenizer_stage import CONFIG_FILE
 
 GPT_FORMAT = "ideal-ray/gpt/v1"
 

@@ -44,6 +44,23 @@ def _no_shm_op():
     return None
 
 
+# DeepSpeed's name for a collective -> torch's current name. DeepSpeed 0.19 binds the old names once, when its
+# communication backend is built; torch 2.14 deprecates them (a FutureWarning on every call) and the old functions
+# now just call the new ones, with the same arguments.
+_RENAMED_COLLECTIVES = {"all_gather_function": ("all_gather_into_tensor", "all_gather_single"),
+                        "reduce_scatter_function": ("reduce_scatter_tensor", "reduce_scatter_single")}
+
+
+def _bind_current_collectives(cdb) -> None:
+    """Point DeepSpeed's communication backend at torch's current collectives. ZeRO 1 and 2 end every optimizer
+    step by all-gathering the updated parameter partitions through ``cdb.all_gather_function``, which DeepSpeed 0.19
+    bound to ``torch.distributed.all_gather_into_tensor``: deprecated in torch 2.14 in favour of
+    ``all_gather_single``, the same collective (likewise ``reduce_scatter_tensor`` -> ``reduce_scatter_single``)."""
+    for attr, (old, new) in _RENAMED_COLLECTIVES.items():
+        if getattr(cdb, attr, None) is getattr(dist, old, None) and hasattr(dist, new):
+            setattr(cdb, attr, getattr(dist, new))
+
+
 def prepare_deepspeed(device_type: str):
     """Import DeepSpeed for ``device_type`` and attach it to the current torch.distributed process group.
 
@@ -58,6 +75,8 @@ def prepare_deepspeed(device_type: str):
     * ``deepspeed.init_distributed`` reuses a process group that is already initialized (Ray Train's
       ``TorchTrainer`` creates one per worker) instead of creating a second one. Without one it initializes
       from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT must be set).
+    * DeepSpeed's ZeRO 1/2 all-gather goes through torch's current name for it (:func:`_bind_current_collectives`),
+      not the one torch 2.14 deprecates, which warned on every step.
     * DeepSpeed caches a clone of the world group; if the default group was destroyed and created again in this
       process (tests), the stale clone is dropped so engines use the live group.
 
@@ -87,6 +106,7 @@ def prepare_deepspeed(device_type: str):
         raise RuntimeError(f"torch.distributed is initialized with backend {have!r} but {device_type} engines "
                            f"need {backend!r}; initialize the process group with {backend!r} (Ray Train: "
                            f"TorchConfig(backend={backend!r})).")
+    _bind_current_collectives(sys.modules["deepspeed.comm.comm"].cdb)
     world = dist.group.WORLD
     if _state["world_group"] is not None and _state["world_group"] is not world:
         from deepspeed.utils import groups

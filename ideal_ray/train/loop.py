@@ -27,6 +27,7 @@ from ideal_ray.train.ema import EMA
 
 LOOP_STATE = "loop_state.json"
 EMA_FILE = "ema.pt"
+CONFIG_FILE = "config.json"  # the stage config a checkpoint was written under (each stage's save_extra writes it)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,11 +125,13 @@ def take_step(stage: Stage, ema: EMA, batch: Any, step: int, session: Session) -
 
 
 def run_loop(stage: Stage, batches: Iterator[Any], session: Session, cfg: LoopConfig,
-             make_tracker: Callable[[Optional[str]], Any], log: Callable[[str], None] = print) -> LoopState:
+             make_tracker: Callable[[Optional[str]], Any], log: Callable[[str], None] = print,
+             progress: Optional[Callable[[int, int], Any]] = None) -> LoopState:
     """Train until ``cfg.total_steps``; resumes from the session's latest checkpoint. Returns the final state.
 
     ``make_tracker(run_id)`` returns the experiment tracker (an MLflow run on rank 0, a no-op elsewhere), resuming
-    ``run_id`` when the run continues from a checkpoint.
+    ``run_id`` when the run continues from a checkpoint. ``progress(done, total)``, if given, makes rank 0's step bar
+    (:class:`ideal_ray.console.Progress`): one tick a step, the log step's values beside it.
     """
     ema = EMA(stage.ema_module(), cfg.ema_decay)
     state = restore(stage, ema, session)
@@ -138,12 +141,15 @@ def run_loop(stage: Stage, batches: Iterator[Any], session: Session, cfg: LoopCo
         log(f"[ideal-ray] resumed at step {state.step}")
     last_ckpt_step = state.step
     window_samples, window_start, last = 0, time.perf_counter(), {}
+    bar = progress(state.step, cfg.total_steps) if progress is not None and session.rank == 0 else None
 
     while state.step < cfg.total_steps:
         batch = next(batches)
         step = state.step + 1
         result = take_step(stage, ema, batch, step, session)
         state.step = step  # a skipped step still consumes its batch: the data position always follows the step
+        if bar is not None:
+            bar.update(1)
         if result.skipped:
             state.bad_in_a_row += 1
             state.bad_total += 1
@@ -152,6 +158,8 @@ def run_loop(stage: Stage, batches: Iterator[Any], session: Session, cfg: LoopCo
             if state.bad_in_a_row >= cfg.max_bad_steps:
                 tracker.set_tags({"stopped": f"{state.bad_in_a_row} non-finite steps in a row at step {step}"})
                 tracker.finish("FAILED")
+                if bar is not None:
+                    bar.close()
                 raise NonFiniteLossError(
                     f"{state.bad_in_a_row} non-finite losses in a row (steps {step - state.bad_in_a_row + 1}-{step}); "
                     f"stopped. The latest good checkpoint (step {last_ckpt_step}) is kept; lower the learning rate "
@@ -169,6 +177,8 @@ def run_loop(stage: Stage, batches: Iterator[Any], session: Session, cfg: LoopCo
             if session.rank == 0:
                 shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k in _SHOWN)
                 log(f"[ideal-ray] step {step}/{cfg.total_steps} {shown}")
+                if bar is not None:
+                    bar.note(values)
             last = values
             window_samples, window_start = 0, time.perf_counter()
 
@@ -182,6 +192,8 @@ def run_loop(stage: Stage, batches: Iterator[Any], session: Session, cfg: LoopCo
             save_checkpoint(stage, ema, session, state, last)
             last_ckpt_step = step
 
+    if bar is not None:
+        bar.close()
     tracker.finish("FINISHED")
     return state
 

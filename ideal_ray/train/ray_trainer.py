@@ -257,6 +257,10 @@ def _run_on_ray(cfg, worker_fn, config: Dict[str, Any], rank_dataset_fn, path: s
     # One progress bar per rank dataset would flood the job log; the loop logs throughput instead.
     DataContext.get_current().enable_progress_bars = False
     resources = {"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
+    # Ray Train 2.60 patches print() in its workers to also log each line through the root logger, and still prints
+    # it itself, since a Ray worker's sys.stdout is never sys.__stdout__: every line twice. Ray Train hands this
+    # driver setting to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=config,

@@ -32,13 +32,12 @@ from ideal_ray.data.ray_pipeline import VFMStage, to_model_input, torch_dtypes, 
 from ideal_ray.data.transforms import make_grid_png
 from ideal_ray.train import levers
 from ideal_ray.train.engines import build_engine
-from ideal_ray.train.loop import StepResult
+from ideal_ray.train.loop import CONFIG_FILE, StepResult
 from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.step import autocast, data_position, frozen, guarded_update, step_seed, uses_bf16
 from ideal_ray.train.tokenizer_step import TokenizerSystem
 
 LECAM_FILE = "lecam_rank{rank}.pt"
-CONFIG_FILE = "config.json"
 
 
 def vfm_stage(cfg: TokenizerTrainConfig) -> Optional[VFMStage]:

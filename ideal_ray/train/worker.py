@@ -8,7 +8,7 @@ checkpoints go differ (:class:`~ideal_ray.train.sessions.RaySession` / :class:`~
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterable, Iterator
 
 import torch
 
@@ -23,6 +23,26 @@ class LocalRun:
     root: str  # the run folder: LocalSession's checkpoints go to <root>/checkpoint_<step>
     batches: Iterator[Any]  # the rank's batches from the step after the latest checkpoint in ``root``
     log: Callable[[str], None] = print
+
+
+def read_ahead(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` as an iterator whose first item is already being fetched in a background thread: a Ray Data
+    input pipeline starts (its actors spawn, the first step decodes) while the caller builds the stage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(batches)
+    done = object()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    first = pool.submit(next, it, done)
+    pool.shutdown(wait=False)
+
+    def chained():
+        item = first.result()  # re-raises what the first read raised
+        if item is not done:
+            yield item
+            yield from it
+
+    return chained()
 
 
 def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, int, int], Any],
@@ -47,10 +67,11 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
         session = RaySession(device)
-        stage = make_stage(device, rank, world)
         shard = ray.train.get_dataset_shard(f"train_{rank}")
-        batches = iter(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True,
-                                                prefetch_batches=cfg.dist.prefetch_batches, dtypes=dtypes))
+        # the input pipeline starts (actors spawn, the first step decodes) while the stage is built
+        batches = read_ahead(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True,
+                                                      prefetch_batches=cfg.dist.prefetch_batches, dtypes=dtypes))
+        stage = make_stage(device, rank, world)
         log = lambda line: print(line, flush=True)  # noqa: E731
     else:
         rank = 0
@@ -68,8 +89,16 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
             t.log_params(cfg.flat())
         return t
 
+    # rank 0's step bar: drawn by the driver from a Ray worker (tqdm_ray), on this console in process
+    samples = {"tokenizer": "img", "ar": "seq"}.get(stage_name, "samples")
+
+    def bar(done: int, total: int):
+        from ideal_ray.console import progress
+
+        return progress(total, stage_name, "step", initial=done, remote=local is None, samples=samples)
+
     try:
-        run_loop(stage, batches, session, loop_cfg, tracker_for, log=log)
+        run_loop(stage, batches, session, loop_cfg, tracker_for, log=log, progress=bar)
     except NonFiniteLossError as e:
         # Ending the worker normally keeps FailureConfig from restarting into the same non-finite steps; the
         # driver sees that the run stopped short of its last step and raises this message.

@@ -4,14 +4,17 @@ temperature, top-k); each trial samples and scores its images.
     trial (a Tune function trainable, its own CPU or GPU share via tune.with_resources)
         sample_images        per_class images of every class, in-process on the trial's device (its own Sampler)
         -> evaluate_gen      gFID / sFID / precision / recall (+ IS when the Inception weights have logits)
-                             against ``reference``; the reference statistics are computed once before the trials
-                             (one Ray task) into one cache folder that every trial reads
+                             against ``reference``, and with ``classifier_data`` the class accuracy of the samples
+                             (a classifier fitted on real images of that data set); the reference statistics and the
+                             classifier are computed once before the trials (one Ray task) into one cache folder
+                             that every trial reads
         -> tune.report       the metrics: one MLflow child run per trial (params = the trial's CFG settings)
 
 Folder ``<storage_path>/<name>``: Tune's experiment state and trial folders, ``sweep.json`` (the settings),
 ``trial_outputs/<cfg_scale=..>/`` (``samples.npz``, ``grid.png``, ``eval/result.json`` of each trial) and ``report/``
-(``cfg_table.md`` / ``.csv`` sorted by gFID, ``fid_vs_cfg.png``, ``is_vs_fid.png`` -- or ``precision_vs_recall.png``
-when there is no IS -- and ``best.json``), all also logged to the sweep's parent MLflow run.
+(``cfg_table.md`` / ``.csv`` sorted by gFID, ``fid_vs_cfg.png`` -- gFID and, when measured, class accuracy against the
+CFG scale --, ``is_vs_fid.png`` -- or ``precision_vs_recall.png`` when there is no IS -- and ``best.json``), all also
+logged to the sweep's parent MLflow run.
 
 Resumable: running the same name again restores the Tuner (``common.run_tuner``): finished trials are kept, the
 others run. A trial that was interrupted after its samples were written reuses them (the per-sample seeds make
@@ -34,7 +37,8 @@ __all__ = ["sweep_cfg", "cfg_trial", "param_space", "trial_key", "EXPERIMENT", "
 EXPERIMENT = "ideal-sweep-cfg"
 KIND = "cfg"
 SWEPT = ("cfg_scale", "cfg_interval", "temperature", "top_k")  # the keys a trial's config may hold
-METRICS = ("gfid", "sfid", "is", "precision", "recall")
+METRICS = ("gfid", "class_accuracy", "sfid", "is", "precision", "recall")
+EXTRA = ("is_std", "class_chance", "class_accuracy_real")  # reported with the trial's metrics, not in the table
 SETTINGS_FILE = "sweep.json"
 OUTPUTS = "trial_outputs"
 REPORT = "report"
@@ -113,7 +117,7 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
 
     ``settings``: the sweep's fixed settings (:func:`sweep_cfg` builds them): gpt, tokenizer, reference, outputs,
     sample (SampleConfig fields), classes, device, precision, inception_weights, cache_dir, eval_batch_size,
-    verbose."""
+    classifier (None, or the class-accuracy classifier's root / split / per_class), verbose."""
     from ray import tune
 
     from ideal_ray.config import SampleConfig
@@ -139,11 +143,14 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
         with open(result_file) as f:
             result = json.load(f)
     else:
+        cls = settings.get("classifier") or {}
         result = evaluate_gen(npz, settings["reference"], eval_dir, batch_size=settings["eval_batch_size"],
                               device=device, inception_weights=settings["inception_weights"],
-                              cache_dir=settings["cache_dir"], tracking_uri="", log_fn=log)
+                              cache_dir=settings["cache_dir"], classifier_data=cls.get("root", ""),
+                              classifier_split=cls.get("split", "train"), classifier_per_class=cls.get("per_class"),
+                              tracking_uri="", log_fn=log)
         report["eval_seconds"] = result["seconds"]
-    report.update({k: float(result[k]) for k in METRICS + ("is_std",) if k in result})
+    report.update({k: float(result[k]) for k in METRICS + EXTRA if k in result})
     report["num_images"] = float(result["n"])
     tune.report(report)
 
@@ -218,9 +225,9 @@ def _init_ray(gpus_per_trial: Optional[float]) -> float:
 
 
 def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resources: Dict[str, float]) -> Dict:
-    """Compute (or find) the reference statistics once -- on GPU as one Ray task with a trial's resources, on CPU
-    here -- so the trials only read the cache. The source is built exactly as ``evaluate_gen`` builds it, so the
-    cache keys agree."""
+    """Compute (or find) the reference statistics and the class-accuracy classifier once -- on GPU as one Ray task
+    with a trial's resources, on CPU here -- so the trials only read the cache. Both are built exactly as
+    ``evaluate_gen`` builds them, so the cache keys agree."""
     import ray
 
     def warm(device: str) -> Dict[str, Any]:
@@ -232,7 +239,16 @@ def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resourc
         extractor = load_inception(settings["inception_weights"], device=device)
         stats = ref_mod.reference_stats(source, extractor, settings["cache_dir"],
                                         batch_size=settings["eval_batch_size"])
-        return {"from_cache": bool(stats.from_cache), "images": int(stats.protocol["num_reference_images"])}
+        out = {"from_cache": bool(stats.from_cache), "images": int(stats.protocol["num_reference_images"])}
+        cls = settings.get("classifier")
+        if cls:  # built as evaluate_gen builds it (same selection, crop size, evaluator): the same cache entry
+            from ideal_ray.eval import class_accuracy as ca
+
+            clf = ca.real_classifier(ca.classifier_data(cls["root"], cls["split"], cls["per_class"]), size,
+                                     extractor, settings["cache_dir"], batch_size=settings["eval_batch_size"])
+            out["classifier"] = {"from_cache": clf.from_cache, "images": clf.protocol["real_images"]["num_images"],
+                                 "real_top1": clf.real_top1}
+        return out
 
     if resources["gpu"] == 0:
         return warm("cpu")
@@ -248,13 +264,18 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
               out_size: int = 256, top_p: float = 1.0, precision: str = "auto",
               gpus_per_trial: Optional[float] = None, cpus_per_trial: float = 1.0,
               max_concurrent_trials: Optional[int] = None, inception_weights: str = "", cache_dir: str = "",
-              eval_batch_size: int = 50, tracking_uri: Optional[str] = None, experiment: str = EXPERIMENT,
+              eval_batch_size: int = 50, classifier_data: str = "", classifier_split: str = "train",
+              classifier_per_class: Optional[int] = None, tracking_uri: Optional[str] = None,
+              experiment: str = EXPERIMENT,
               verbose: int = 1, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run (or resume) the CFG sweep ``name`` under ``storage_path`` and report it (module notes).
 
     ``gpus_per_trial``: a GPU share per trial (fractions let trials share a GPU; None = 1 when the cluster has GPUs,
     else 0 = CPU). ``cache_dir``: the reference statistics cache every trial reads (default
     ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``; on a multi-node cluster pass a shared folder).
+    ``classifier_data`` (a data set root; '' = off): every trial also reports the samples' class accuracy under a
+    classifier fitted on ``classifier_per_class`` real images per class (default 50) of its ``classifier_split``
+    (``ideal_ray.eval.class_accuracy``); the GPT's classes must be classes of that data set.
     ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose`` 0
     silences Tune's progress table and the trials' logs.
 
@@ -292,6 +313,17 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
         raise ValueError(f"per_class={per_class} over {num_classes if classes is None else len(classes)} class(es) "
                          f"gives fewer than 2 images; FID needs at least 2.")
     weights = resolve_inception_weights(inception_weights)  # MissingWeightsError says how to get them
+    classifier = None
+    if classifier_data:
+        from ideal_ray.eval.class_accuracy import DEFAULT_PER_CLASS, classifier_data as list_classifier_data
+
+        per = DEFAULT_PER_CLASS if classifier_per_class is None else int(classifier_per_class)
+        data = list_classifier_data(classifier_data, classifier_split, per)  # one clear error when missing
+        wanted = list(classes) if classes is not None else list(range(num_classes))
+        if max(wanted) >= data.num_classes:
+            raise ValueError(f"the GPT samples classes up to {max(wanted)} but {data.where} has {data.num_classes} "
+                             f"classes; pass the data set the GPT was trained on as classifier_data.")
+        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": per}
 
     sample = {"per_class": int(per_class), "batch_size": int(batch_size), "seed": int(seed),
               "out_size": int(out_size), "top_p": float(top_p)}
@@ -300,7 +332,7 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
              "reference": os.path.abspath(reference), "classes": None if classes is None else [int(c) for c in classes],
              "sample": sample, "precision": precision, "inception_weights": os.path.abspath(weights),
              "cache_dir": os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())),
-             "eval_batch_size": int(eval_batch_size)}
+             "eval_batch_size": int(eval_batch_size), "classifier": classifier}
     _check_settings(path, {"grid": grid, **fixed})
 
     gpus = _init_ray(gpus_per_trial)
@@ -318,6 +350,9 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     try:
         warm = _warm_reference(fixed["reference"], int(out_size), settings, resources)
         log(f"reference statistics: {warm['images']} images, {'cached' if warm['from_cache'] else 'computed'}")
+        if "classifier" in warm:
+            c = warm["classifier"]
+            log(f"class-accuracy classifier: {c['images']} real images, {'cached' if c['from_cache'] else 'fitted'}")
         trainable = tune.with_resources(tune.with_parameters(cfg_trial, settings=settings), resources)
         results = common.run_tuner(
             trainable, space, tune.TuneConfig(metric="gfid", mode="min", max_concurrent_trials=max_concurrent_trials),
@@ -355,7 +390,10 @@ def _report(results, path: str, uri: str, experiment: str, parent: str, swept: L
         table = table_obj.markdown()
         files["table_md"] = cmp.write_text(os.path.join(out, "cfg_table.md"), table)
         files["table_csv"] = cmp.write_text(os.path.join(out, "cfg_table.csv"), table_obj.csv())
-        files["fid_vs_cfg"] = cmp.plot_fid_vs_cfg(rows, os.path.join(out, "fid_vs_cfg.png"))
+        acc = "class_accuracy" if "class_accuracy" in metrics else None
+        chance = next((r.metrics["class_chance"] for r in rows if "class_chance" in r.metrics), None)
+        files["fid_vs_cfg"] = cmp.plot_fid_vs_cfg(rows, os.path.join(out, "fid_vs_cfg.png"), second=acc,
+                                                  chance=chance)
         has_is = any("is" in r.metrics for r in rows)
         second = "is_vs_fid.png" if has_is else "precision_vs_recall.png"
         files["is_vs_fid" if has_is else "precision_vs_recall"] = cmp.plot_is_vs_fid(rows, os.path.join(out, second))
@@ -363,7 +401,7 @@ def _report(results, path: str, uri: str, experiment: str, parent: str, swept: L
             log("no IS (the Inception weights have no logits): plotted precision vs recall instead of IS vs FID")
         top = table_obj.rows[0]
         best = {"trial": top.name, "run_id": top.run_id, "config": {k: top.params.get(k) for k in swept},
-                "metrics": {k: top.metrics[k] for k in metrics if k in top.metrics}}
+                "metrics": {k: top.metrics[k] for k in metrics + list(EXTRA) if k in top.metrics}}
         files["best"] = cmp.write_text(os.path.join(out, "best.json"), json.dumps(best, indent=1))
     status = "KILLED" if unfinished else "FAILED" if errors else "FINISHED"
     with Tracker(uri, experiment, run_name=os.path.basename(path), run_id=parent) as tr:

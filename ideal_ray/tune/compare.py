@@ -294,24 +294,48 @@ def _fid_metric(metrics: Sequence[str]) -> Optional[str]:
     return next((m for m in metrics if "fid" in m and "sfid" not in m), None)
 
 
-def plot_fid_vs_cfg(rows: Sequence[RunRow], path: str, fid: str = "gfid", title: str = "") -> str:
-    """FID vs CFG scale, one line per setting of the other swept params (rows lacking either value are left out)."""
+def plot_fid_vs_cfg(rows: Sequence[RunRow], path: str, fid: str = "gfid", title: str = "",
+                    second: Optional[str] = None, chance: Optional[float] = None) -> str:
+    """FID vs CFG scale, one line per setting of the other swept params (rows lacking either value are left out).
+    ``second`` (e.g. ``class_accuracy``): that metric too, on a right-hand axis (dashed, squares), with ``chance``
+    as a dotted level line."""
     others = [p for p in swept_params(rows) if p != "cfg_scale"]
-    lines: Dict[str, List[Tuple[float, float]]] = {}
-    for r in rows:
-        x, y = _number(r.params.get("cfg_scale")), r.metrics.get(fid)
-        if x is not None and y is not None and math.isfinite(y):
-            label = ", ".join(f"{p}={r.params.get(p, '-')}" for p in others)
-            lines.setdefault(label, []).append((x, y))
-    fig, ax = _figure()
-    for label, pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+
+    def series(metric: str) -> Dict[str, List[Tuple[float, float]]]:
+        lines: Dict[str, List[Tuple[float, float]]] = {}
+        for r in rows:
+            x, y = _number(r.params.get("cfg_scale")), r.metrics.get(metric)
+            if x is not None and y is not None and math.isfinite(y):
+                label = ", ".join(f"{p}={r.params.get(p, '-')}" for p in others)
+                lines.setdefault(label, []).append((x, y))
+        return {k: sorted(v) for k, v in sorted(lines.items())}
+
+    lines = series(fid)
+    fig, ax = _figure(5.6 if second else 5.0, 3.6)
+    colours = [f"C{i}" for i in range(10)]
+    for i, (label, pts) in enumerate(lines.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[i % 10],
+                label=f"{fid} {label}".strip() if second else (label or None))
     ax.set_xlabel("CFG scale")
     ax.set_ylabel(fid)
-    ax.set_title(title or f"{fid} vs CFG scale")
-    if any(lines) and len(lines) > 1:
-        ax.legend(fontsize=7)
+    ax.set_title(title or (f"{fid} and {second} vs CFG scale" if second else f"{fid} vs CFG scale"), fontsize=9)
+    handles = ax.get_legend_handles_labels()
+    extra = series(second) if second else {}
+    if extra:
+        ax2 = ax.twinx()
+        for i, (label, pts) in enumerate(extra.items()):
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
+                     color=colours[(i + len(lines)) % 10],
+                     label=f"{second} {label}".strip())
+        if chance is not None and math.isfinite(chance):
+            ax2.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3g})")
+        ax2.set_ylabel(f"{second} (dashed)")
+        top = max([chance or 0.0] + [p[1] for pts in extra.values() for p in pts])
+        ax2.set_ylim(0.0, max(1.0, top) * 1.05 if top <= 1.0 else top * 1.05)
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    if len(handles[0]) > 1:
+        ax.legend(*handles, fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -380,7 +404,9 @@ def plot_comparison(cmp: Comparison, path: str) -> Optional[str]:
     rows = cmp.rows
     fid = _fid_metric(sorted({k for r in rows for k in r.metrics}))
     if fid and len({_number(r.params.get("cfg_scale")) for r in rows} - {None}) > 1:
-        plot_fid_vs_cfg(rows, path, fid, title=cmp.title[:70])
+        acc = "class_accuracy" if any("class_accuracy" in r.metrics for r in rows) else None
+        chance = next((r.metrics["class_chance"] for r in rows if "class_chance" in r.metrics), None)
+        plot_fid_vs_cfg(rows, path, fid, title=cmp.title[:70], second=acc, chance=chance)
         return "fid-vs-cfg"
     probe = _probe_metric(rows)
     layered = [r for r in rows if layer_index(r, cmp.params) is not None and "rfid" in r.metrics

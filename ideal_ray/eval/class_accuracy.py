@@ -1,0 +1,251 @@
+"""Class accuracy of class-conditional samples: does a sample of class c look like the real images of class c?
+
+A classifier is fitted on **real images only** -- ``per_class`` evenly spaced images of each class of a labelled
+split (e.g. the train split of the data set whose val split is the FID reference) -- and applied to the samples;
+the score is the share of samples it assigns to the class they were sampled for (top-1). Chance is 1 / the
+classifier's class count. The classifier sees nothing generated: it cannot be tuned to a generator.
+
+- Features: the FID Inception's pool_3 (2048-d, :func:`ideal_ray.eval.fid.features`), the same pass that gives gFID,
+  so scoring the samples costs nothing extra.
+- Real images: decoded and ADM-center-cropped to the samples' size (``ideal_ray.data.crops.center_crop_arr``), the
+  preprocessing the FID reference folder gets.
+- Classifier: the linear probe (:func:`ideal_ray.eval.probe.fit_linear_classifier`: multinomial logistic
+  regression on standardized features, weight decay chosen on a held-out fifth of the real images; that held-out
+  top-1 is reported as ``class_accuracy_real``, the accuracy real images get).
+
+The real features and the fitted classifier are cached in the reference statistics' cache folder
+(:mod:`ideal_ray.eval.reference`: ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``), keyed by the selected
+listing (ids and labels), the preprocessing, the evaluator and the classifier settings, so every sweep trial reuses
+them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from ideal_ray.data import sources
+from ideal_ray.data.crops import center_crop_arr
+from ideal_ray.data.folder import DECODE_ERRORS
+from ideal_ray.eval.fid import features
+from ideal_ray.eval.inception import FidInception
+from ideal_ray.eval.probe import LinearClassifier, fit_linear_classifier
+
+__all__ = ["CLASSIFIER_VERSION", "DEFAULT_PER_CLASS", "ClassifierData", "RealClassifier", "check_sample_labels",
+           "class_accuracy", "classifier_data", "real_classifier", "select_per_class"]
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_VERSION = 1  # bump when the selection, preprocessing or fit changes: old cache entries then miss
+DEFAULT_PER_CLASS = 50  # real images per class the classifier is fitted on (ImageNet: 50k of the 1.28M)
+METRIC_NOTE = ("top-1 of a linear classifier fitted on Inception pool_3 features of real images only, applied to "
+               "the samples' pool features and scored against the class each sample was drawn for; chance is "
+               "1 / the classifier's classes")
+
+
+@dataclass
+class RealClassifier:
+    """A classifier fitted on real images, with the protocol that made it and where it came from."""
+
+    classifier: LinearClassifier
+    class_names: List[str]
+    protocol: Dict[str, Any]
+    from_cache: bool = False
+    path: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @property
+    def real_top1(self) -> Optional[float]:
+        """Held-out top-1 on real images of the chosen weight decay (None when only one decay was tried)."""
+        return self.classifier.val_top1.get(self.classifier.weight_decay)
+
+
+def select_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Sorted listing indices: ``per_class`` evenly spaced items of every class (0 = all items)."""
+    if per_class < 0:
+        raise ValueError(f"per_class={per_class} must be >= 0 (0 = every image of the split).")
+    if per_class == 0:
+        return np.arange(len(labels), dtype=np.int64)
+    picks = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        picks.append(idx[np.unique(np.linspace(0, len(idx) - 1, min(per_class, len(idx))).round().astype(np.int64))])
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
+def _images(listing: sources.Listing, indices: np.ndarray, size: int, batch_size: int,
+            skipped: List[str], kept: List[int], workers: int = 4) -> Iterator[np.ndarray]:
+    """uint8 (B, size, size, 3) batches of the selected items (bytes read here, decoded on ``workers`` threads);
+    undecodable items go to ``skipped``, the decoded ones' indices to ``kept``."""
+    reader = sources.ByteReader(listing)
+
+    def decode(i_data):
+        i, data = i_data
+        try:
+            return np.asarray(center_crop_arr(sources.decode_bytes(data), size))
+        except DECODE_ERRORS as err:
+            log.warning("class-accuracy classifier: skipping %s: %s", listing.ids[i], err)
+            return None
+
+    with reader, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(indices), batch_size):
+            chunk = [int(i) for i in indices[start:start + batch_size]]
+            items = []
+            for i in chunk:
+                try:
+                    items.append((i, reader.read(i)))
+                except OSError as err:
+                    log.warning("class-accuracy classifier: skipping %s: %s", listing.ids[i], err)
+                    skipped.append(listing.ids[i])
+            images = list(pool.map(decode, items))
+            skipped += [listing.ids[i] for (i, _), img in zip(items, images) if img is None]
+            kept += [i for (i, _), img in zip(items, images) if img is not None]
+            good = [img for img in images if img is not None]
+            if good:
+                yield np.stack(good)
+
+
+def _save(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: str) -> Optional[RealClassifier]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            protocol = json.loads(str(z["protocol"]))
+            clf = LinearClassifier.from_arrays({k[4:]: z[k] for k in z.files if k.startswith("clf_")},
+                                               protocol["classifier"])
+            return RealClassifier(clf, [str(c) for c in z["class_names"]], protocol, from_cache=True, path=path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        log.warning("ignoring unreadable classifier cache %s (%s); refitting it", path, err)
+        return None
+
+
+@dataclass
+class ClassifierData:
+    """The labelled real images a classifier is fitted on: a split's listing and the selected items."""
+
+    listing: sources.Listing
+    indices: np.ndarray  # sorted listing indices
+    per_class: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.listing.classes)
+
+    @property
+    def where(self) -> str:
+        return os.path.join(self.listing.root, self.listing.split)
+
+
+def classifier_data(data_root: str, split: str = "train", per_class: int = DEFAULT_PER_CLASS, fmt: str = "auto",
+                    class_index: str = "") -> ClassifierData:
+    """List ``split`` of ``data_root`` (reads no image) and select ``per_class`` images of each class; one clear
+    error when the split is missing or has fewer than 2 classes."""
+    if not data_root:
+        raise ValueError("class accuracy needs labelled real images: pass the data set root (its train split).")
+    try:
+        listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt)
+    except (FileNotFoundError, ValueError) as err:
+        raise FileNotFoundError(f"class accuracy needs labelled real images (split {split!r} of {data_root}): {err}")
+    if len(listing.classes) < 2:
+        raise ValueError(f"{listing.root}/{split} has {len(listing.classes)} class(es); a classifier needs at least 2.")
+    return ClassifierData(listing, select_per_class(listing.labels, int(per_class)), int(per_class))
+
+
+def real_classifier(data: ClassifierData, size: int, extractor: FidInception, cache_dir: str = "",
+                    batch_size: int = 50) -> RealClassifier:
+    """The classifier of ``data`` (module notes) for samples of ``size`` px under ``extractor``: loaded from
+    ``cache_dir`` when these images, this preprocessing and this evaluator were seen before, else fitted (one
+    Inception pass over the selected images) and cached."""
+    import torch
+
+    from ideal_ray.eval import reference as ref_mod
+
+    listing, indices = data.listing, data.indices
+    name = f"{os.path.basename(listing.root.rstrip(os.sep))}-{listing.split}"
+    identity = {"kind": f"class-probe-v{CLASSIFIER_VERSION}", "name": f"{name}-classifier", "path": listing.root,
+                "split": listing.split, "sha256": _listing_sha256(listing, indices),
+                "sha256_of": "the selected listing (ids and labels)",
+                "preprocess": f"ADM center crop to {size} (BOX halvings, bicubic)",
+                "selection": (f"{data.per_class} evenly spaced images per class" if data.per_class
+                              else "every image")}
+    evaluator = extractor.protocol()
+    path = ref_mod.cache_path(identity, evaluator, cache_dir)
+    if os.path.isfile(path):
+        cached = _load(path)
+        if cached is not None:
+            return cached
+    skipped: List[str] = []
+    kept: List[int] = []
+    feats = features(_images(listing, indices, size, batch_size, skipped, kept), batch_size=batch_size,
+                     extractor=extractor)["pool"]
+    labels = listing.labels[np.asarray(kept, dtype=np.int64)]
+    k = data.num_classes
+    clf = fit_linear_classifier(torch.from_numpy(feats), torch.from_numpy(labels), num_classes=k)
+    protocol = {"real_images": {**identity, "num_images": int(len(kept)), "skipped": len(skipped),
+                                "skipped_files": skipped[:20]},
+                "features": "FID Inception pool_3 (2048-d), the evaluator of gFID", "evaluator": evaluator,
+                "classifier": clf.protocol, "num_classes": k,
+                "cache_key": ref_mod.cache_key(identity, evaluator)}
+    arrays = {f"clf_{key}": v for key, v in clf.to_arrays().items()}
+    arrays.update(features=feats.astype(np.float32), labels=labels, class_names=np.array(listing.class_names),
+                  protocol=np.array(json.dumps(protocol)))
+    _save(path, arrays)
+    log.info("class-accuracy classifier of %s (%d images, %d classes) cached at %s", name, len(kept), k, path)
+    return RealClassifier(clf, list(listing.class_names), protocol, from_cache=False, path=path)
+
+
+def _listing_sha256(listing: sources.Listing, indices: np.ndarray) -> str:
+    """Hex digest over the selected (id, label) pairs in order."""
+    h = hashlib.sha256(len(indices).to_bytes(8, "little"))
+    for i in indices:
+        h.update(os.fsencode(listing.ids[i]) + b"\0" + int(listing.labels[i]).to_bytes(8, "little", signed=True))
+    return h.hexdigest()
+
+
+def check_sample_labels(labels: Any, num_images: int, num_classes: int, where: str, classes_of: str) -> np.ndarray:
+    """The samples' labels as int64 (N,), or one clear error: wrong shape or type, or outside the classifier's
+    classes."""
+    labels = np.asarray(labels)
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where} labels are {labels.dtype} {labels.shape}; class accuracy needs one integer class "
+                         f"id per image ({num_images},).")
+    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+    if len(bad):
+        raise ValueError(f"{where} has labels {bad[:5].tolist()} outside the {num_classes} classes of {classes_of}; "
+                         f"score samples of a generator trained on that data set's classes.")
+    return labels.astype(np.int64)
+
+
+def class_accuracy(clf: RealClassifier, pool: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
+    """``class_accuracy`` (top-1 of the samples, pool features (N, 2048), labels (N,) already checked),
+    ``class_chance``, ``class_accuracy_real`` (held-out real top-1, when measured) and per-class top-1."""
+    import torch
+
+    pred = clf.classifier.predict(torch.from_numpy(np.asarray(pool))).cpu().numpy()  # (N,)
+    hit = pred == labels
+    out: Dict[str, Any] = {"class_accuracy": float(hit.mean()), "class_chance": 1.0 / clf.num_classes}
+    if clf.real_top1 is not None:
+        out["class_accuracy_real"] = float(clf.real_top1)
+    out["class_accuracy_per_class"] = {
+        str(int(k)): float(hit[labels == k].mean()) for k in np.unique(labels)}
+    return out
