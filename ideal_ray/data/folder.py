@@ -21,10 +21,13 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import IO, Callable, NamedTuple
+from typing import IO, TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -57,6 +57,9 @@ from PIL import Image
 from ideal_ray.config import VFMConfig
 from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, open_rgb
 from ideal_ray.data.transforms import check_train_augmentation
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -49,12 +49,15 @@ import errno
 import glob
 import json
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
+    import torch
 
 from ideal_ray.data.ray_pipeline import (
     PermutationCache,

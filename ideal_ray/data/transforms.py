@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: torch and torchvision are imported where used (the decode actors skip them)
+    import torch
+    from torchvision.transforms import v2
 
 
 def _v2():

@@ -115,18 +115,6 @@ def _images(listing: sources.Listing, indices: np.ndarray, size: int, batch_size
                 yield np.stack(good)
 
 
-def _save(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _load(path: str) -> Optional[RealClassifier]:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -156,10 +144,11 @@ class ClassifierData:
         return os.path.join(self.listing.root, self.listing.split)
 
 
-def classifier_data(data_root: str, split: str = "train", per_class: int = DEFAULT_PER_CLASS, fmt: str = "auto",
+def classifier_data(data_root: str, split: str = "train", per_class: Optional[int] = None, fmt: str = "auto",
                     class_index: str = "") -> ClassifierData:
-    """List ``split`` of ``data_root`` (reads no image) and select ``per_class`` images of each class; one clear
-    error when the split is missing or has fewer than 2 classes."""
+    """List ``split`` of ``data_root`` (reads no image) and select ``per_class`` images of each class (None:
+    ``DEFAULT_PER_CLASS``); one clear error when the split is missing or has fewer than 2 classes."""
+    per_class = DEFAULT_PER_CLASS if per_class is None else int(per_class)
     if not data_root:
         raise ValueError("class accuracy needs labelled real images: pass the data set root (its train split).")
     try:
@@ -168,7 +157,7 @@ def classifier_data(data_root: str, split: str = "train", per_class: int = DEFAU
         raise FileNotFoundError(f"class accuracy needs labelled real images (split {split!r} of {data_root}): {err}")
     if len(listing.classes) < 2:
         raise ValueError(f"{listing.root}/{split} has {len(listing.classes)} class(es); a classifier needs at least 2.")
-    return ClassifierData(listing, select_per_class(listing.labels, int(per_class)), int(per_class))
+    return ClassifierData(listing, select_per_class(listing.labels, per_class), per_class)
 
 
 def real_classifier(data: ClassifierData, size: int, extractor: FidInception, cache_dir: str = "",
@@ -209,7 +198,7 @@ def real_classifier(data: ClassifierData, size: int, extractor: FidInception, ca
     arrays = {f"clf_{key}": v for key, v in clf.to_arrays().items()}
     arrays.update(features=feats.astype(np.float32), labels=labels, class_names=np.array(listing.class_names),
                   protocol=np.array(json.dumps(protocol)))
-    _save(path, arrays)
+    ref_mod.save_npz(path, arrays)
     log.info("class-accuracy classifier of %s (%d images, %d classes) cached at %s", name, len(kept), k, path)
     return RealClassifier(clf, list(listing.class_names), protocol, from_cache=False, path=path)
 

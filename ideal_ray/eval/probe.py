@@ -11,7 +11,7 @@ later); :func:`linear_probe` fits one and scores it on an evaluation split in on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch

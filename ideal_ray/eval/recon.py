@@ -19,11 +19,14 @@ Protocol, the one tokenizer papers use:
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
+    import torch
 
 __all__ = [
     "EVAL_SIZE",

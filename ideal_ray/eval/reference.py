@@ -190,6 +190,12 @@ def _save(path: str, stats: ReferenceStats) -> None:
               "sigma_s": stats.spatial.sigma, "pool_features": stats.pool_features,
               "protocol": np.array(json.dumps(stats.protocol))}
     arrays.update({f"adm_{key}": value for key, value in stats.adm_stats.items()})
+    save_npz(path, arrays)
+
+
+def save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to the npz ``path`` atomically (temporary file + ``os.replace``): a cache entry another
+    process reads is whole or absent."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -21,7 +21,7 @@ chosen on a seeded held-out part of the training split, then refit on all of it;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -38,6 +38,15 @@ def actor_cpus(device: str, num_actors: int, cluster_cpus: int, others: int = 1)
     return max(1, min((os.cpu_count() or 1) // num_actors, (cluster_cpus - others) // num_actors))
 
 
+def use_actor_threads(device: str) -> None:
+    """In a model actor on the CPU: run torch on the threads Ray gave it (its ``OMP_NUM_THREADS``, from
+    :func:`actor_cpus`). A process Ray did not start (no ``OMP_NUM_THREADS``, e.g. the driver) is left as it is."""
+    if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
+
 def actor_device(device: str, num_actors: Optional[int]) -> Tuple[str, int, int, int]:
     """``(device, actors, cluster GPUs, cluster CPUs)``: ``auto`` is cuda when the cluster has GPUs; cuda without
     GPUs is an error; the actor count defaults to one per GPU, or 1 on CPU."""

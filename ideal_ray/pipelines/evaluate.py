@@ -83,9 +83,9 @@ class _ReconEval:
         from ideal_ray.checkpoint import load_tokenizer
         from ideal_ray.eval.inception import load_inception
         from ideal_ray.eval.semantics import build_zero_shot_head
+        from ideal_ray.pipelines.cluster import use_actor_threads
 
-        if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):  # an actor: the threads Ray gave it
-            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        use_actor_threads(device)
         self.dev = torch.device(device)
         self.amp = torch.bfloat16 if precision == "bf16" else None
         self.tok = load_tokenizer(tokenizer_ckpt, device=str(self.dev))
@@ -128,16 +128,18 @@ class _ReconEval:
                     if self.head is not None:
                         logits = self.head.logits(pooled)  # (b, K)
                         out[f"top5_{name}"] = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
-        if not self.metrics:  # probe features only
+        if not (self.metrics or self.return_images):  # probe features only
             return out
         real_s, recon_s = rc.resize_256(real), rc.resize_256(recon)  # (b, 256, 256, 3) uint8
+        if self.return_images:
+            out["real_256"], out["recon_256"] = real_s, recon_s
+        if not self.metrics:  # images only (the grid)
+            return out
         out["psnr"], out["ssim"] = rc.psnr(real_s, recon_s), rc.ssim(real_s, recon_s)
         out["codes"] = codes.flatten(1).to(torch.int32).cpu().numpy()  # (b, g*g)
         out.update(self._features(recon_s, "recon"))
         if self.real_features:
             out.update(self._features(real_s, "real"))
-        if self.return_images:
-            out["real_256"], out["recon_256"] = real_s, recon_s
         return out
 
 
@@ -344,7 +346,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         picks = indices[:GRID_IMAGES]
         crops = _CenterCrop(listing.pack(), picks, size)({"id": np.arange(len(picks))})
         grid_rows = _ReconEval(tokenizer_ckpt, _local_device(device), precision, False, None, inception_weights,
-                               True)(crops)
+                               True, metrics=False)(crops)
         pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
         Image.fromarray(grid_image(pairs, 2, len(grid_rows["real_256"]))).save(os.path.join(out_dir, "grid.png"))
         artifacts.append("grid.png")
@@ -402,8 +404,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
                                 f"or a folder of reference images.")
     cls_data = None
     if classifier_data:  # checked before any image is read: the split exists, the samples' labels fit its classes
-        per_class = ca.DEFAULT_PER_CLASS if classifier_per_class is None else int(classifier_per_class)
-        cls_data = ca.classifier_data(classifier_data, classifier_split, per_class)
+        cls_data = ca.classifier_data(classifier_data, classifier_split, classifier_per_class)
         if sample_labels is None:
             raise ValueError(f"{samples_npz} has no labels; class accuracy needs the class of each sample "
                              f"(jobs/sample.py writes them next to arr_0).")

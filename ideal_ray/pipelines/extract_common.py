@@ -24,9 +24,12 @@ import logging
 import math
 import os
 import time
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
+    import torch
 
 from ideal_ray.data import crops
 from ideal_ray.data import tokens as tk

@@ -37,7 +37,7 @@ import numpy as np
 
 from ideal_ray.data import crops
 from ideal_ray.data import sources
-from ideal_ray.pipelines.cluster import actor_device, init_ray
+from ideal_ray.pipelines.cluster import actor_device, init_ray, use_actor_threads
 from ideal_ray.pipelines.extract_common import (
     MAX_SKIP_FRACTION,
     SKIPPED_FILE,
@@ -88,13 +88,10 @@ class _EncodeViews:
 
     def __init__(self, tokenizer_ckpt: str, views: str, image_size: int, device: str, precision: str,
                  max_views: int):
-        import torch
-
         from ideal_ray.checkpoint import load_tokenizer
         from ideal_ray.pipelines.extract_common import ViewEncoder
 
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_actor_threads(device)
         tok = load_tokenizer(tokenizer_ckpt, device=device)
         self.encoder = ViewEncoder(tok, views, image_size, device, precision, max_views=max_views)
         self.num_squares = len(crops.square_sizes(views, image_size))

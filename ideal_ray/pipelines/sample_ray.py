@@ -41,13 +41,13 @@ class _SampleBatch:
         import torch
 
         from ideal_ray.checkpoint import load_tokenizer
+        from ideal_ray.pipelines.cluster import use_actor_threads
         from ideal_ray.pipelines.sample_local import _gpt_dtype
         from ideal_ray.sampling import Sampler
         from ideal_ray.train.ar_stage import load_gpt
 
         dev = torch.device(device)
-        if dev.type == "cpu" and os.environ.get("OMP_NUM_THREADS"):  # an actor: the threads Ray gave it
-            torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        use_actor_threads(dev.type)
         self.cfg = SampleConfig(**sample_cfg)
         gpt = load_gpt(gpt_path, device="cpu").to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
         self.tok = load_tokenizer(tokenizer_path, device=str(dev))

@@ -315,15 +315,14 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     weights = resolve_inception_weights(inception_weights)  # MissingWeightsError says how to get them
     classifier = None
     if classifier_data:
-        from ideal_ray.eval.class_accuracy import DEFAULT_PER_CLASS, classifier_data as list_classifier_data
+        from ideal_ray.eval.class_accuracy import classifier_data as list_classifier_data
 
-        per = DEFAULT_PER_CLASS if classifier_per_class is None else int(classifier_per_class)
-        data = list_classifier_data(classifier_data, classifier_split, per)  # one clear error when missing
+        data = list_classifier_data(classifier_data, classifier_split, classifier_per_class)  # clear error if missing
         wanted = list(classes) if classes is not None else list(range(num_classes))
         if max(wanted) >= data.num_classes:
             raise ValueError(f"the GPT samples classes up to {max(wanted)} but {data.where} has {data.num_classes} "
                              f"classes; pass the data set the GPT was trained on as classifier_data.")
-        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": per}
+        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": data.per_class}
 
     sample = {"per_class": int(per_class), "batch_size": int(batch_size), "seed": int(seed),
               "out_size": int(out_size), "top_p": float(top_p)}
