@@ -41,6 +41,7 @@ PIPELINE_OVERRIDES = ["name=tinyjob", "data.synthetic_classes=4", "data.syntheti
                       "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
                       "schedule.ckpt_every=3", "schedule.log_every=3", "schedule.vis_every=1000",
                       "dist.num_workers=1"]
+AGENT_ATTEMPTS = 10  # `ray job submit` tries while the head's job agent is not registered yet (see _submit)
 AR_SETS = ["schedule.steps=40", "schedule.ckpt_every=20", "schedule.log_every=1", "dist.num_workers=2"]
 
 
@@ -172,16 +173,25 @@ def mlflow_server(tmp_path_factory):
 
 def _submit(head, entrypoint, log, env_vars=None, timeout=900):
     """`ray job submit --working-dir .` (blocking: streams the job's output, exits 1 when it fails), then the job's
-    final status from `ray job status`: "SUCCEEDED", or the command's whole answer."""
+    final status from `ray job status`: "SUCCEEDED", or the command's whole answer; and where in ``log`` the output
+    of the submission that ran begins."""
     ray = os.path.join(BIN, "ray")
-    sid = f"ideal-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", **(env_vars or {})}}
-    _run([ray, "job", "submit", "--address", head["address"], "--submission-id", sid, "--working-dir", ".",
-          "--runtime-env-json", json.dumps(runtime_env), "--", "python"] + entrypoint, log, timeout=timeout)
+    for attempt in range(AGENT_ATTEMPTS):
+        sid = f"ideal-test-{uuid.uuid4().hex[:8]}"
+        cmd = [ray, "job", "submit", "--address", head["address"], "--submission-id", sid, "--working-dir", ".",
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python"] + entrypoint
+        since = os.path.getsize(log) if os.path.exists(log) else 0
+        if _run(cmd, log, timeout=timeout, check=False) == 0:
+            break
+        # the head's job agent registers with the job API some time after `ray start` returns (seconds on a loaded
+        # machine), and until then a submission is refused without creating a job: ask again, anything else fails
+        if "No available agent to submit job" not in _output(log, since) or attempt == AGENT_ATTEMPTS - 1:
+            raise AssertionError(f"{' '.join(cmd[:4])} ... failed:\n{_output(log, since)[-6000:]}")
     out = subprocess.run([ray, "job", "status", "--address", head["address"], sid], capture_output=True, text=True,
                          env=_env(), cwd=REPO, timeout=60)
     text = out.stdout + out.stderr
-    return "SUCCEEDED" if f"Job '{sid}' succeeded" in text else text  # the CLI's words for a finished job
+    return ("SUCCEEDED" if f"Job '{sid}' succeeded" in text else text), since  # the CLI's words for a finished job
 
 
 def _pipeline_args(head):
@@ -201,8 +211,8 @@ def _output(log, since: int) -> str:
 def pipeline_job(head, mlflow_server):
     """The tiny pipeline as one submitted job, every output under an absolute folder outside the working dir, the
     MLflow server as its tracking URI (the job's runtime env, as cluster/runtime_env.yaml does)."""
-    t0, since = time.perf_counter(), os.path.getsize(head["log"])
-    status = _submit(head, _pipeline_args(head), head["log"], env_vars={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
+    t0 = time.perf_counter()
+    status, since = _submit(head, _pipeline_args(head), head["log"], env_vars={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
     return {"status": status, "run_dir": head["base"] / "runs" / "tinyjob", "seconds": time.perf_counter() - t0,
             "output": _output(head["log"], since)}
 
