@@ -2,16 +2,17 @@
 
     # the tokenizer: rFID / sFID / precision-recall (+ rIS), PSNR, SSIM, usage, entropy, zero-shot top-1/5
     # (+ --probe-train-images N: linear-probe top-1 of the pooled reconstructed features)
-    python jobs/evaluate.py recon --tokenizer runs/tiny/tokenizer_step300.pt --data-root data/synthetic \\
+    python jobs/evaluate.py recon --tokenizer runs/tiny/tokenizer_step600.pt --data-root data/synthetic \\
         --out runs/eval-recon-tiny
     ray job submit --working-dir . -- python jobs/evaluate.py recon --tokenizer /ckpt/ideal.pt \\
         --data-root /datasets/imagenet --split val --out /shared/eval/ideal-recon      # 50k val, every GPU
     # samples (jobs/sample.py's ADM npz): gFID / sFID / precision-recall (+ IS) against ADM's reference batch
     python jobs/evaluate.py gen --samples /shared/samples-B/samples.npz \\
         --reference /refs/VIRTUAL_imagenet256_labeled.npz --out /shared/eval/B-cfg1.75
-    # + class accuracy: a classifier fitted on real train images (Inception pool features) scores the samples
+    # + class accuracy: a classifier fitted on real train images scores the samples (default: a linear probe on
+    # Inception pool features; --classifier-kind cnn: a small convnet on the pixels, for sets unlike ImageNet)
     python jobs/evaluate.py gen --samples runs/ideal-demo/samples/samples.npz --reference data/synthetic/val \\
-        --classifier-data data/synthetic --out runs/eval-gen-demo
+        --classifier-data data/synthetic --classifier-kind cnn --classifier-per-class 0 --out runs/eval-gen-demo
 
 Results: ``<out>/result.json`` (metrics + ``protocol``), for ``recon`` also ``per_class.csv`` and ``grid.png``
 (real over reconstructed); one MLflow run in experiment ``ideal-eval`` ($MLFLOW_TRACKING_URI, else
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     g.add_argument("--classifier-split", default="train")
     g.add_argument("--classifier-per-class", type=int, default=None,
                    help="real images per class the classifier is fitted on (default 50; 0 = all)")
+    g.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
+                   help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a small "
+                        "convnet trained on the real pixels (data sets unlike ImageNet, e.g. the synthetic set)")
     g.add_argument("--batch-size", type=int, default=50)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     for p in (r, g):
@@ -103,7 +107,8 @@ def _evaluate(args) -> int:
                                   device=args.device, inception_weights=args.inception_weights,
                                   cache_dir=args.cache_dir, classifier_data=args.classifier_data,
                                   classifier_split=args.classifier_split,
-                                  classifier_per_class=args.classifier_per_class, tracking_uri=args.tracking_uri,
+                                  classifier_per_class=args.classifier_per_class,
+                                  classifier_kind=args.classifier_kind, tracking_uri=args.tracking_uri,
                                   log_fn=log)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         say(f"error: {e}", err=True)

@@ -1,6 +1,6 @@
 """Encode a dataset split into token shards for the AR stage: Ray Data actor pools (default) or one process.
 
-    python jobs/extract_tokens.py --tokenizer runs/tiny/tokenizer_step300.pt --data-root data/synthetic \\
+    python jobs/extract_tokens.py --tokenizer runs/tiny/tokenizer_step600.pt --data-root data/synthetic \\
         --out data/tokens-tiny --views llamagen                       # local Ray cluster, CPU
     ray job submit --working-dir . -- python jobs/extract_tokens.py --tokenizer /ckpt/ideal.pt \\
         --data-root /datasets/imagenet --out /shared/tokens --views llamagen   # every GPU of the cluster, bf16

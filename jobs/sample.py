@@ -1,6 +1,6 @@
 """Sample class-conditional images from a trained GPT: a Ray actor pool over every GPU (default) or one process.
 
-    python jobs/sample.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
+    python jobs/sample.py --gpt runs/ar-tiny/gpt_step600.pt --tokenizer runs/tiny/tokenizer_step600.pt \\
         --out runs/samples-tiny --per-class 8 --cfg-scale 1.75 --mlflow
     ray job submit --working-dir . -- python jobs/sample.py --gpt /shared/runs/ar-B/gpt.pt --tokenizer /shared/ideal.pt \\
         --out /shared/samples-B-cfg1.75 --per-class 50 --batch-size 256     # 50k images for FID, every GPU

@@ -1,8 +1,8 @@
 """Sweep CFG scales (and optionally CFG interval, temperature, top-k) of one trained GPT + tokenizer on Ray Tune.
 
-    python jobs/sweep_cfg.py --gpt runs/ar-tiny/gpt_step60.pt --tokenizer runs/tiny/tokenizer_step300.pt \\
+    python jobs/sweep_cfg.py --gpt runs/ar-tiny/gpt_step600.pt --tokenizer runs/tiny/tokenizer_step600.pt \\
         --reference data/synthetic/val --name cfg-tiny --storage-path runs/sweeps --cfg-scales 1.0 1.75 2.5 \\
-        --per-class 8 --gpus-per-trial 0 --classifier-data data/synthetic     # + class accuracy of the samples
+        --per-class 8 --gpus-per-trial 0 --classifier-data data/synthetic --classifier-kind cnn  # + class accuracy
     ray job submit --working-dir . -- python jobs/sweep_cfg.py --gpt /shared/gpt_B.pt --tokenizer /shared/ideal.pt \\
         --reference /refs/VIRTUAL_imagenet256_labeled.npz --name cfg-B --storage-path /shared/sweeps \\
         --cfg-scales 1.0:3.0:0.25 --per-class 50 --gpus-per-trial 0.5 --cache-dir /shared/fid_refs
@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--classifier-split", default="train")
     p.add_argument("--classifier-per-class", type=int, default=None,
                    help="real images per class the classifier is fitted on (default 50; 0 = all)")
+    p.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
+                   help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a small "
+                        "convnet trained on the real pixels (data sets unlike ImageNet, e.g. the synthetic set)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                                                         "<storage-path>/<name>/mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
@@ -118,7 +121,8 @@ def _sweep(args, scales) -> int:
                             inception_weights=args.inception_weights, cache_dir=args.cache_dir,
                             eval_batch_size=args.eval_batch_size, classifier_data=args.classifier_data,
                             classifier_split=args.classifier_split,
-                            classifier_per_class=args.classifier_per_class, tracking_uri=args.tracking_uri,
+                            classifier_per_class=args.classifier_per_class,
+                            classifier_kind=args.classifier_kind, tracking_uri=args.tracking_uri,
                             experiment=args.experiment, verbose=0 if args.quiet else 1, log=log)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         say(f"error: {e}", err=True)

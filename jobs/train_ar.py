@@ -1,7 +1,7 @@
 """Train a class-conditional GPT (AR-B/L/XXL/3B) on token shards, on Ray Train + DeepSpeed, tracked in MLflow.
 
 Laptop (tiny GPT on the tiny tokenizer's shards, 2 CPU workers):
-    python jobs/extract_tokens.py --tokenizer runs/ideal-tokenizer-tiny/tokenizer_step300.pt \\
+    python jobs/extract_tokens.py --tokenizer runs/ideal-tokenizer-tiny/tokenizer_step600.pt \\
         --data-root data/synthetic --out data/tokens-tiny --views release
     python jobs/train_ar.py --preset ar-tiny model.num_classes=10
 Cluster:

@@ -45,6 +45,29 @@ def test_fitted_classifier_round_trips_through_arrays():
     assert again.val_top1 == clf.val_top1 and again.weight_decay == clf.weight_decay and again.num_classes == 3
 
 
+def test_convnet_learns_real_images_and_round_trips_through_arrays():
+    from ideal_ray.data.synthetic import render_image
+    from ideal_ray.eval.convnet import ConvClassifier, fit_conv_classifier
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    images = np.stack([render_image(int(k), 20, rng) for k in labels])  # (30, 20, 20, 3): size 16 * 5 / 4
+    clf = fit_conv_classifier(images, labels, 3, 16, epochs=15)
+    assert clf.real_top1 is not None and clf.n_train == 24  # a seeded fifth of each class held out and scored
+    crops = images[:, 2:18, 2:18]
+    assert np.mean(clf.predict(crops) == labels) >= 0.9  # chance is 1/3
+    again = ConvClassifier.from_arrays(clf.to_arrays(), 3, clf.protocol)
+    assert np.array_equal(again.predict(crops), clf.predict(crops)) and again.real_top1 == clf.real_top1
+    same = fit_conv_classifier(images, labels, 3, 16, epochs=15)
+    assert np.array_equal(same.predict(crops), clf.predict(crops))  # seeded: the same fit twice
+    big = np.repeat(np.repeat(crops, 4, axis=1), 4, axis=2)  # the same images at 64 px: resized back to 16
+    assert np.mean(clf.predict(big) == labels) >= 0.9
+    with pytest.raises(ValueError, match="uint8 RGB images"):
+        clf.predict(crops[..., :1])
+    with pytest.raises(ValueError, match="20x20"):
+        fit_conv_classifier(crops, labels, 3, 16)
+
+
 # ------------------------------------------------------------------------------------------ the real network
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, fid_inception):
@@ -124,6 +147,21 @@ def test_cli_reports_class_accuracy(setup, capsys):
                      setup["cache"], "--tracking-uri", ""]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["class_accuracy"] >= 0.9 and shown["class_chance"] == pytest.approx(1 / 3)
+
+
+def test_cnn_classifier_scores_real_images_high_and_moved_labels_low(setup):
+    right = _gen(setup, _samples(setup, "cnn-right", setup["val"], labels=setup["labels"]), "g-cnn-right",
+                 classifier_per_class=0, classifier_kind="cnn")
+    moved = _gen(setup, _samples(setup, "cnn-moved", setup["val"], labels=(setup["labels"] + 1) % 3), "g-cnn-moved",
+                 classifier_per_class=0, classifier_kind="cnn")
+    assert right["class_accuracy"] >= 0.9 and moved["class_accuracy"] <= 1 / 3
+    proto = json.load(open(os.path.join(right["out_dir"], "result.json")))["protocol"]["class_accuracy"]
+    assert proto["classifier_kind"] == "cnn" and proto["classifier_cache"] == "computed"
+    assert "convnet" in proto["metric"] and proto["real_images"]["num_images"] == 18
+    assert json.load(open(os.path.join(moved["out_dir"], "result.json")))["protocol"]["class_accuracy"][
+        "classifier_cache"] == "reused"
+    with pytest.raises(ValueError, match="unknown class-accuracy classifier 'svm'"):
+        _gen(setup, _samples(setup, "cnn-bad", setup["val"], labels=setup["labels"]), "b-cnn", classifier_kind="svm")
 
 
 def test_bad_input_gets_one_clear_error(setup, tmp_path):

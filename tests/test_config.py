@@ -41,10 +41,10 @@ def test_ablations_change_what_they_name():
 
 def test_overrides_are_typed():
     c = load_config("tiny", ["optim.lr=2e-4", "model.fusion.mode=linear", "loss.diffaug=false",
-                             "model.pixel_decoder.ch_mult=1,1,2,2", "optim.betas=0.8,0.9", "data.root=/x/y"])
+                             "model.pixel_decoder.ch_mult=1,1,2", "optim.betas=0.8,0.9", "data.root=/x/y"])
     assert c.optim.lr == 2e-4 and isinstance(c.optim.lr, float)
     assert c.model.fusion.mode == "linear" and c.loss.diffaug is False
-    assert c.model.pixel_decoder.ch_mult == (1, 1, 2, 2) and c.optim.betas == (0.8, 0.9)
+    assert c.model.pixel_decoder.ch_mult == (1, 1, 2) and c.optim.betas == (0.8, 0.9)
     assert c.data.root == "/x/y"
 
 
@@ -66,7 +66,7 @@ def test_overrides_do_not_touch_the_input():
     (["discriminator.tap_blocks=0,9"], "tap_blocks"),
     (["model.vfm.single_layer=true"], "model.fusion.mode=none"),
     (["optim.precision=fp8"], "optim.precision"),
-    (["data.resize_min=32"], "data.resize_min"),
+    (["data.resize_min=16"], "data.resize_min"),
     (["optim.lr=abc"], "needs a number"),
     (["loss.diffaug=maybe"], "needs a boolean"),
     (["optim.betas=0.9"], "exactly 2"),

@@ -66,14 +66,17 @@ def test_recon_metrics_equal_an_in_process_computation(setup, recon):
     _, root, ckpt = setup
     listing = list_images(root, split="val")
     tok = load_tokenizer(ckpt)
-    real = np.stack([np.asarray(center_crop_arr(decode(os.path.join(root, i)), 64)) for i in listing.ids])
+    size = tok.cfg.image_size  # the tokenizer's crop
+    real = np.stack([np.asarray(center_crop_arr(decode(os.path.join(root, i)), size)) for i in listing.ids])
     with torch.no_grad():
         codes = tok.encode(to_model_input(torch.from_numpy(real)))
         rec = rc.to_uint8(tok.decode(codes).clamp(-1, 1))
     real_s, rec_s = rc.resize_256(real), rc.resize_256(rec)
     assert recon["n"] == 12 and recon["skipped"] == 0
-    assert recon["psnr"] == pytest.approx(float(rc.psnr(real_s, rec_s).mean()), rel=1e-6)
-    assert recon["ssim"] == pytest.approx(float(rc.ssim(real_s, rec_s).mean()), rel=1e-6)
+    # 1e-5: the actor's batches and single thread round a few CPU conv outputs differently, which can move a handful
+    # of uint8 pixels by one (SSIM then differs by ~1e-6); a different crop, resize or formula moves them far more
+    assert recon["psnr"] == pytest.approx(float(rc.psnr(real_s, rec_s).mean()), rel=1e-5)
+    assert recon["ssim"] == pytest.approx(float(rc.ssim(real_s, rec_s).mean()), rel=1e-5)
     assert recon["usage"] == pytest.approx(rc.usage(rc.code_counts(codes.numpy(), 256)))
     assert recon["rfid"] > 0 and 0 <= recon["precision"] <= 1 and 0 <= recon["recall"] <= 1
     for side in ("recon", "vfm"):

@@ -26,7 +26,7 @@ def _grads(module):
 def test_frozen_bf16_equals_autocast_casts():
     """Frozen linear/conv weights stored in bf16 give the same bits under bf16 autocast as fp32 weights that
     autocast casts at every op (VFM trunk, DINO trunk, LPIPS trunk); norms and trainable layers keep fp32."""
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["loss.use_discriminator=true"])
     torch.manual_seed(0)
     plain = TokenizerSystem(cfg, load_weights=False).eval()
     fast = copy.deepcopy(plain)
@@ -67,7 +67,7 @@ def test_channels_last_pixel_decoder_equals_contiguous():
 
 
 # ------------------------------------------------------------------------------------------ compile
-def _tokenizer_batch(step: int, b: int = 4, size: int = 64):
+def _tokenizer_batch(step: int, b: int = 4, size: int = 32):
     g = torch.Generator().manual_seed(step)
     return {"image": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g),
             "label": torch.zeros(b, dtype=torch.long), "step": torch.full((b,), step - 1), "position": torch.arange(b)}
@@ -91,7 +91,8 @@ def test_compiled_regions_take_the_plain_step(local_group):
     AOTAutograd (the aot_eager backend: what inductor receives, run eagerly), give the plain step's parameters."""
     import torch._dynamo
 
-    cfg = load_config("tiny", ["dist.num_workers=1", "dist.engine=torch", "loss.disc_start=1"])
+    cfg = load_config("tiny", ["dist.num_workers=1", "dist.engine=torch",
+                               "loss.use_discriminator=true", "loss.disc_start=1"])
     plain, _ = _run_tokenizer(cfg, 2)
     torch._dynamo.reset()
     fast, _ = _run_tokenizer(cfg, 2, compile_backend="aot_eager")

@@ -143,6 +143,10 @@ def test_tiny_and_paper_defaults_live_in_one_place_and_the_job_flags_replace_the
     assert (paper["ar_preset"], paper["views"], paper["device"], paper["ar_overrides"]) == (
         "ar-B", "llamagen", "auto", [])
     assert len(paper["sweep_cfg_scales"]) == 9 and paper["sample_cfg"].per_class == 50
+    # class accuracy: the convnet on every real train image for the synthetic shapes, the Inception probe on 50 per
+    # class for natural images
+    assert (tiny["classifier_kind"], tiny["classifier_per_class"]) == ("cnn", 0)
+    assert (paper["classifier_kind"], paper["classifier_per_class"]) == ("probe", 50)
 
     got = {}
 

@@ -16,7 +16,7 @@ from ideal_ray.train.tokenizer_step import TokenizerSystem, evaluate_reconstruct
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
 
 
-def images(b=2, size=64, seed=0):
+def images(b=2, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1
 
@@ -42,7 +42,7 @@ def test_encode_decode_shapes_and_ranges(tok, tiny_cfg):
         rec = tok.decode(idx)
         feats = tok.decode_features(idx)
         feats_flat = tok.decode_features(idx.flatten(1))
-    assert rec.shape == (3, 3, 64, 64) and torch.isfinite(rec).all()
+    assert rec.shape == (3, 3, 32, 32) and torch.isfinite(rec).all()
     assert feats.shape == (3, g * g, tiny_cfg.model.vfm.width)
     torch.testing.assert_close(feats, feats_flat)
     # decode(indices) is the eval-mode forward through the bottleneck
@@ -129,11 +129,11 @@ def test_total_loss_falls_on_a_fixed_batch(tmp_path):
     from ideal_ray.train.sessions import LocalSession
     from ideal_ray.train.tokenizer_stage import TokenizerStage
 
-    cfg = load_config("tiny", ["loss.disc_start=0", "optim.warmup_epochs=0", "loss.diffaug=false",
-                               "dist.num_workers=1", "dist.engine=torch"])
+    cfg = load_config("tiny", ["loss.use_discriminator=true", "loss.disc_start=0", "optim.warmup_epochs=0",
+                               "loss.diffaug=false", "dist.num_workers=1", "dist.engine=torch"])
     stage = TokenizerStage(cfg, torch.device("cpu"), 0, 1, steps_per_epoch=40)
     ema, session = EMA(stage.ema_module(), cfg.optim.ema_decay), LocalSession(str(tmp_path))
-    x = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     losses = []
     for step in range(1, 31):
         batch = {"image": x, "label": torch.zeros(4, dtype=torch.long), "step": torch.full((4,), step - 1),

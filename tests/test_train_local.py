@@ -92,7 +92,8 @@ def tiny(data_root, runs_dir, name, steps, *overrides):
     """A 1-rank tiny run whose discriminator takes part from step 1 (data_root: 32 images, 8 steps per epoch)."""
     return load_config("tiny", [f"data.root={data_root}", f"output_dir={runs_dir}", f"name={name}",
                                 f"schedule.steps={steps}", "schedule.ckpt_every=2", "schedule.log_every=1",
-                                "schedule.vis_every=2", "loss.disc_start=1", "dist.num_workers=1",
+                                "schedule.vis_every=2",
+                                "loss.use_discriminator=true", "loss.disc_start=1", "dist.num_workers=1",
                                 "data.global_batch=4", *overrides])
 
 

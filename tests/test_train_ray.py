@@ -32,7 +32,8 @@ def runs_dir(tmp_path_factory):
 def tiny(data_root, runs_dir, name, steps, *overrides):
     return load_config("tiny", [f"data.root={data_root}", f"dist.storage_path={runs_dir}", f"output_dir={runs_dir}",
                                 f"name={name}", f"schedule.steps={steps}", "schedule.ckpt_every=2",
-                                "schedule.log_every=1", "schedule.vis_every=2", "loss.disc_start=1",
+                                "schedule.log_every=1", "schedule.vis_every=2",
+                                "loss.use_discriminator=true", "loss.disc_start=1",
                                 "data.loader_workers=1", *overrides])
 
 

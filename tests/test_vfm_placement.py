@@ -24,7 +24,7 @@ from ideal_ray.train.tokenizer_step import TokenizerSystem
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def images(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+def images(b: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
 
@@ -32,7 +32,7 @@ def images(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def system() -> TokenizerSystem:
     """The trainer's networks for the tiny preset, built the way TokenizerStage builds them (seed, then system)."""
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["loss.use_discriminator=true"])
     torch.manual_seed(cfg.optim.seed)
     return TokenizerSystem(cfg).train()
 
@@ -68,13 +68,14 @@ def test_g_loss_from_trunk_equals_g_loss(system):
     x = images(seed=2)
     feats = system.tokenizer.vfm.trunk_features(x)
     results = []
+    step = system.cfg.loss.disc_start + 10  # past disc_start: the adversarial term takes part
     for from_trunk in (False, True):
         torch.manual_seed(5)
         gen = torch.Generator().manual_seed(5)
         if from_trunk:
-            loss, metrics, _ = system.g_loss_from_trunk(x, *feats, step=200, generator=gen)  # past disc_start
+            loss, metrics, _ = system.g_loss_from_trunk(x, *feats, step=step, generator=gen)
         else:
-            loss, metrics, _ = system.g_loss(x, step=200, generator=gen)
+            loss, metrics, _ = system.g_loss(x, step=step, generator=gen)
         results.append((loss.detach(), {k: float(v) for k, v in metrics.items()}))
     # not torch.equal: the discriminator's CPU forward differs in the last bits between two identical calls
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
@@ -177,7 +178,8 @@ def runs_dir(tmp_path_factory):
 def tiny(data_root, runs_dir, name, steps, placement):
     return load_config("tiny", [f"data.root={data_root}", f"dist.storage_path={runs_dir}", f"output_dir={runs_dir}",
                                 f"name={name}", f"schedule.steps={steps}", "schedule.ckpt_every=2",
-                                "schedule.log_every=1", "schedule.vis_every=2", "loss.disc_start=1",
+                                "schedule.log_every=1", "schedule.vis_every=2",
+                                "loss.use_discriminator=true", "loss.disc_start=1",
                                 "data.loader_workers=1", "dist.num_workers=1", "data.global_batch=4",
                                 f"dist.vfm_placement={placement}"])
 

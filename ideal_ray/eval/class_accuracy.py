@@ -3,15 +3,19 @@
 A classifier is fitted on **real images only** -- ``per_class`` evenly spaced images of each class of a labelled
 split (e.g. the train split of the data set whose val split is the FID reference) -- and applied to the samples;
 the score is the share of samples it assigns to the class they were sampled for (top-1). Chance is 1 / the
-classifier's class count. The classifier sees nothing generated: it cannot be tuned to a generator.
+classifier's class count. The classifier sees nothing generated: it cannot be tuned to a generator. Two kinds:
 
-- Features: the FID Inception's pool_3 (2048-d, :func:`ideal_ray.eval.fid.features`), the same pass that gives gFID,
-  so scoring the samples costs nothing extra.
-- Real images: decoded and ADM-center-cropped to the samples' size (``ideal_ray.data.crops.center_crop_arr``), the
-  preprocessing the FID reference folder gets.
-- Classifier: the linear probe (:func:`ideal_ray.eval.probe.fit_linear_classifier`: multinomial logistic
-  regression on standardized features, weight decay chosen on a held-out fifth of the real images; that held-out
-  top-1 is reported as ``class_accuracy_real``, the accuracy real images get).
+- ``probe`` (default; natural images such as ImageNet): a linear probe on the FID Inception's pool_3 features
+  (2048-d, :func:`ideal_ray.eval.fid.features`, the same pass that gives gFID, so scoring the samples costs nothing
+  extra): multinomial logistic regression on standardized features (:func:`ideal_ray.eval.probe.fit_linear_classifier`),
+  weight decay chosen on a held-out fifth of the real images. Real images: decoded and ADM-center-cropped to the
+  samples' size (``ideal_ray.data.crops.center_crop_arr``), the preprocessing the FID reference folder gets.
+- ``cnn`` (data sets unlike ImageNet, such as the synthetic shapes of the tiny runs): a small convnet trained from
+  scratch on the real images (:mod:`ideal_ray.eval.convnet`, the GAN-test protocol) at 32 px, whatever the samples'
+  size (they are resized to it). Real images: ADM-center-cropped to 40 px, random 32 px crops while training.
+
+Either way a held-out fifth of the real images is scored and reported as ``class_accuracy_real``, the accuracy real
+images get.
 
 The real features and the fitted classifier are cached in the reference statistics' cache folder
 (:mod:`ideal_ray.eval.reference`: ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``), keyed by the selected
@@ -27,7 +31,7 @@ import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -38,27 +42,40 @@ from ideal_ray.eval.fid import features
 from ideal_ray.eval.inception import FidInception
 from ideal_ray.eval.probe import LinearClassifier, fit_linear_classifier
 
-__all__ = ["CLASSIFIER_VERSION", "DEFAULT_PER_CLASS", "ClassifierData", "RealClassifier", "check_sample_labels",
-           "class_accuracy", "classifier_data", "real_classifier", "select_per_class"]
+if TYPE_CHECKING:
+    from ideal_ray.eval.convnet import ConvClassifier
+
+__all__ = ["CLASSIFIER_KINDS", "CLASSIFIER_VERSION", "DEFAULT_PER_CLASS", "ClassifierData", "RealClassifier",
+           "check_sample_labels", "class_accuracy", "classifier_data", "real_classifier", "select_per_class"]
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_VERSION = 1  # bump when the selection, preprocessing or fit changes: old cache entries then miss
 DEFAULT_PER_CLASS = 50  # real images per class the classifier is fitted on (ImageNet: 50k of the 1.28M)
-METRIC_NOTE = ("top-1 of a linear classifier fitted on Inception pool_3 features of real images only, applied to "
-               "the samples' pool features and scored against the class each sample was drawn for; chance is "
-               "1 / the classifier's classes")
+CLASSIFIER_KINDS = ("probe", "cnn")
+METRIC_NOTES = {
+    "probe": ("top-1 of a linear classifier fitted on Inception pool_3 features of real images only, applied to the "
+              "samples' pool features and scored against the class each sample was drawn for; chance is 1 / the "
+              "classifier's classes"),
+    "cnn": ("top-1 of a small convnet trained from scratch on real images only (GAN-test), applied to the samples "
+            "and scored against the class each sample was drawn for; chance is 1 / the classifier's classes")}
+# the convnet reads pixels, not Inception features: its cache entry names this in place of an Inception evaluator
+CNN_EVALUATOR = {"torch_fidelity": "", "weights_sha256": "", "layers": ["pixels"], "resize": "none"}
 
 
 @dataclass
 class RealClassifier:
     """A classifier fitted on real images, with the protocol that made it and where it came from."""
 
-    classifier: LinearClassifier
+    classifier: Union[LinearClassifier, "ConvClassifier"]
     class_names: List[str]
     protocol: Dict[str, Any]
     from_cache: bool = False
     path: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "probe" if isinstance(self.classifier, LinearClassifier) else "cnn"
 
     @property
     def num_classes(self) -> int:
@@ -66,8 +83,14 @@ class RealClassifier:
 
     @property
     def real_top1(self) -> Optional[float]:
-        """Held-out top-1 on real images of the chosen weight decay (None when only one decay was tried)."""
-        return self.classifier.val_top1.get(self.classifier.weight_decay)
+        """Held-out top-1 on real images (probe: of the chosen weight decay; None when nothing was held out)."""
+        if isinstance(self.classifier, LinearClassifier):
+            return self.classifier.val_top1.get(self.classifier.weight_decay)
+        return self.classifier.real_top1
+
+    @property
+    def metric_note(self) -> str:
+        return METRIC_NOTES[self.kind]
 
 
 def select_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -119,10 +142,15 @@ def _load(path: str) -> Optional[RealClassifier]:
     try:
         with np.load(path, allow_pickle=False) as z:
             protocol = json.loads(str(z["protocol"]))
-            clf = LinearClassifier.from_arrays({k[4:]: z[k] for k in z.files if k.startswith("clf_")},
-                                               protocol["classifier"])
+            arrays = {k[4:]: z[k] for k in z.files if k.startswith("clf_")}
+            if protocol.get("classifier_kind", "probe") == "cnn":
+                from ideal_ray.eval.convnet import ConvClassifier
+
+                clf = ConvClassifier.from_arrays(arrays, int(protocol["num_classes"]), protocol["classifier"])
+            else:
+                clf = LinearClassifier.from_arrays(arrays, protocol["classifier"])
             return RealClassifier(clf, [str(c) for c in z["class_names"]], protocol, from_cache=True, path=path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as err:
         log.warning("ignoring unreadable classifier cache %s (%s); refitting it", path, err)
         return None
 
@@ -134,6 +162,7 @@ class ClassifierData:
     listing: sources.Listing
     indices: np.ndarray  # sorted listing indices
     per_class: int
+    kind: str = "probe"  # one of CLASSIFIER_KINDS
 
     @property
     def num_classes(self) -> int:
@@ -145,9 +174,12 @@ class ClassifierData:
 
 
 def classifier_data(data_root: str, split: str = "train", per_class: Optional[int] = None, fmt: str = "auto",
-                    class_index: str = "") -> ClassifierData:
+                    class_index: str = "", kind: str = "probe") -> ClassifierData:
     """List ``split`` of ``data_root`` (reads no image) and select ``per_class`` images of each class (None:
-    ``DEFAULT_PER_CLASS``); one clear error when the split is missing or has fewer than 2 classes."""
+    ``DEFAULT_PER_CLASS``, 0: every image) for a classifier of ``kind`` (module notes); one clear error when the kind
+    is unknown, the split is missing or has fewer than 2 classes."""
+    if kind not in CLASSIFIER_KINDS:
+        raise ValueError(f"unknown class-accuracy classifier {kind!r}; choose one of {list(CLASSIFIER_KINDS)}.")
     per_class = DEFAULT_PER_CLASS if per_class is None else int(per_class)
     if not data_root:
         raise ValueError("class accuracy needs labelled real images: pass the data set root (its train split).")
@@ -157,27 +189,38 @@ def classifier_data(data_root: str, split: str = "train", per_class: Optional[in
         raise FileNotFoundError(f"class accuracy needs labelled real images (split {split!r} of {data_root}): {err}")
     if len(listing.classes) < 2:
         raise ValueError(f"{listing.root}/{split} has {len(listing.classes)} class(es); a classifier needs at least 2.")
-    return ClassifierData(listing, select_per_class(listing.labels, per_class), per_class)
+    return ClassifierData(listing, select_per_class(listing.labels, per_class), per_class, kind)
 
 
-def real_classifier(data: ClassifierData, size: int, extractor: FidInception, cache_dir: str = "",
+def real_classifier(data: ClassifierData, size: int, extractor: Optional[FidInception], cache_dir: str = "",
                     batch_size: int = 50) -> RealClassifier:
-    """The classifier of ``data`` (module notes) for samples of ``size`` px under ``extractor``: loaded from
-    ``cache_dir`` when these images, this preprocessing and this evaluator were seen before, else fitted (one
-    Inception pass over the selected images) and cached."""
+    """The classifier of ``data`` (module notes; its ``kind``) for samples of ``size`` px (the probe; the convnet works
+    at its own size): loaded from ``cache_dir``
+    when these images, this preprocessing and this evaluator (the probe's Inception ``extractor``; the convnet takes
+    none) were seen before, else fitted and cached."""
     import torch
 
     from ideal_ray.eval import reference as ref_mod
 
     listing, indices = data.listing, data.indices
+    cnn = data.kind == "cnn"
+    if cnn:  # works at its own size: the samples are resized to it
+        from ideal_ray.eval import convnet
+
+        size = convnet.SIZE
+    crop = size * 5 // 4 if cnn else size
     name = f"{os.path.basename(listing.root.rstrip(os.sep))}-{listing.split}"
-    identity = {"kind": f"class-probe-v{CLASSIFIER_VERSION}", "name": f"{name}-classifier", "path": listing.root,
+    identity = {"kind": (f"class-cnn-v{CLASSIFIER_VERSION}.{convnet.VERSION}-{size}px" if cnn
+                         else f"class-probe-v{CLASSIFIER_VERSION}"),
+                "name": f"{name}-{data.kind}-classifier", "path": listing.root,
                 "split": listing.split, "sha256": _listing_sha256(listing, indices),
                 "sha256_of": "the selected listing (ids and labels)",
-                "preprocess": f"ADM center crop to {size} (BOX halvings, bicubic)",
+                "preprocess": f"ADM center crop to {crop} (BOX halvings, bicubic)",
                 "selection": (f"{data.per_class} evenly spaced images per class" if data.per_class
                               else "every image")}
-    evaluator = extractor.protocol()
+    if not cnn and extractor is None:
+        raise ValueError("the probe classifier reads Inception features: pass the FID extractor.")
+    evaluator = CNN_EVALUATOR if cnn else extractor.protocol()
     path = ref_mod.cache_path(identity, evaluator, cache_dir)
     if os.path.isfile(path):
         cached = _load(path)
@@ -185,19 +228,27 @@ def real_classifier(data: ClassifierData, size: int, extractor: FidInception, ca
             return cached
     skipped: List[str] = []
     kept: List[int] = []
-    feats = features(_images(listing, indices, size, batch_size, skipped, kept), batch_size=batch_size,
-                     extractor=extractor)["pool"]
-    labels = listing.labels[np.asarray(kept, dtype=np.int64)]
+    batches = _images(listing, indices, crop, batch_size, skipped, kept)
     k = data.num_classes
-    clf = fit_linear_classifier(torch.from_numpy(feats), torch.from_numpy(labels), num_classes=k)
+    arrays: Dict[str, np.ndarray] = {}
+    if cnn:
+        chunks = list(batches)
+        images = np.concatenate(chunks) if chunks else np.zeros((0, crop, crop, 3), np.uint8)
+        labels = listing.labels[np.asarray(kept, dtype=np.int64)]
+        clf: Union[LinearClassifier, "ConvClassifier"] = convnet.fit_conv_classifier(images, labels, k, size)
+        what = {"features": "pixels (a convnet trained from scratch)"}
+    else:
+        feats = features(batches, batch_size=batch_size, extractor=extractor)["pool"]
+        labels = listing.labels[np.asarray(kept, dtype=np.int64)]
+        clf = fit_linear_classifier(torch.from_numpy(feats), torch.from_numpy(labels), num_classes=k)
+        what = {"features": "FID Inception pool_3 (2048-d), the evaluator of gFID", "evaluator": evaluator}
+        arrays["features"] = feats.astype(np.float32)
     protocol = {"real_images": {**identity, "num_images": int(len(kept)), "skipped": len(skipped),
                                 "skipped_files": skipped[:20]},
-                "features": "FID Inception pool_3 (2048-d), the evaluator of gFID", "evaluator": evaluator,
-                "classifier": clf.protocol, "num_classes": k,
+                "classifier_kind": data.kind, **what, "classifier": clf.protocol, "num_classes": k,
                 "cache_key": ref_mod.cache_key(identity, evaluator)}
-    arrays = {f"clf_{key}": v for key, v in clf.to_arrays().items()}
-    arrays.update(features=feats.astype(np.float32), labels=labels, class_names=np.array(listing.class_names),
-                  protocol=np.array(json.dumps(protocol)))
+    arrays.update({f"clf_{key}": v for key, v in clf.to_arrays().items()})
+    arrays.update(labels=labels, class_names=np.array(listing.class_names), protocol=np.array(json.dumps(protocol)))
     ref_mod.save_npz(path, arrays)
     log.info("class-accuracy classifier of %s (%d images, %d classes) cached at %s", name, len(kept), k, path)
     return RealClassifier(clf, list(listing.class_names), protocol, from_cache=False, path=path)
@@ -225,12 +276,19 @@ def check_sample_labels(labels: Any, num_images: int, num_classes: int, where: s
     return labels.astype(np.int64)
 
 
-def class_accuracy(clf: RealClassifier, pool: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
-    """``class_accuracy`` (top-1 of the samples, pool features (N, 2048), labels (N,) already checked),
-    ``class_chance``, ``class_accuracy_real`` (held-out real top-1, when measured) and per-class top-1."""
+def class_accuracy(clf: RealClassifier, pool: np.ndarray, labels: np.ndarray,
+                   images: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """``class_accuracy`` (top-1 of the samples: pool features (N, 2048) for the probe, uint8 ``images``
+    (N, H, W, 3) for the convnet; labels (N,) already checked), ``class_chance``, ``class_accuracy_real`` (held-out
+    real top-1, when measured) and per-class top-1."""
     import torch
 
-    pred = clf.classifier.predict(torch.from_numpy(np.asarray(pool))).cpu().numpy()  # (N,)
+    if clf.kind == "cnn":
+        if images is None:
+            raise ValueError("the cnn class-accuracy classifier scores the sample images: pass images=.")
+        pred = clf.classifier.predict(np.asarray(images))  # (N,)
+    else:
+        pred = clf.classifier.predict(torch.from_numpy(np.asarray(pool))).cpu().numpy()  # (N,)
     hit = pred == labels
     out: Dict[str, Any] = {"class_accuracy": float(hit.mean()), "class_chance": 1.0 / clf.num_classes}
     if clf.real_top1 is not None:

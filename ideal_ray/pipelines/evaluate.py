@@ -368,15 +368,16 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
 def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: int = 50, device: str = "cpu",
                  inception_weights: str = "", cache_dir: str = "", classifier_data: str = "",
                  classifier_split: str = "train", classifier_per_class: Optional[int] = None,
-                 tracking_uri: Optional[str] = None, run_name: Optional[str] = None,
+                 classifier_kind: str = "probe", tracking_uri: Optional[str] = None, run_name: Optional[str] = None,
                  log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """gFID, sFID, IS (when the Inception weights have logits) and ADM precision/recall of the samples in
     ``samples_npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3)) against ``reference`` (an ADM reference npz such as
     ``VIRTUAL_imagenet256_labeled.npz``, or a folder of images: ADM center crop + resize to the samples' size).
 
     ``classifier_data`` (a data set root; '' = off) adds the class accuracy (``ideal_ray.eval.class_accuracy``): a
-    classifier fitted on ``classifier_per_class`` real images of each class of its ``classifier_split`` (default
-    50) scores the samples against their ``labels`` (the npz must hold them): ``class_accuracy``, ``class_chance``
+    classifier of ``classifier_kind`` (``probe``: linear on Inception features; ``cnn``: a convnet trained on the
+    pixels) fitted on ``classifier_per_class`` real images of each class of its ``classifier_split`` (default 50,
+    0 = all) scores the samples against their ``labels`` (the npz must hold them): ``class_accuracy``, ``class_chance``
     (1 / classes), ``class_accuracy_real`` (the classifier's held-out top-1 on real images).
     Writes ``result.json`` (+ MLflow). The reference statistics and the classifier are cached; the samples'
     features are not."""
@@ -404,7 +405,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
                                 f"or a folder of reference images.")
     cls_data = None
     if classifier_data:  # checked before any image is read: the split exists, the samples' labels fit its classes
-        cls_data = ca.classifier_data(classifier_data, classifier_split, classifier_per_class)
+        cls_data = ca.classifier_data(classifier_data, classifier_split, classifier_per_class, kind=classifier_kind)
         if sample_labels is None:
             raise ValueError(f"{samples_npz} has no labels; class accuracy needs the class of each sample "
                              f"(jobs/sample.py writes them next to arr_0).")
@@ -427,21 +428,22 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
         if key in gen:
             result[key] = gen[key]
     if clf is not None:
-        result.update(ca.class_accuracy(clf, feats["pool"], sample_labels))
+        result.update(ca.class_accuracy(clf, feats["pool"], sample_labels, images))
         real = result.get("class_accuracy_real")
         log_fn(f"class accuracy: {result['class_accuracy']:.1%} of {len(images)} samples (chance "
                f"{result['class_chance']:.1%}" + ("" if real is None else f"; held-out real images: {real:.1%}") + ")")
     result["protocol"] = dict(gen["protocol"], reference_statistics="reused from the cache" if ref.from_cache
                               else "computed")
     result["protocol"]["class_accuracy"] = "off (no classifier data set)" if clf is None else {
-        "metric": ca.METRIC_NOTE, **clf.protocol, "classifier_cache": "reused" if clf.from_cache else "computed"}
+        "metric": clf.metric_note, **clf.protocol, "classifier_cache": "reused" if clf.from_cache else "computed"}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
                        "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"],
                        "classifier_data": cls_data.where if cls_data is not None else "",
-                       "classifier_per_class": cls_data.per_class if cls_data is not None else 0})
+                       "classifier_per_class": cls_data.per_class if cls_data is not None else 0,
+                       "classifier_kind": cls_data.kind if cls_data is not None else ""})
         tr.log_metrics(_finite({k: v for k, v in result.items() if k != "protocol"}), step=0)
         tr.log_artifact(os.path.join(out_dir, "result.json"), "eval")
         result["mlflow_run_id"] = getattr(tr, "run_id", None)

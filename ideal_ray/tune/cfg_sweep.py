@@ -148,7 +148,7 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
                               device=device, inception_weights=settings["inception_weights"],
                               cache_dir=settings["cache_dir"], classifier_data=cls.get("root", ""),
                               classifier_split=cls.get("split", "train"), classifier_per_class=cls.get("per_class"),
-                              tracking_uri="", log_fn=log)
+                              classifier_kind=cls.get("kind", "probe"), tracking_uri="", log_fn=log)
         report["eval_seconds"] = result["seconds"]
     report.update({k: float(result[k]) for k in METRICS + EXTRA if k in result})
     report["num_images"] = float(result["n"])
@@ -244,7 +244,8 @@ def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resourc
         if cls:  # built as evaluate_gen builds it (same selection, crop size, evaluator): the same cache entry
             from ideal_ray.eval import class_accuracy as ca
 
-            clf = ca.real_classifier(ca.classifier_data(cls["root"], cls["split"], cls["per_class"]), size,
+            clf = ca.real_classifier(ca.classifier_data(cls["root"], cls["split"], cls["per_class"],
+                                                        kind=cls.get("kind", "probe")), size,
                                      extractor, settings["cache_dir"], batch_size=settings["eval_batch_size"])
             out["classifier"] = {"from_cache": clf.from_cache, "images": clf.protocol["real_images"]["num_images"],
                                  "real_top1": clf.real_top1}
@@ -265,8 +266,8 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
               gpus_per_trial: Optional[float] = None, cpus_per_trial: float = 1.0,
               max_concurrent_trials: Optional[int] = None, inception_weights: str = "", cache_dir: str = "",
               eval_batch_size: int = 50, classifier_data: str = "", classifier_split: str = "train",
-              classifier_per_class: Optional[int] = None, tracking_uri: Optional[str] = None,
-              experiment: str = EXPERIMENT,
+              classifier_per_class: Optional[int] = None, classifier_kind: str = "probe",
+              tracking_uri: Optional[str] = None, experiment: str = EXPERIMENT,
               verbose: int = 1, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run (or resume) the CFG sweep ``name`` under ``storage_path`` and report it (module notes).
 
@@ -274,8 +275,9 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     else 0 = CPU). ``cache_dir``: the reference statistics cache every trial reads (default
     ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``; on a multi-node cluster pass a shared folder).
     ``classifier_data`` (a data set root; '' = off): every trial also reports the samples' class accuracy under a
-    classifier fitted on ``classifier_per_class`` real images per class (default 50) of its ``classifier_split``
-    (``ideal_ray.eval.class_accuracy``); the GPT's classes must be classes of that data set.
+    classifier of ``classifier_kind`` (``probe`` or ``cnn``) fitted on ``classifier_per_class`` real images per class
+    (default 50, 0 = all) of its ``classifier_split`` (``ideal_ray.eval.class_accuracy``); the GPT's classes must be
+    classes of that data set.
     ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose`` 0
     silences Tune's progress table and the trials' logs.
 
@@ -317,12 +319,14 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     if classifier_data:
         from ideal_ray.eval.class_accuracy import classifier_data as list_classifier_data
 
-        data = list_classifier_data(classifier_data, classifier_split, classifier_per_class)  # clear error if missing
+        data = list_classifier_data(classifier_data, classifier_split, classifier_per_class,
+                                    kind=classifier_kind)  # clear error if missing or of an unknown kind
         wanted = list(classes) if classes is not None else list(range(num_classes))
         if max(wanted) >= data.num_classes:
             raise ValueError(f"the GPT samples classes up to {max(wanted)} but {data.where} has {data.num_classes} "
                              f"classes; pass the data set the GPT was trained on as classifier_data.")
-        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": data.per_class}
+        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": data.per_class,
+                      "kind": data.kind}
 
     sample = {"per_class": int(per_class), "batch_size": int(batch_size), "seed": int(seed),
               "out_size": int(out_size), "top_p": float(top_p)}
