@@ -1,13 +1,26 @@
-"""Shared command-line handling for jobs/: a preset name plus ``a.b=c`` overrides, nothing more."""
+"""Shared command-line handling for jobs/: a preset name plus ``a.b=c`` overrides, and the exit-code rule.
+
+Every job ends with 0 when it did its work, 2 when it refused its input or config (one sentence on stderr naming
+the file or key and what to do: :func:`refuse`), 130 when interrupted, and 1 only for a bug, with its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, load_config, preset_names
+
+REFUSED = 2  # the exit code of refused input or config
+
+
+def refuse(sentence: str) -> NoReturn:
+    """Refuse the job's input or config: ``sentence`` on stderr (and in the job's log) and exit code 2."""
+    from ideal_ray.console import say
+
+    say(sentence, err=True)
+    raise SystemExit(REFUSED)
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -19,13 +32,13 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny
 
 
 def config_from_args(args: argparse.Namespace, in_process: bool = False) -> TokenizerTrainConfig:
-    """Build and validate the config; a wrong value exits with its one-sentence message (no traceback), and so
+    """Build and validate the config; a wrong value exits (code 2) with its one-sentence message, and so
     does a relative path inside a Ray job (:func:`require_durable_paths`). ``in_process``: the config of a run in
     this process, one rank (``dist.num_workers=1`` before the overrides, so e.g. ``dist.engine=torch`` validates)."""
     try:
         cfg = load_config(args.preset, (["dist.num_workers=1"] if in_process else []) + list(args.overrides))
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        refuse(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
                                                          "data.root": cfg.data.root})
     return cfg
@@ -66,13 +79,14 @@ def job_working_dir() -> Optional[str]:
 def require_durable_paths(**paths: Optional[str]) -> None:
     """Under ``ray job submit --working-dir`` the entrypoint runs in a temporary copy of the working dir on the head
     node, which Ray deletes later; a relative output path would put checkpoints, shards and runs there (and training
-    workers on other nodes would write to their own copies). Exit with one sentence naming the first such path.
+    workers on other nodes would write to their own copies). Refuse (exit code 2) with one sentence naming the first
+    such path.
     Outside a job (``python jobs/x.py``) relative paths are fine. Keyword names are shown as given (``a.b`` or
     ``--flag``); None / empty values and URIs (``s3://..``) are ignored."""
     if job_working_dir() is None:
         return
     for name, path in paths.items():
         if path and "://" not in path and not os.path.isabs(os.path.expanduser(path)):
-            sys.exit(f"config error: {name}={path} is relative, and this job runs in Ray's temporary copy of the "
+            refuse(f"config error: {name}={path} is relative, and this job runs in Ray's temporary copy of the "
                      f"--working-dir, which is deleted later; pass an absolute path on shared storage (e.g. "
                      f"{name}=/shared/{path.lstrip('./')}).")

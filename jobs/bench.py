@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
 from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
 
 
@@ -93,8 +93,8 @@ def variant_overrides(variant: str, levers) -> list:
     if variant == "cudagraphs":  # every lever, the compiled regions captured as CUDA graphs
         return variant_overrides("all", levers) + ["perf.compile_mode=reduce-overhead"]
     if variant != "base" and variant != "all" and variant not in levers:
-        raise SystemExit(f"unknown variant '{variant}'; choose base, all, default, cudagraphs or one of "
-                         f"{', '.join(levers)}.")
+        refuse(f"unknown variant '{variant}'; choose base, all, default, cudagraphs or one of "
+               f"{', '.join(levers)}.")
     on = set(levers) if variant == "all" else ({variant} if variant != "base" else set())
     out = []
     for lever in levers:
@@ -247,7 +247,7 @@ def _stage_builder(base, validate_fn, make_stage):
             cfg = apply_overrides(base, overrides)
             validate_fn(cfg)
         except ConfigError as e:
-            raise SystemExit(f"config error: {e}")
+            refuse(f"config error: {e}")
         return make_stage(cfg, device), cfg
 
     return build
@@ -380,7 +380,7 @@ def cmd_ar_train(args) -> None:
     try:
         base = apply_overrides(base, args.overrides)
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+        refuse(f"config error: {e}")
     n = base.model.num_tokens
 
     build = _stage_builder(base, validate_ar, lambda cfg, device: ARStage(cfg, device, 0, 1, steps_per_epoch=10**6))
@@ -430,7 +430,7 @@ def cmd_precision(args) -> None:
             try:
                 cfg = load_config(args.preset, over)
             except ConfigError as e:
-                raise SystemExit(f"config error: {e}")
+                refuse(f"config error: {e}")
             return TokenizerStage(cfg, device, 0, 1, steps_per_epoch=10**6, load_weights=False)
 
         make_batch, loss_key = _tokenizer_batches(load_config(args.preset).model.image_size), "g_loss"
@@ -493,8 +493,8 @@ def _llamagen_model(llamagen_dir: str, cfg, state, device, dtype):
     """LlamaGen's c2i Transformer with the same sizes, loaded with our weights."""
     root = os.path.abspath(llamagen_dir)
     if not os.path.isfile(os.path.join(root, "autoregressive", "models", "gpt.py")):
-        raise SystemExit(f"--llamagen-dir {llamagen_dir} is not a LlamaGen checkout (no autoregressive/models/gpt.py);"
-                         f" clone FoundationVision/LlamaGen into third_party/LlamaGen.")
+        refuse(f"--llamagen-dir {llamagen_dir} is not a LlamaGen checkout (no autoregressive/models/gpt.py);"
+               f" clone FoundationVision/LlamaGen into third_party/LlamaGen.")
     sys.path.insert(0, root)
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import ModelArgs, Transformer
@@ -507,8 +507,8 @@ def _llamagen_model(llamagen_dir: str, cfg, state, device, dtype):
     theirs = Transformer(args)
     missing, unexpected = theirs.load_state_dict(to_llamagen_state_dict(state), strict=False)
     if missing or unexpected:
-        raise SystemExit(f"LlamaGen's Transformer does not match our GPT: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}.")
+        refuse(f"LlamaGen's Transformer does not match our GPT: missing {missing[:3]}, "
+               f"unexpected {unexpected[:3]}.")
     return theirs.to(device=device, dtype=dtype).eval(), generate
 
 
@@ -535,7 +535,7 @@ def cmd_sample(args) -> None:
         chosen = [v for v in chosen if not v.startswith("compiled")]
     unknown = sorted(set(chosen) - set(variants))
     if unknown or not chosen:
-        raise SystemExit(f"--variants {args.variants}: unknown {unknown}; choose from {sorted(variants)} or auto.")
+        refuse(f"--variants {args.variants}: unknown {unknown}; choose from {sorted(variants)} or auto.")
 
     def run() -> None:
         """Build the model once, time each chosen variant, then LlamaGen; print the table."""

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 RUN_NAME = "ideal-demo"  # runs/ideal-demo: fixed, so a rerun resumes (an in-process run gets its own folder)
@@ -61,7 +61,7 @@ def _demo(args, cfg) -> int:
         state, tracking_uri = run_pipeline(cfg, only=["tokenizer"] if args.tokenizer_only else None,
                                            meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        refuse(f"config error: {e}")
     say(pipeline_report(state, tracking_uri))
     return 0
 
@@ -83,7 +83,7 @@ def _tokenizer_demo(cfg):
     try:
         result = train_tokenizer(cfg, in_process=True)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        refuse(f"config error: {e}")
     d = cfg.data
     val_loader = DataLoader(ImageFolderDataset(d.root, "val", eval_transform(d.image_size), class_index=d.class_index),
                             batch_size=d.global_batch)

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.cli import refuse, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 from ideal_ray.config import AR_PRESETS, ConfigError, load_ar_config, validate_ar  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
                 f"{result['checkpoint']}")
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        refuse(f"config error: {e}")
     return 0
 
 

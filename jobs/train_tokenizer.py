@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_config_args, config_from_args  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 from ideal_ray.config import ConfigError  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         help="train in this process as one rank, no Ray (--gpus: on this machine's GPU)")
     args = parser.parse_args(argv)
     if args.in_process and args.num_workers not in (None, 1):
-        sys.exit("config error: --in-process trains one rank in this process; drop --num-workers (or run on Ray).")
+        refuse("config error: --in-process trains one rank in this process; drop --num-workers (or run on Ray).")
     if args.num_workers is not None:  # the flags are overrides too, validated with the rest
         args.overrides.append(f"dist.num_workers={args.num_workers}")
     if args.gpus is not None:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         try:
             result = train_tokenizer(cfg, in_process=args.in_process)
         except ConfigError as e:
-            sys.exit(f"config error: {e}")
+            refuse(f"config error: {e}")
         say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
             f"{result['checkpoint']}, MLflow {result['tracking_uri']}")
     return 0

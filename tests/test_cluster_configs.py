@@ -115,12 +115,16 @@ def test_jobs_refuse_relative_output_paths_only_inside_a_working_dir_job(monkeyp
                        json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}}))
     assert job_working_dir() == "gcs://_ray_pkg_abc.zip"
     require_durable_paths(output_dir="/shared/runs", **{"dist.storage_path": "s3://bucket/runs", "--out": None})
-    with pytest.raises(SystemExit, match=r"--storage-path=runs/sweeps is relative.*--storage-path=/shared/runs/sweeps"):
+    with pytest.raises(SystemExit) as e:
         require_durable_paths(**{"--storage-path": "runs/sweeps"})
+    assert e.value.code == 2  # refused: exit code 2, the sentence on stderr
+    assert re.search(r"--storage-path=runs/sweeps is relative.*--storage-path=/shared/runs/sweeps",
+                     capsys.readouterr().err)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_ar_job", Path(__file__).parents[1] / "jobs" / "train_ar.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    with pytest.raises(SystemExit, match="output_dir=runs is relative"):
+    with pytest.raises(SystemExit) as e:
         job.main(["--preset", "ar-tiny", "data.shards=/shared/tokens"])
+    assert e.value.code == 2 and "output_dir=runs is relative" in capsys.readouterr().err

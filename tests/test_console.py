@@ -52,3 +52,24 @@ def test_outside_a_job_console_say_prints(capsys):
     with job_console("unused") as path:  # pytest holds stdout: nothing is redirected, no log file is made
         say("hello")
     assert path is None and capsys.readouterr().out == "hello\n" and not os.path.exists("unused")
+
+
+REFUSING_JOB = r"""
+import sys
+sys.path.insert(0, {repo!r})
+from ideal_ray.cli import refuse
+from ideal_ray.console import job_console
+
+with job_console({folder!r}):
+    print("library chatter on stdout")
+    refuse("config error: optim.lr=abc needs a number.")
+"""
+
+
+def test_a_refusal_is_one_sentence_and_exit_code_2(tmp_path):
+    folder = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", REFUSING_JOB.format(repo=REPO, folder=str(folder))],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == "config error: optim.lr=abc needs a number.\n"  # once, no traceback
+    assert "config error: optim.lr=abc needs a number." in (folder / "console.log").read_text()

@@ -266,9 +266,10 @@ def test_jobs_report_config_errors_in_one_line(capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["model.vfm.deep_layer=9"])
-    assert "config error: model.vfm.deep_layer 9 is beyond the backbone's depth 4" in str(e.value.code)
+    assert e.value.code == 2  # refused input: exit code 2, one sentence on stderr
+    assert "config error: model.vfm.deep_layer 9 is beyond the backbone's depth 4" in capsys.readouterr().err
     from train_tokenizer import main as train_main
 
     with pytest.raises(SystemExit) as e:
         train_main(["--in-process", "--num-workers", "2"])
-    assert "config error: --in-process trains one rank in this process" in str(e.value.code)
+    assert e.value.code == 2 and "config error: --in-process trains one rank" in capsys.readouterr().err
