@@ -190,7 +190,9 @@ class DataConfig:
     hflip_prob: float = 0.5
     global_batch: int = 256
     loader_workers: int = 8
-    # synthetic set (demo, tests): written under root when it does not exist
+    # synthetic set (demo, tests): made under root when root has no train folder yet, at the tiny preset's own
+    # data/synthetic or wherever make_synthetic=true asks for it (a mistyped root is refused, not filled)
+    make_synthetic: bool = False
     synthetic_classes: int = 10
     synthetic_train_per_class: int = 100
     synthetic_val_per_class: int = 10

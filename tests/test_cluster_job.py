@@ -37,8 +37,8 @@ TOKEN = uuid.uuid4().hex + uuid.uuid4().hex  # the cluster's auth token (Ray 2.6
 
 # small enough for 2 CPU cores: 4 classes x 8 train images, 6 tokenizer steps on one worker, 40 AR steps on two (the
 # AR stage's own end-to-end test: its loss must fall from log(vocab))
-PIPELINE_OVERRIDES = ["name=tinyjob", "data.synthetic_classes=4", "data.synthetic_train_per_class=8",
-                      "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
+PIPELINE_OVERRIDES = ["name=tinyjob", "data.make_synthetic=true", "data.synthetic_classes=4",
+                      "data.synthetic_train_per_class=8", "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
                       "schedule.ckpt_every=3", "schedule.log_every=3", "schedule.vis_every=1000",
                       "dist.num_workers=1"]
 AGENT_ATTEMPTS = 10  # `ray job submit` tries while the head's job agent is not registered yet (see _submit)

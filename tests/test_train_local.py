@@ -257,6 +257,20 @@ def test_real_data_root_must_exist(tmp_path):
         prepare_data(cfg)
 
 
+def test_a_mistyped_tiny_data_root_is_refused_not_filled_with_invented_images(tmp_path):
+    from ideal_ray.train.ray_trainer import prepare_data
+
+    typo = tmp_path / "synthtic"
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*synthtic.*data.make_synthetic=true"):
+        prepare_data(load_config("tiny", [f"data.root={typo}"]))
+    assert not typo.exists()  # nothing made
+    asked = load_config("tiny", [f"data.root={typo}", "data.make_synthetic=true", "data.synthetic_classes=2",
+                                 "data.synthetic_train_per_class=4", "data.synthetic_val_per_class=1",
+                                 "data.synthetic_size=40"])
+    paths, labels = prepare_data(asked)
+    assert len(paths) == 8 and sorted(set(int(k) for k in labels)) == [0, 1]
+
+
 def test_jobs_report_config_errors_in_one_line(capsys):
     import os
     import sys
