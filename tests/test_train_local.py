@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ideal_ray.config import load_config
+from ideal_ray.config import ConfigError, load_config
 from ideal_ray.losses.reconstruction import perceptual_weight
 from ideal_ray.train.ema import EMA
 from ideal_ray.train.optim import decay_groups
@@ -253,7 +253,7 @@ def test_real_data_root_must_exist(tmp_path):
     from ideal_ray.train.ray_trainer import prepare_data
 
     cfg = load_config("paper", [f"data.root={tmp_path / 'imagenet'}"])
-    with pytest.raises(FileNotFoundError, match="data.root"):
+    with pytest.raises(ConfigError, match="data.root"):
         prepare_data(cfg)
 
 
@@ -261,7 +261,7 @@ def test_a_mistyped_tiny_data_root_is_refused_not_filled_with_invented_images(tm
     from ideal_ray.train.ray_trainer import prepare_data
 
     typo = tmp_path / "synthtic"
-    with pytest.raises(FileNotFoundError, match=r"data.root=.*synthtic.*data.make_synthetic=true"):
+    with pytest.raises(ConfigError, match=r"data.root=.*synthtic.*data.make_synthetic=true"):
         prepare_data(load_config("tiny", [f"data.root={typo}"]))
     assert not typo.exists()  # nothing made
     asked = load_config("tiny", [f"data.root={typo}", "data.make_synthetic=true", "data.synthetic_classes=2",

@@ -134,8 +134,8 @@ def prepare_data(cfg: TokenizerTrainConfig):
         if not (d.make_synthetic or own_root):
             hint = ("; or pass data.make_synthetic=true to generate the synthetic set there" if is_tiny
                     else "; point data.root at your ImageNet copy")
-            raise FileNotFoundError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/"
-                                    f"*.JPEG){hint}.")
+            raise ConfigError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/"
+                              f"*.JPEG){hint}.")
         make_synthetic_imagenet(d.root, num_classes=d.synthetic_classes, train_per_class=d.synthetic_train_per_class,
                                 val_per_class=d.synthetic_val_per_class, size=d.synthetic_size, seed=cfg.optim.seed)
     paths, labels = list_training_images(cfg.data.root, "train", cfg.data.class_index)
