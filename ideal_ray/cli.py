@@ -44,6 +44,24 @@ def config_from_args(args: argparse.Namespace, in_process: bool = False) -> Toke
     return cfg
 
 
+def add_classifier_args(parser, samples: str = "the samples") -> None:
+    """The class-accuracy flags of the jobs that score samples (``jobs/evaluate.py gen``, ``jobs/sweep_cfg.py``):
+    ``--classifier-data/-split/-per-class/-kind`` (``ideal_ray.eval.class_accuracy``); ``samples`` names what is
+    scored in the help text. ``parser``: an ``ArgumentParser`` or a subcommand's parser."""
+    parser.add_argument("--classifier-data", default="",
+                        help=f"class accuracy of {samples}: the root of the labelled data set their classes come "
+                             f"from (a classifier is fitted once on real images of its --classifier-split, cached); "
+                             f"default: off")
+    parser.add_argument("--classifier-split", default="train")
+    parser.add_argument("--classifier-per-class", type=int, default=None,
+                        help="real images per class the classifier is fitted on (default 50; 0 = all)")
+    # the kinds of ideal_ray.eval.class_accuracy.CLASSIFIER_KINDS (not imported here: it loads torch)
+    parser.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
+                        help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a "
+                             "small convnet trained on the real pixels (data sets unlike ImageNet, e.g. the "
+                             "synthetic set)")
+
+
 def parse_classes(text: str):
     """``--classes`` of the sampling jobs: ``all`` (or empty) -> None, ``0,1,2`` -> [0, 1, 2]."""
     if not text or text == "all":

@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.cli import add_classifier_args, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -64,15 +64,7 @@ def main(argv=None) -> int:
     g.add_argument("--samples", required=True, help="samples.npz from jobs/sample.py (arr_0 uint8 N x H x W x 3)")
     g.add_argument("--reference", required=True,
                    help="ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or a folder of reference images")
-    g.add_argument("--classifier-data", default="",
-                   help="class accuracy of the samples: the root of the labelled data set their classes come from "
-                        "(a classifier is fitted on real images of its --classifier-split); default: off")
-    g.add_argument("--classifier-split", default="train")
-    g.add_argument("--classifier-per-class", type=int, default=None,
-                   help="real images per class the classifier is fitted on (default 50; 0 = all)")
-    g.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
-                   help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a small "
-                        "convnet trained on the real pixels (data sets unlike ImageNet, e.g. the synthetic set)")
+    add_classifier_args(g)
     g.add_argument("--batch-size", type=int, default=50)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     for p in (r, g):

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
+from ideal_ray.cli import add_classifier_args, parse_classes, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -82,16 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default="", help="reference statistics cache shared by the trials "
                                                    "(default $IDEAL_RAY_FID_REFS or ~/.cache/ideal_ray/fid_refs)")
     p.add_argument("--eval-batch-size", type=int, default=50)
-    p.add_argument("--classifier-data", default="",
-                   help="class accuracy of every trial's samples: the root of the labelled data set the GPT's classes "
-                        "come from (a classifier is fitted once on real images of its --classifier-split); "
-                        "default: off")
-    p.add_argument("--classifier-split", default="train")
-    p.add_argument("--classifier-per-class", type=int, default=None,
-                   help="real images per class the classifier is fitted on (default 50; 0 = all)")
-    p.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
-                   help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a small "
-                        "convnet trained on the real pixels (data sets unlike ImageNet, e.g. the synthetic set)")
+    add_classifier_args(p, "every trial's samples")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                                                         "<storage-path>/<name>/mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
