@@ -6,13 +6,20 @@ the file or key and what to do: :func:`refuse`), 130 when interrupted, and 1 onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, load_config, preset_names
+from ideal_ray.errors import InputError
 
 REFUSED = 2  # the exit code of refused input or config
+INTERRUPTED = 130  # the exit code of Ctrl-C (128 + SIGINT), as shells report it
+# refused input: the project's InputError, and the standard errors of a wrong argument or path. Ray re-raises an
+# exception from a task or actor as an instance of its class, so errors raised on workers are refused the same way.
+REFUSED_ERRORS = (InputError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                  PermissionError)
 
 
 def refuse(sentence: str) -> NoReturn:
@@ -21,6 +28,23 @@ def refuse(sentence: str) -> NoReturn:
 
     say(sentence, err=True)
     raise SystemExit(REFUSED)
+
+
+@contextlib.contextmanager
+def outcome(resume: str) -> Iterator[None]:
+    """The exit-code rule around a job's body: refused input (:data:`REFUSED_ERRORS`) exits 2 with its sentence,
+    Ctrl-C exits 130 saying ``resume`` (where the work is kept and how to continue), and anything else propagates
+    with its traceback (exit 1: a bug). Use inside :func:`ideal_ray.console.job_console`, so the line also reaches
+    the job's log."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from ideal_ray.console import say
+
+        say(f"interrupted: {resume}", err=True)
+        raise SystemExit(INTERRUPTED) from None
+    except REFUSED_ERRORS as e:
+        refuse(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -41,6 +65,7 @@ def config_from_args(args: argparse.Namespace, in_process: bool = False) -> Toke
         refuse(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
                                                          "data.root": cfg.data.root})
+    require_usable_output(cfg.output_dir, cfg.name, **{"dist.storage_path": cfg.dist.storage_path})
     return cfg
 
 
@@ -108,3 +133,38 @@ def require_durable_paths(**paths: Optional[str]) -> None:
             refuse(f"config error: {name}={path} is relative, and this job runs in Ray's temporary copy of the "
                      f"--working-dir, which is deleted later; pass an absolute path on shared storage (e.g. "
                      f"{name}=/shared/{path.lstrip('./')}).")
+
+
+def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) -> None:
+    """Refuse (exit code 2, one sentence) a run whose folders cannot be made, before anything heavy starts: the run
+    folder ``output_dir/name`` (and each local ``storage`` folder's ``<storage>/name``, e.g. ``dist.storage_path``;
+    empty values and URIs are skipped) must be a folder or creatable as one, which needs its nearest existing
+    ancestor to be a folder this user can write to. Nothing is created here."""
+    folders = [("output_dir", output_dir)] + [(k, v) for k, v in storage.items() if v and "://" not in v]
+    for key, root in folders:
+        run = os.path.join(os.path.expanduser(root), name)
+        existing = run
+        while not os.path.lexists(existing):  # the nearest existing ancestor (a relative path ends at the cwd)
+            existing = os.path.dirname(existing) or os.curdir
+        if not os.path.isdir(existing) and existing == run:
+            refuse(f"config error: the run folder {run} ({key}/name) exists and is not a folder; pass another name "
+                   f"or {key}, or move it away.")
+        if not os.path.isdir(existing):
+            refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} exists and is not a "
+                   f"folder; pass another {key}, or move {existing} away.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} is not writable by "
+                   f"this user; pass a folder you can write to as {key}.")
+
+
+def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None, classes=None) -> dict:
+    """A job's checkpoint arguments checked before anything heavy (no torch, no Ray): each file exists, is whole, is
+    safe to load and holds the model its flag names, in our, the authors' release or LlamaGen's layout; a GPT and a
+    tokenizer fit each other; ``classes`` are the GPT's. Refuses (exit code 2) with the file's one sentence; returns
+    :func:`ideal_ray.checkpoint.check_models`' result."""
+    from ideal_ray.checkpoint import CheckpointError, check_models
+
+    try:
+        return check_models(gpt, tokenizer, classes)
+    except CheckpointError as e:
+        refuse(f"error: {e}")

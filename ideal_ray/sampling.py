@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ideal_ray.config import SampleConfig
+from ideal_ray.config import SampleConfig, validate_sample
 from ideal_ray.models.gpt import GPT, KVCache
 
 __all__ = ["Sampler", "sample", "validate_sample_config", "decode_to_uint8", "exponential_noise"]
@@ -60,17 +60,9 @@ _M32 = 0xFFFFFFFF
 
 
 def validate_sample_config(cfg: SampleConfig) -> None:
-    """Raise ValueError with one actionable sentence for sampling settings that make no sense."""
-    start, end = cfg.cfg_interval
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"cfg_interval {tuple(cfg.cfg_interval)} must be (start, end) with 0 <= start <= end <= 1 "
-                         f"(fractions of the token sequence).")
-    if cfg.temperature < 0:
-        raise ValueError(f"temperature {cfg.temperature} is negative; use 0 for greedy decoding or a positive value.")
-    if cfg.top_k < 0:
-        raise ValueError(f"top_k {cfg.top_k} is negative; use 0 to turn top-k filtering off.")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"top_p {cfg.top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off.")
+    """Raise :class:`~ideal_ray.config.ConfigError` (a ValueError) with one actionable sentence for sampling
+    settings that make no sense (:func:`ideal_ray.config.validate_sample`, which needs no torch)."""
+    validate_sample(cfg)
 
 
 # ------------------------------------------------------------------------------------------ counter-based noise

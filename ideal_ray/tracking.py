@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
+from ideal_ray.errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover - typing only, mlflow is imported lazily
     from mlflow import MlflowClient
 
@@ -47,7 +49,7 @@ DB_NAME = "mlflow.db"
 ARTIFACT_DIR_NAME = "mlartifacts"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InputError, RuntimeError):
     """A tracking request cannot be honoured; the message says what is wrong and how to fix it."""
 
 

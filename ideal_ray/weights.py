@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 
+from ideal_ray.errors import InputError
+
 __all__ = [
     "MissingWeightsError",
     "hf_hub_cache_dir",
@@ -42,7 +44,7 @@ LPIPS_TRUNK_FILES: Dict[str, str] = {
 _TORCHVISION_URL = "https://download.pytorch.org/models/"
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(InputError, FileNotFoundError):
     """Pretrained weights are not on this machine. The message names the file(s) looked for, the config key
     to set, and the command that fetches the file on a machine with internet."""
 

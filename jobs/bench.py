@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, outcome, refuse  # noqa: E402
 from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
 
 
@@ -784,7 +784,8 @@ def main(argv=None) -> None:
     e.add_argument("--device", default=None)
     e.set_defaults(fn=cmd_extract)
     args = parser.parse_args(argv)
-    args.fn(args)
+    with outcome("a benchmark keeps nothing; run it again"):
+        args.fn(args)
 
 
 def _add_step_args(p, levers, default_batch: int) -> None:

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.cli import outcome, require_durable_paths  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,13 +35,10 @@ def main(argv=None) -> int:
     from ideal_ray.tune.compare import compare_runs, tracking_uri_for
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    try:
+    with outcome("run the same command again (it rewrites --out)"):
         uri = tracking_uri_for(args.tracking_uri, args.sweep)
         out = compare_runs(uri, args.out, sweep=args.sweep, parent_run_id=args.parent_run_id,
                            experiment=args.experiment, metrics=metrics, sort_by=args.sort_by)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"{out['title']}: {out['rows']} run(s)\n")
     print(out["markdown"])
     print("wrote " + ", ".join(out["files"].values()) + (f" (plot: {out['plot_kind']})" if out["plot_kind"] else ""),

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, outcome  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 RUN_NAME = "ideal-demo"  # runs/ideal-demo: fixed, so a rerun resumes (an in-process run gets its own folder)
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     name = f"{RUN_NAME}-in-process" if args.in_process else RUN_NAME  # a run resumes only the way it started
     args.overrides = [f"name={name}"] + args.overrides  # a name= of the user's comes later and wins
     cfg = config_from_args(args, in_process=args.in_process)
-    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: stage lines and bars; the rest: log
+    resume = "rerun the same command: finished stages are kept and skipped, the current one resumes"
+    with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: stage lines; log: the rest
         return _demo(args, cfg)
 
 
@@ -52,16 +53,12 @@ def _demo(args, cfg) -> int:
         return 0 if better else 1
 
     from ideal_ray.cli import ray_job
-    from ideal_ray.config import ConfigError
     from ideal_ray.pipelines.pipeline import pipeline_report, run_pipeline
     from ideal_ray.train.ray_trainer import prepare_data
 
-    try:
-        prepare_data(cfg)  # the synthetic set under data.root, made on the first run (listed before any stage)
-        state, tracking_uri = run_pipeline(cfg, only=["tokenizer"] if args.tokenizer_only else None,
-                                           meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
-    except ConfigError as e:
-        refuse(f"config error: {e}")
+    prepare_data(cfg)  # the synthetic set under data.root, made on the first run (listed before any stage)
+    state, tracking_uri = run_pipeline(cfg, only=["tokenizer"] if args.tokenizer_only else None,
+                                       meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
     say(pipeline_report(state, tracking_uri))
     return 0
 
@@ -73,17 +70,13 @@ def _tokenizer_demo(cfg):
     from torch.utils.data import DataLoader
 
     from ideal_ray.checkpoint import load_tokenizer
-    from ideal_ray.config import ConfigError
     from ideal_ray.data.folder import ImageFolderDataset
     from ideal_ray.data.transforms import eval_transform
     from ideal_ray.models.tokenizer import IdealTokenizer
     from ideal_ray.train.ray_trainer import train_tokenizer
     from ideal_ray.train.tokenizer_step import evaluate_reconstruction
 
-    try:
-        result = train_tokenizer(cfg, in_process=True)
-    except ConfigError as e:
-        refuse(f"config error: {e}")
+    result = train_tokenizer(cfg, in_process=True)
     d = cfg.data
     val_loader = DataLoader(ImageFolderDataset(d.root, "val", eval_transform(d.image_size), class_index=d.class_index),
                             batch_size=d.global_batch)

@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_classifier_args, require_durable_paths  # noqa: E402
+from ideal_ray.cli import add_classifier_args, check_checkpoints, outcome, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recon", help="reconstruction metrics of a tokenizer on a validation split (Ray actor pool)")
-    r.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (save_inference_checkpoint)")
+    r.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
+                   "jobs/train_tokenizer.py) or the authors' release file")
     r.add_argument("--data-root", required=True)
     r.add_argument("--split", default="val")
     r.add_argument("--format", default="auto", choices=["auto", "folder", "flat", "parquet", "webdataset"])
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
                                                             "<out>/mlflow.db; '' disables)")
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
+    if args.cmd == "recon":
+        check_checkpoints(tokenizer=args.tokenizer)  # before torch and Ray
 
     with job_console(args.out):  # the console: the image bar and the result; the rest: <out>/console.log
         return _evaluate(args)
@@ -84,7 +87,7 @@ def _evaluate(args) -> int:
     from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    try:
+    with outcome(f"{args.out} holds no result.json yet; run the same command again"):
         if args.cmd == "recon":
             result = evaluate_recon(
                 args.tokenizer, args.data_root, args.out, split=args.split, fmt=args.format,
@@ -102,9 +105,6 @@ def _evaluate(args) -> int:
                                   classifier_per_class=args.classifier_per_class,
                                   classifier_kind=args.classifier_kind, tracking_uri=args.tracking_uri,
                                   log_fn=log)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        say(f"error: {e}", err=True)
-        return 2
     _print(result)
     return 0
 

@@ -21,13 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.cli import check_checkpoints, outcome, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (save_inference_checkpoint)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
+                        "jobs/train_tokenizer.py) or the authors' release file")
     parser.add_argument("--data-root", required=True, help="dataset root (holds <split>/ and class_index.json)")
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--views", default="llamagen", choices=["llamagen", "release"])
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     local.add_argument("--num-workers", type=int, default=0, help="decode worker processes (--in-process)")
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
+    check_checkpoints(tokenizer=args.tokenizer)  # before torch and Ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     common = dict(views=args.views, image_size=args.image_size, split=args.split, class_index=args.class_index,
@@ -72,31 +74,32 @@ def main(argv=None) -> int:
 def _extract(args, common) -> int:
     from ideal_ray.data.tokens import TokenShardError
 
-    try:
-        if args.in_process:
-            from ideal_ray.pipelines.extract_local import extract_tokens_local
-
-            summary = extract_tokens_local(
-                args.tokenizer, args.data_root, args.out, batch_size=args.batch_size or 64,
-                device=args.device or "cpu", num_workers=args.num_workers, precision=args.precision or "fp32",
-                **common)
-        else:
-            from ideal_ray.pipelines.extract_ray import extract_tokens_ray
-
-            summary = extract_tokens_ray(
-                args.tokenizer, args.data_root, args.out, batch_size=args.batch_size, device=args.device or "auto",
-                precision=args.precision, num_encoders=args.num_encoders, decode_actors=args.decode_actors,
-                decode_batch=args.decode_batch, tracking_uri=args.tracking_uri, **common)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        if isinstance(e, TokenShardError):
+    with outcome(f"rerun the same command to resume: the finished shards in {args.out} are kept"):
+        try:
+            summary = _run(args, common)
+        except TokenShardError as e:  # the verification's findings, then its sentence
             say(json.dumps(e.summary, indent=1), err=True)
-        say(f"error: {e}", err=True)
-        return 2
+            raise
     shown = dict(summary, skipped=summary["skipped"][:20])
     if len(summary["skipped"]) > 20:
         shown["skipped_more"] = len(summary["skipped"]) - 20
     say(json.dumps(shown, indent=1))
     return 0
+
+
+def _run(args, common) -> dict:
+    if args.in_process:
+        from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+        return extract_tokens_local(
+            args.tokenizer, args.data_root, args.out, batch_size=args.batch_size or 64,
+            device=args.device or "cpu", num_workers=args.num_workers, precision=args.precision or "fp32", **common)
+    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+
+    return extract_tokens_ray(
+        args.tokenizer, args.data_root, args.out, batch_size=args.batch_size, device=args.device or "auto",
+        precision=args.precision, num_encoders=args.num_encoders, decode_actors=args.decode_actors,
+        decode_batch=args.decode_batch, tracking_uri=args.tracking_uri, **common)
 
 
 if __name__ == "__main__":

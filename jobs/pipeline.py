@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
-    from ideal_ray.cli import ray_job, require_durable_paths
+    from ideal_ray.cli import outcome, ray_job, require_durable_paths
     from ideal_ray.pipelines.pipeline import pipeline_defaults, pipeline_report, run_pipeline
 
     require_durable_paths(**{"--fid-cache": args.fid_cache, "--reference": args.reference})
@@ -66,13 +66,10 @@ def main(argv=None) -> int:
                                                          "sweep_per_class") if getattr(args, key) is not None})
     settings.update(eval_images=args.eval_images, probe_train_images=args.probe_train_images,
                     reference=args.reference, fid_cache=args.fid_cache)
-    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: stage lines and bars; the rest: log
-        try:
-            state, tracking_uri = run_pipeline(cfg, settings, only=args.only,
-                                               meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
-        except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-            say(f"error: {e}", err=True)
-            return 2
+    resume = "rerun the same command: finished stages are kept and skipped, the current one resumes"
+    with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: stage lines; log: the rest
+        state, tracking_uri = run_pipeline(cfg, settings, only=args.only,
+                                           meta={"ray_job": ray_job(), "argv": sys.argv[1:]})
         say(pipeline_report(state, tracking_uri))
     return 0
 

@@ -17,17 +17,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import parse_classes, require_durable_paths  # noqa: E402
+from ideal_ray.cli import check_checkpoints, outcome, parse_classes, refuse, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from ideal_ray.config import SampleConfig
+    from ideal_ray.config import ConfigError, SampleConfig, validate_sample
 
     d = SampleConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpt", required=True, help="GPT export (gpt_step<N>.pt from jobs/train_ar.py)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (save_inference_checkpoint)")
+    parser.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a LlamaGen "
+                        "c2i file or the authors' release GPT checkpoint")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
+                        "jobs/train_tokenizer.py) or the authors' release file")
     parser.add_argument("--out", required=True, help="output folder for samples.npz and grid.png (must not hold them)")
     parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance; 1 = off")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=list(d.cfg_interval), metavar=("START", "END"),
@@ -51,19 +53,24 @@ def main(argv=None) -> int:
                         "($MLFLOW_TRACKING_URI or <out>/mlflow.db)")
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
-
-    from ideal_ray.tracking import default_tracking_uri
+    check_checkpoints(gpt=args.gpt, tokenizer=args.tokenizer, classes=args.classes)  # before torch and Ray
 
     cfg = SampleConfig(cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, per_class=args.per_class, batch_size=args.batch_size,
                        seed=args.seed, out_size=args.out_size)
+    try:
+        validate_sample(cfg)  # before torch and Ray
+    except ConfigError as e:
+        refuse(f"config error: {e}")
+    from ideal_ray.tracking import default_tracking_uri
+
     with job_console(args.out):  # the console: the image bar and the summary; the rest: <out>/console.log
         return _sample(args, cfg, default_tracking_uri(args.out) if args.mlflow else None)
 
 
 def _sample(args, cfg, uri) -> int:
-    try:
-        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    with outcome(f"nothing was written to {args.out} (samples are written at the end); run the same command again"):
         if args.in_process:
             from ideal_ray.pipelines.sample_local import sample_images
 
@@ -75,9 +82,6 @@ def _sample(args, cfg, uri) -> int:
             summary = sample_images_ray(args.gpt, args.tokenizer, cfg, args.classes, args.out,
                                         device=args.device or "auto", num_samplers=args.num_samplers,
                                         precision=args.precision, tracking_uri=uri, log=log)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        say(f"error: {e}", err=True)
-        return 2
     say(json.dumps(summary, indent=1))
     return 0
 

@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import require_durable_paths  # noqa: E402
+from ideal_ray.cli import INTERRUPTED, outcome, require_durable_paths  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 from ideal_ray.tune.ablation import STUDIES  # noqa: E402
@@ -64,10 +64,9 @@ def main(argv=None) -> int:
 
 
 def _sweep(args, asha) -> int:
-    from ideal_ray.config import ConfigError
     from ideal_ray.tune.ablation import format_table, sweep_ablation
 
-    try:
+    with outcome("rerun the same command to resume (finished trials are kept)"):
         summary = sweep_ablation(
             args.preset, args.study, args.name, args.storage,
             variants=[v for v in args.variants.split(",") if v] or None, overrides=args.overrides, steps=args.steps,
@@ -76,14 +75,11 @@ def _sweep(args, asha) -> int:
             num_workers_per_trial=args.workers_per_trial, gpus_per_worker=int(args.gpus),
             max_concurrent_trials=args.max_concurrent_trials, eval_images=args.eval_images,
             probe_train_images=args.probe_train_images, zero_shot=args.zero_shot, tracking_uri=args.tracking_uri)
-    except (ConfigError, FileNotFoundError) as e:
-        say(f"error: {e}", err=True)
-        return 2
     say(format_table(summary))
     say(f"sweep {summary['path']}, MLflow {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
     if summary["interrupted"]:
         say("interrupted: rerun the same command to resume (finished trials are kept)", err=True)
-        return 130
+        return INTERRUPTED
     return 1 if any(t["error"] for t in summary["trials"]) else 0
 
 

@@ -22,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_classifier_args, parse_classes, require_durable_paths  # noqa: E402
+from ideal_ray.cli import (INTERRUPTED, add_classifier_args, check_checkpoints, outcome, parse_classes,  # noqa: E402
+                           require_durable_paths)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -59,8 +60,10 @@ def main(argv=None) -> int:
     from ideal_ray.tune.cfg_sweep import EXPERIMENT
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt", required=True, help="GPT export (gpt_step<N>.pt from jobs/train_ar.py)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (save_inference_checkpoint)")
+    p.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a LlamaGen c2i "
+                   "file or the authors' release GPT checkpoint")
+    p.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
+                   "jobs/train_tokenizer.py) or the authors' release file")
     p.add_argument("--reference", required=True, help="ADM reference npz or a folder of reference images")
     p.add_argument("--name", required=True, help="the sweep's folder name under --storage-path (rerun to resume)")
     p.add_argument("--storage-path", default="runs/sweeps")
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no Tune progress table, no trial logs")
     args = p.parse_args(argv)
     require_durable_paths(**{"--storage-path": args.storage_path})  # in a `--working-dir` job: absolute only
+    check_checkpoints(gpt=args.gpt, tokenizer=args.tokenizer, classes=args.classes)  # before torch and Ray
     try:
         scales = _scales(args.cfg_scales)
     except argparse.ArgumentTypeError as e:
@@ -102,7 +106,7 @@ def _sweep(args, scales) -> int:
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    try:
+    with outcome("rerun the same command to resume (finished trials are kept)"):
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress output: stdout keeps the table and summary
             out = sweep_cfg(args.gpt, args.tokenizer, args.reference, args.name, args.storage_path, scales,
                             args.cfg_intervals, args.temperatures, args.top_ks, per_class=args.per_class,
@@ -115,16 +119,13 @@ def _sweep(args, scales) -> int:
                             classifier_per_class=args.classifier_per_class,
                             classifier_kind=args.classifier_kind, tracking_uri=args.tracking_uri,
                             experiment=args.experiment, verbose=0 if args.quiet else 1, log=log)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        say(f"error: {e}", err=True)
-        return 2
     say(out["table"] or "(no finished trial yet)")
     say(json.dumps({k: out[k] for k in ("path", "tracking_uri", "parent_run_id", "best", "files", "finished",
                                         "errored", "unfinished")}, indent=1))
     if out["errored"] or out["unfinished"]:
         say(f"sweep not finished: {out['finished']} trial(s) finished, {out['errored']} failed, {out['unfinished']} "
             f"not run; rerun the same command to resume (finished trials are kept).", err=True)
-        return 1
+        return INTERRUPTED if out["interrupted"] else 1
     return 0
 
 

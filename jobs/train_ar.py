@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import refuse, require_durable_paths  # noqa: E402
+from ideal_ray.cli import outcome, refuse, require_durable_paths, require_usable_output  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 from ideal_ray.config import AR_PRESETS, ConfigError, load_ar_config, validate_ar  # noqa: E402
 
@@ -38,15 +38,18 @@ def main(argv=None) -> int:
         if args.gpus is not None:
             cfg.dist.use_gpu = args.gpus
         validate_ar(cfg)
-        require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path})
-        from ideal_ray.train.ar_stage import train_ar
-
-        with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: the step bar; the rest: the log
-            result = train_ar(cfg)
-            say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
-                f"{result['checkpoint']}")
     except ConfigError as e:
         refuse(f"config error: {e}")
+    require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
+                                                         "data.shards": cfg.data.shards})
+    require_usable_output(cfg.output_dir, cfg.name, **{"dist.storage_path": cfg.dist.storage_path})
+    from ideal_ray.train.ar_stage import train_ar
+
+    resume = f"rerun the same command to resume from the latest checkpoint of run {cfg.name}"
+    with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: the step bar; log: the rest
+        result = train_ar(cfg)
+        say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
+            f"{result['checkpoint']}")
     return 0
 
 

@@ -25,9 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_config_args, config_from_args, refuse  # noqa: E402
+from ideal_ray.cli import add_config_args, config_from_args, outcome, refuse  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
-from ideal_ray.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,11 +47,9 @@ def main(argv=None) -> int:
     cfg = config_from_args(args, in_process=args.in_process)
     from ideal_ray.train.ray_trainer import train_tokenizer
 
-    with job_console(os.path.join(cfg.output_dir, cfg.name)):  # the console: the step bar; the rest: the log
-        try:
-            result = train_tokenizer(cfg, in_process=args.in_process)
-        except ConfigError as e:
-            refuse(f"config error: {e}")
+    resume = f"rerun the same command to resume from the latest checkpoint of run {cfg.name}"
+    with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: the step bar; log: the rest
+        result = train_tokenizer(cfg, in_process=args.in_process)
         say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
             f"{result['checkpoint']}, MLflow {result['tracking_uri']}")
     return 0

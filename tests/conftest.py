@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 import os
+import re
 import socket
 
 import pytest
@@ -101,11 +102,10 @@ def random_sampling_models(folder, num_classes: int):
     """(GPT export, tokenizer checkpoint) paths in ``folder``: a tiny random GPT whose weights, head included, are
     drawn N(0, 0.2) (the zero-init head would give uniform logits, so classes and CFG would change nothing) and a
     random tiny tokenizer, both from seed 0, for the sampling and CFG-sweep tests."""
-    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.checkpoint import save_inference_checkpoint, write_gpt_export
     from ideal_ray.config import gpt_config, load_config
     from ideal_ray.models.gpt import GPT
     from ideal_ray.models.tokenizer import IdealTokenizer
-    from ideal_ray.train.ar_stage import write_gpt_export
 
     torch.manual_seed(0)
     cfg = gpt_config("tiny", num_classes=num_classes)
@@ -128,3 +128,44 @@ def report_rows(text: str) -> dict:
             rows[cells[0]] = cells[1:]
     rows.pop("stage", None)
     return rows
+
+
+# ---- the authors' release layout -----------------------------------------------------------------------------
+# Our name -> the release's name (the release's VQModel under the "model." prefix of its IDEALModel wrapper).
+_OURS_TO_RELEASE = [
+    (r"^vfm\.trunk\.", "encode_transformer.backbone.model."),
+    (r"^vfm\.shallow_norm\.", "encode_transformer.backbone.spatial_norm."),
+    (r"^fusion\.", "encode_transformer.attn_fuse."),
+    (r"^pre_quant\.", "pre_slots_quant."),
+    (r"^post_quant\.", "post_slots_quant."),
+    (r"^quantizer\.embedding\.", "slot_quantize.embedding."),
+    (r"^feature_decoder\.pos_embed$", "decode_transformer.slot_position_embedding"),
+    (r"^feature_decoder\.cls_pos_embed$", "decode_transformer.cls_pos_embedding"),
+    (r"^feature_decoder\.cls_token$", "decode_transformer.cls_token"),
+    (r"^feature_decoder\.register_tokens$", "decode_transformer.register_tokens"),
+    (r"^feature_decoder\.norm_in\.", "decode_transformer.norm_post."),
+    (r"^feature_decoder\.deep_head\.", "decode_transformer.project_semantic."),
+    (r"^feature_decoder\.shallow_head\.", "decode_transformer.project_shallow."),
+    (r"^feature_decoder\.blocks\.(\d+)\.mlp\.", r"decode_transformer.transformer.layers.\1.ffn.net."),
+    (r"^feature_decoder\.blocks\.(\d+)\.", r"decode_transformer.transformer.layers.\1."),
+    (r"^pixel_decoder\.", "decoder."),
+]
+
+
+def release_layout(model, usage_len=64):
+    """The state dict the authors' release would save for ``model`` (our tokenizer): its IDEALModel wrapper's
+    keys, written here from the release's module names independently of the product's mapping."""
+    out = {}
+    for k, v in model.state_dict().items():
+        for pat, repl in _OURS_TO_RELEASE:
+            if re.search(pat, k):
+                rk = re.sub(pat, repl, k)
+                break
+        else:
+            raise AssertionError(f"no release name for {k}")
+        out["model." + rk] = v.clone()
+        if rk.startswith("decoder."):
+            out[rk] = v.clone()  # the wrapper's alias of the same module
+    out["model.slot_quantize.codebook_used"] = torch.zeros(usage_len)
+    out["quantize.embedding.weight"] = model.quantizer.embedding.weight.clone()
+    return out

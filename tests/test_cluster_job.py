@@ -248,7 +248,7 @@ def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
         assert os.path.isfile(state[stage]["outputs"]["export"])
     import torch
 
-    from ideal_ray.train.ar_stage import load_gpt
+    from ideal_ray.checkpoint import load_gpt
 
     gpt = load_gpt(state["ar"]["outputs"]["export"])  # weights_only=True inside
     assert os.path.basename(state["ar"]["outputs"]["export"]) == "gpt_step40.pt"

@@ -136,5 +136,7 @@ def test_cli_prints_and_writes_every_trial(store, tmp_path, capsys):
         assert variant in (out_dir / "comparison.md").read_text()
         assert variant in (out_dir / "comparison.csv").read_text()
     assert (out_dir / "comparison.png").stat().st_size > 0
-    assert main(["--sweep", "missing", "--tracking-uri", store["uri"], "--out", str(out_dir)]) == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["--sweep", "missing", "--tracking-uri", store["uri"], "--out", str(out_dir)])
+    assert refused.value.code == 2
     assert "no sweep 'missing'" in capsys.readouterr().err

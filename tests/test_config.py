@@ -125,3 +125,247 @@ def test_ar_validation_errors(overrides, fragment):
         load_ar_config("ar-tiny", overrides)
     with pytest.raises(ConfigError, match="Unknown AR preset"):
         load_ar_config("ar-huge")
+
+
+# ---- every bad value gets one sentence (issue 16) ------------------------------------------------------------
+def _one_sentence(e: ConfigError, *fragments: str) -> str:
+    msg = str(e)
+    for f in fragments:
+        assert f in msg, (f, msg)
+    assert msg.endswith(".") and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def _float_fields(node, prefix=""):
+    """(dotted key, value) of every float or tuple-of-floats field of a (nested) config."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _float_fields(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) or (isinstance(v, tuple) and v and all(isinstance(x, float) for x in v)):
+            yield f"{prefix}{f.name}", v
+
+
+def _set_all(key, like, text):
+    """An override setting ``key`` (a float or a tuple of floats shaped like ``like``) to ``text`` everywhere."""
+    return f"{key}={','.join([text] * len(like)) if isinstance(like, tuple) else text}"
+
+
+CAN_BE_NEGATIVE = {"model.vfm.mean"}  # pixels are centred by it: any finite value
+
+
+def _loaders():
+    from ideal_ray.config import SampleConfig, apply_overrides, load_ar_config, validate_sample
+
+    def sample(overrides):
+        validate_sample(apply_overrides(SampleConfig(), overrides))
+
+    return {"tiny": lambda o: load_config("tiny", o), "paper": lambda o: load_config("paper", o),
+            "ar-tiny": lambda o: load_ar_config("ar-tiny", o), "sample": sample}
+
+
+def _defaults(stage):
+    from ideal_ray.config import SampleConfig, load_ar_config
+
+    return {"tiny": lambda: load_config("tiny"), "paper": lambda: load_config("paper"),
+            "ar-tiny": lambda: load_ar_config("ar-tiny"), "sample": SampleConfig}[stage]()
+
+
+@pytest.mark.parametrize("stage", ["tiny", "paper", "ar-tiny", "sample"])
+def test_every_float_field_refuses_inf_nan_and_negatives(stage):
+    """A property over every float field of each stage's config: inf, -inf and NaN are refused naming the key and
+    the value, and so is -1 wherever a negative means nothing (all but the pixel mean)."""
+    load = _loaders()[stage]
+    fields = list(_float_fields(_defaults(stage)))
+    assert len(fields) >= (4 if stage == "sample" else 15)
+    for key, like in fields:
+        for text in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError) as e:
+                load([_set_all(key, like, text)])
+            _one_sentence(e.value, f"{key}=", "not a finite number")
+        if key not in CAN_BE_NEGATIVE:
+            with pytest.raises(ConfigError) as e:
+                load([_set_all(key, like, "-1")])
+            _one_sentence(e.value, f"{key}=")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.lr=inf"], "optim.lr=inf is not a finite number"),
+    (["optim.lr=nan"], "optim.lr=nan is not a finite number"),
+    (["optim.lr=-1e-4"], "optim.lr=-0.0001 must be positive"),
+    (["optim.lr=0"], "optim.lr=0.0 must be positive"),
+    (["loss.recon_weight=-1"], "loss.recon_weight=-1.0 cannot be negative"),
+    (["loss.adv_weight=nan"], "loss.adv_weight=nan is not a finite number"),
+    (["loss.lecam_weight=-0.5"], "loss.lecam_weight=-0.5 cannot be negative"),
+    (["model.quantizer.commitment_weight=-0.25"], "model.quantizer.commitment_weight=-0.25 cannot be negative"),
+    (["optim.betas=0.9,1.0"], "optim.betas=0.9,1.0 must be two values in [0, 1)"),
+    (["optim.grad_clip=inf"], "optim.grad_clip=inf"),
+    (["optim.ema_decay=nan"], "optim.ema_decay=nan"),
+    (["optim.weight_decay=-0.05"], "optim.weight_decay=-0.05 cannot be negative"),
+    (["model.fusion.dropout=-0.1"], "model.fusion.dropout=-0.1 must be in [0, 1)"),
+    (["model.vfm.std=0.5,0,0.5"], "model.vfm.std=0.5,0.0,0.5 must be positive"),
+    (["model.vfm.patch_size=0"], "model.vfm.patch_size=0 must be at least 1"),  # was a ZeroDivisionError
+    (["model.fusion.heads=0"], "model.fusion.heads=0 must be at least 1"),  # was a ZeroDivisionError
+    (["name="], "name is empty"),
+    (["name=../.."], "name=../.. is not a single folder name"),
+    (["name=.."], "name=.. is not a single folder name"),
+    (["name=."], "name=. is not a single folder name"),
+    (["name=a/b"], "name=a/b is not a single folder name"),
+    (["name=a\\b"], "is not a single folder name"),
+    (["output_dir="], "output_dir is empty"),
+    (["data.root="], "data.root is empty"),
+    (["data.root=  "], "data.root is empty"),
+    (["optim.epochs=0", "optim.warmup_epochs=0", "schedule.steps=0"], "give a run of no steps"),
+    (["optim.seed=-1"], "optim.seed=-1 cannot be negative"),
+])
+def test_tokenizer_refusals_name_key_and_value(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    _one_sentence(e.value, fragment)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.lr=inf"], "optim.lr=inf is not a finite number"),
+    (["optim.lr=-1"], "optim.lr=-1.0 must be positive"),
+    (["optim.betas=0.9,-0.1"], "optim.betas=0.9,-0.1"),
+    (["optim.grad_clip=-1"], "optim.grad_clip=-1.0 cannot be negative"),
+    (["model.rope_base=nan"], "model.rope_base=nan"),
+    (["model.class_dropout=inf"], "model.class_dropout=inf"),
+    (["model.n_head=0"], "model.n_head=0 must be at least 1"),  # was a ZeroDivisionError
+    (["dist.num_workers=0"], "dist.num_workers=0 must be at least 1"),  # was a ZeroDivisionError
+    (["schedule.log_every=0"], "schedule.log_every=0 must be at least 1"),  # AR did not check it
+    (["dist.max_bad_steps=0"], "dist.max_bad_steps=0 must be at least 1"),  # nor this (the tokenizer did)
+    (["name=../x"], "name=../x is not a single folder name"),
+    (["name="], "name is empty"),
+    (["output_dir="], "output_dir is empty"),
+    (["data.shards="], "data.shards is empty"),
+])
+def test_ar_refusals_name_key_and_value(overrides, fragment):
+    from ideal_ray.config import load_ar_config
+
+    with pytest.raises(ConfigError) as e:
+        load_ar_config("ar-tiny", overrides)
+    _one_sentence(e.value, fragment)
+
+
+def test_ar_constant_schedule_ignores_min_lr():
+    """min_lr shapes only the cosine: a constant-schedule GPT may train below the cosine's default floor."""
+    from ideal_ray.config import load_ar_config
+
+    assert load_ar_config("ar-tiny", ["optim.lr=1e-6"]).optim.lr == 1e-6
+    with pytest.raises(ConfigError, match="optim.min_lr=1e-05 is above the peak"):
+        load_ar_config("ar-tiny", ["optim.lr=1e-6", "optim.lr_schedule=cosine"])
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    (dict(cfg_scale=float("inf")), "cfg_scale=inf is not a finite number"),
+    (dict(cfg_scale=-1.0), "cfg_scale=-1.0 cannot be negative"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(cfg_interval=(0.5, 0.2)), "cfg_interval"),
+    (dict(cfg_interval=(0.5,)), "cfg_interval"),
+    (dict(per_class=0), "per_class=0 must be at least 1"),
+    (dict(batch_size=0), "batch_size=0 must be at least 1"),
+    (dict(seed=-1), "seed=-1 cannot be negative"),
+])
+def test_sample_config_refusals(fields, fragment):
+    from ideal_ray.config import SampleConfig, validate_sample
+
+    validate_sample(SampleConfig())
+    with pytest.raises(ConfigError) as e:
+        validate_sample(SampleConfig(**fields))
+    _one_sentence(e.value, fragment)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lr=abc", "Override optim.lr=abc needs a number, e.g. optim.lr=0.001"),
+    ("data.global_batch=1.5", "Override data.global_batch=1.5 needs an integer, e.g. data.global_batch=8"),
+    ("model.unknown=1", "Override key 'model.unknown' is unknown: model has no field 'unknown'"),
+    ("optim.lrr=1e-4", "optim has no field 'lrr' (fields: lr, "),
+    ("optim.betas=0.9,abc", "Override optim.betas=0.9,abc needs comma-separated numbers, e.g. optim.betas=0.9,0.95"),
+    ("model.pixel_decoder.ch_mult=1,x", "needs comma-separated integers, e.g. model.pixel_decoder.ch_mult=1,2,2"),
+    ("loss.diffaug=2", "needs a boolean"),
+])
+def test_an_override_that_does_not_parse_is_one_sentence(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    _one_sentence(e.value, fragment)
+    if override.startswith("optim.lrr"):
+        assert str(e.value).endswith("the closest is optim.lr.")
+
+
+def test_config_and_cli_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, ideal_ray.cli, ideal_ray.config; "
+            "print(sorted({'torch', 'ray', 'deepspeed', 'numpy'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---- the jobs refuse before anything heavy: a bad value, an unusable output folder -----------------------------
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+def _tree(root):
+    import os
+
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
+
+
+@pytest.mark.parametrize("job, args, fragment", [
+    ("train_tokenizer.py", ["--in-process", "--preset", "tiny", "output_dir={file}"],
+     "output_dir={file} cannot hold the run folder {file}/ideal-tokenizer-tiny: {file} exists and is not a folder"),
+    ("train_tokenizer.py", ["--preset", "tiny", "output_dir={tmp}", "name=taken"],
+     "the run folder {tmp}/taken (output_dir/name) exists and is not a folder"),
+    ("train_tokenizer.py", ["--preset", "tiny", "dist.storage_path={file}/sub"],
+     "dist.storage_path={file}/sub cannot hold the run folder"),
+    ("train_tokenizer.py", ["--preset", "tiny", "optim.lr=inf"], "optim.lr=inf is not a finite number"),
+    ("train_tokenizer.py", ["--in-process", "--preset", "tiny", "name=../.."], "name=../.. is not a single folder"),
+    ("train_ar.py", ["optim.lr=inf"], "optim.lr=inf is not a finite number"),
+])
+def test_a_job_refuses_in_one_sentence_before_anything_heavy(tmp_path, job, args, fragment):
+    """A real job in a subprocess: exit code 2, one sentence on stderr, no traceback, nothing created (the job runs
+    in an empty folder where the tiny preset's relative runs/ and data/synthetic would otherwise appear)."""
+    import subprocess
+    import sys
+    import time
+
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    (tmp_path / "taken").write_text("not a folder")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    fill = dict(file=str(file), tmp=str(tmp_path))
+    before = _tree(tmp_path)
+    t0 = time.perf_counter()
+    args = [a.format(**fill) for a in args]
+    p = subprocess.run([sys.executable, f"{REPO}/jobs/{job}", *args],
+                       capture_output=True, text=True, cwd=cwd, timeout=300)
+    took = time.perf_counter() - t0
+    print(f"\n{job} {' '.join(args)}: refused in {took:.2f} s: {p.stderr.strip()}")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("config error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert fragment.format(**fill) in p.stderr and "Traceback" not in p.stderr + p.stdout
+    assert _tree(tmp_path) == before  # nothing created
+
+
+def test_an_unwritable_output_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """Root may write anywhere, so the permission is faked: the nearest existing ancestor of the run folder is what
+    is asked (tmp_path here: output_dir/new/deeper does not exist yet)."""
+    import os
+
+    from ideal_ray.cli import require_usable_output
+
+    require_usable_output(str(tmp_path / "new" / "deeper"), "run")  # writable: passes
+    asked = []
+    monkeypatch.setattr(os, "access", lambda p, mode: asked.append(p) or False)
+    with pytest.raises(SystemExit) as e:
+        require_usable_output(str(tmp_path / "new" / "deeper"), "run")
+    assert e.value.code == 2 and asked == [str(tmp_path)]
+    err = capsys.readouterr().err
+    assert err == (f"config error: output_dir={tmp_path}/new/deeper cannot hold the run folder "
+                   f"{tmp_path}/new/deeper/run: {tmp_path} is not writable by this user; pass a folder you can "
+                   f"write to as output_dir.\n")
+    assert _tree(tmp_path) == []  # nothing created

@@ -73,3 +73,84 @@ def test_a_refusal_is_one_sentence_and_exit_code_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr == "config error: optim.lr=abc needs a number.\n"  # once, no traceback
     assert "config error: optim.lr=abc needs a number." in (folder / "console.log").read_text()
+
+
+OUTCOME_JOB = r"""
+import sys
+sys.path.insert(0, {repo!r})
+from ideal_ray.cli import outcome
+from ideal_ray.config import ConfigError
+from ideal_ray.console import job_console
+
+with job_console({folder!r}), outcome("rerun the same command to resume"):
+    raise {error}
+"""
+
+
+def test_the_exit_code_rule(tmp_path):
+    """Refused input: 2 and its sentence; Ctrl-C: 130 and where to resume; anything else is a bug: its traceback,
+    exit 1 (a RuntimeError is not swallowed)."""
+    cases = {"ConfigError('data.root= is empty; pass the data set folder.')":
+             (2, "config error: data.root= is empty; pass the data set folder.\n"),
+             "FileExistsError('runs/x/samples.npz exists; choose a new --out.')":
+             (2, "error: runs/x/samples.npz exists; choose a new --out.\n"),
+             "KeyboardInterrupt()": (130, "interrupted: rerun the same command to resume\n"),
+             "RuntimeError('a bug')": (1, None)}
+    for i, (error, (code, said)) in enumerate(cases.items()):
+        folder = tmp_path / f"run{i}"
+        p = subprocess.run([sys.executable, "-c", OUTCOME_JOB.format(repo=REPO, folder=str(folder), error=error)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert p.returncode == code, (error, p.stderr)
+        if said is None:
+            assert "Traceback" in p.stderr and "RuntimeError: a bug" in p.stderr
+        else:
+            assert p.stderr == said and said.strip() in (folder / "console.log").read_text()
+
+
+def test_ctrl_c_stops_a_job_with_130_and_where_to_resume(tmp_path):
+    """SIGINT a real sampling job once it is sampling (its log says so): exit 130, the resume line, no samples."""
+    import signal
+    import time
+
+    from conftest import random_sampling_models
+
+    gpt, tok = random_sampling_models(str(tmp_path), num_classes=2)
+    out = tmp_path / "samples"
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "sample.py"), "--gpt", gpt, "--tokenizer", tok,
+                          "--out", str(out), "--in-process", "--per-class", "5000", "--batch-size", "2",
+                          "--out-size", "8"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    log = out / "console.log"
+    t0 = time.time()
+    try:  # waits for the event; the 10-minute limit only guards against a hang (it comes in ~5 s)
+        while not (log.exists() and "sampling 10000 images" in log.read_text()):
+            assert p.poll() is None and time.time() - t0 < 600, (p.poll(), log.read_text() if log.exists() else "")
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing was written to") and "Traceback" not in \
+        stderr
+    assert not (out / "samples.npz").exists()
+
+
+def test_an_unreachable_cluster_is_one_sentence(tmp_path):
+    """RAY_ADDRESS naming a port nothing listens on: exit 2 and a sentence naming the address (Ray itself would
+    wait for its GCS for ever)."""
+    import socket
+
+    from conftest import random_sampling_models
+
+    gpt, tok = random_sampling_models(str(tmp_path), num_classes=2)
+    with socket.socket() as s:  # a free port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "sample.py"), "--gpt", gpt, "--tokenizer", tok,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env=dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}"))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(f"error: No Ray cluster could be reached at 127.0.0.1:{port} ($RAY_ADDRESS") and \
+        "Traceback" not in p.stderr

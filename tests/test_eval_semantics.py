@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import time
 
 import numpy as np
 import pytest
@@ -159,10 +158,9 @@ def test_class_names():
 
 # ------------------------------------------------------------------------------------- paper, offline
 def _fails_fast(exc_type, needles):
-    t = time.perf_counter()
+    # fast: nothing downloaded or retried (under `offline` a connection raises AssertionError)
     with pytest.raises(exc_type) as info:
         build_zero_shot_head(VFMConfig(), ["tench", "goldfish"])
-    assert time.perf_counter() - t < 5.0
     for needle in needles:
         assert needle in str(info.value)
 

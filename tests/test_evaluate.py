@@ -104,11 +104,20 @@ def test_recon_outputs_protocol_and_mlflow(setup, recon):
     assert arts == ["grid.png", "per_class.csv", "result.json"]
 
 
-def test_second_recon_reuses_cached_reference_and_refuses_overwrite(setup, recon, ray_local):
+def test_second_recon_of_the_release_file_reuses_cached_reference_and_refuses_overwrite(setup, recon, ray_local):
+    """The second evaluation reads the same weights from a file in the authors' release layout (a training
+    checkpoint: EMA weights, args): the metrics are those of our export."""
+    import argparse
+
+    from conftest import release_layout
+    from ideal_ray.checkpoint import load_tokenizer
     from ideal_ray.pipelines.evaluate import evaluate_recon
 
     base, root, ckpt = setup
-    again = evaluate_recon(ckpt, root, str(base / "rec2"), split="val", device="cpu", decode_actors=1,
+    release = str(base / "0000100.pt")
+    torch.save({"ema": release_layout(load_tokenizer(ckpt)), "steps": 100, "args": argparse.Namespace(ema=True)},
+               release)
+    again = evaluate_recon(release, root, str(base / "rec2"), split="val", device="cpu", decode_actors=1,
                            batch_size=5, zero_shot=False, probe_train_images=6, cache_dir=str(base / "cache"),
                            tracking_uri="", log_fn=lambda m: None)
     assert again["protocol"]["reference_statistics"] == "reused from the cache"
@@ -116,6 +125,7 @@ def test_second_recon_reuses_cached_reference_and_refuses_overwrite(setup, recon
         assert 0.0 <= again[f"probe_{side}_top1"] <= 1.0
     assert again["protocol"]["linear_probe"]["train"].startswith("6 evenly spaced train")
     assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-6)
+    assert (again["psnr"], again["ssim"]) == (recon["psnr"], recon["ssim"])
     with pytest.raises(FileExistsError, match="already holds an evaluation"):
         evaluate_recon(ckpt, root, recon["out_dir"], split="val", device="cpu", tracking_uri="")
 
@@ -145,5 +155,7 @@ def test_gen_known_answers_and_cli(setup, tmp_path):
                                                                                "jobs", "evaluate.py"))
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["gen", "--samples", str(tmp_path / "missing.npz"), "--reference", ref_dir,
-                     "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit) as refused:
+        job.main(["gen", "--samples", str(tmp_path / "missing.npz"), "--reference", ref_dir, "--out",
+                  str(tmp_path / "x")])
+    assert refused.value.code == 2

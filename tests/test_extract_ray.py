@@ -191,10 +191,10 @@ def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     _, root, ckpt, _ = setup
-    rc = job.main(["--tokenizer", ckpt, "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
-    assert rc == 2 and "nowhere" in capsys.readouterr().err
-    rc = job.main(["--tokenizer", ckpt, "--data-root", root, "--out", str(tmp_path / "o"), "--format", "parquet"])
-    assert rc == 2 and "error:" in capsys.readouterr().err
+    for argv, said in (([str(tmp_path / "nowhere")], "nowhere"), ([root, "--format", "parquet"], "error:")):
+        with pytest.raises(SystemExit) as refused:
+            job.main(["--tokenizer", ckpt, "--out", str(tmp_path / "o"), "--data-root"] + argv)
+        assert refused.value.code == 2 and said in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")  # nothing created before the input was understood
 
 
@@ -212,6 +212,69 @@ def test_mostly_unreadable_shard_stops_the_run_unwritten(setup, tmp_path):
     assert not list(out.glob(tk.SHARD_GLOB))
     s = extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16, max_skip_fraction=1.0)
     assert s["verify"]["ok"] and len(s["skipped"]) >= 12
+
+
+def test_a_shard_of_only_unreadable_files_is_written_empty_and_both_runs_finish(setup, ray_local, tmp_path):
+    """Every image of shard 1 unreadable (4 files: fewer than MIN_SKIPS_TO_ABORT, so the run goes on): the in-process
+    and the Ray extraction both finish with a complete, verified manifest; shard 1 is a shard of 0 rows that lists
+    its 4 files as skipped; every good image is there exactly once; skipped.tsv lists every bad file with its
+    reason; and the AR readers (in memory and random access) read past the empty shard."""
+    from ideal_ray.data import sources
+    from ideal_ray.data.synthetic import planted_files
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    _, root, ckpt, planted = setup
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    listing = sources.list_images(data, "train")
+    kinds = planted_files()
+    bad_bytes = {"empty file (0 bytes)": b"", "not an image (unrecognised format)": kinds["not_an_image"][1],
+                 "truncated image (JPEG, 14 bytes not processed)": kinds["truncated_jpeg"][1]}
+    shard1 = {}  # image id -> reason, for the 4 files of shard 1 (listed images 4..7)
+    for k, (path, image_id) in enumerate(zip(listing.files[4:8], listing.ids[4:8])):
+        reason = list(bad_bytes)[k % len(bad_bytes)]
+        with open(path, "wb") as f:
+            f.write(bad_bytes[reason])
+        shard1[image_id] = reason
+    bad = set(shard1) | {v["id"] for v in planted.values() if not v["good"]}
+    good = set(listing.ids) - bad
+
+    args = dict(views="release", shard_images=4, row_group_images=2)
+    local = extract_tokens_local(ckpt, str(data), str(tmp_path / "local"), batch_size=40, **args)
+    on_ray = _run(setup, tmp_path / "ray", data_root=str(data), tracking_uri="", **args)
+    for s in (local, on_ray):
+        out = s["out_dir"]
+        assert s["complete"] and s["verify"]["ok"] and s["shards"] == s["shards_written"] == -(-len(listing) // 4)
+        m = tk.read_manifest(out)
+        (entry,) = [e for e in m["shards"] if e["index"] == 1]
+        assert (entry["images"], entry["rows"]) == (0, 0)
+        assert {x["image_id"]: x["error"] for x in entry["skipped"]} == shard1
+        assert m["num_images"] == len(good) and m["num_skipped"] == len(bad)
+        lines = open(os.path.join(out, "skipped.tsv")).read().splitlines()
+        listed = dict(ln.split("\t") for ln in lines[1:])
+        assert lines[0] == "image_id\terror" and set(listed) == bad
+        assert {i: listed[i] for i in shard1} == shard1
+        ds = tk.TokenShardDataset(out)
+        assert sorted(ds.image_ids) == sorted(good) and len(set(ds.image_ids)) == len(ds.image_ids)
+        reader = tk.TokenShardReader(out)  # the Ray AR reader's index: arithmetic over the per-shard counts
+        idx = np.arange(len(ds))
+        tokens, labels = reader.read(idx, idx % 2)
+        np.testing.assert_array_equal(tokens, ds.tokens[idx, idx % 2])
+        np.testing.assert_array_equal(labels, ds.labels)
+    np.testing.assert_array_equal(tk.TokenShardDataset(on_ray["out_dir"]).tokens,
+                                  tk.TokenShardDataset(local["out_dir"]).tokens)
+
+
+def test_the_encoder_takes_a_batch_of_no_images(setup):
+    from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.pipelines.extract_common import ViewEncoder
+
+    tok = load_tokenizer(setup[2], device="cpu")
+    for views in crops.VIEW_SETS:
+        enc = ViewEncoder(tok, views, 64, "cpu")
+        squares = [np.zeros((0, s, s, 3), np.uint8) for s in crops.square_sizes(views, 64)]
+        codes = enc(squares)
+        assert codes.shape == (0, crops.num_views(views), 64) and codes.dtype == np.uint16
 
 
 def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray_local, local_ref, tmp_path):

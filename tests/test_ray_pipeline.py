@@ -7,6 +7,7 @@ epoch); the reference for every row is recomputed in-process with ``load_sample`
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -316,3 +317,33 @@ def test_bad_file_is_substituted_without_changing_row_count(synth, tmp_path, ray
     local = list(rp.local_batches(cfg, world, 0, step, 2, SEED))  # the in-process batches substitute alike
     for c in rp.COLUMNS:
         np.testing.assert_array_equal(torch.cat([b[c] for b in local]).numpy(), rows[c], err_msg=c)
+
+
+def test_each_unreadable_file_is_reported_once_and_a_vanished_folder_stops(synth, tmp_path):
+    """The decode code's reports, in process (the Ray actors run the same code into a ledger actor of the same
+    class): over 5 epochs two bad files are passed over again and again but listed once each, with their reasons;
+    with 16 of the 18 files unreadable the first batch stops with one sentence naming the first bad file and the
+    fraction, and the ledger holds that sentence for the driver."""
+    from ideal_ray.data.skipped import SkipLedger, UnreadableDataError
+
+    root = tmp_path / "withbad"
+    shutil.copytree(synth, root)
+    paths, _ = rp.list_training_images(root)
+    (root / paths[3]).write_bytes(b"")
+    (root / paths[10]).write_bytes(b"<html>404</html>")
+    ledger = SkipLedger()
+    batches = list(rp.local_batches(_cfg(root), 1, 0, 0, 20, SEED, skips=ledger))
+    assert len(batches) == 20 and all(len(b["image"]) == 4 for b in batches)
+    assert ledger.items() == {3: "empty file (0 bytes)", 10: "not an image (unrecognised format)"}
+    assert ledger.stopped() is None
+
+    for p in paths[:16]:
+        (root / p).write_bytes(b"")
+    ledger = SkipLedger()
+    with pytest.raises(UnreadableDataError) as e:
+        next(rp.local_batches(_cfg(root), 1, 0, 0, 1, SEED, skips=ledger))
+    m = re.match(r"(\d+) of the (\d+) image files rank 0 read for training step 1 could not be read or decoded "
+                 r"\(first: (\S+): empty file \(0 bytes\)\); that is more than 5% of them", str(e.value))
+    assert m, str(e.value)
+    assert int(m[1]) == 11 and int(m[2]) - 11 <= 2 and m[3] in paths[:16]  # stopped at the first count over 10
+    assert ledger.stopped() == str(e.value) and len(ledger.items()) <= 11

@@ -107,7 +107,9 @@ def test_cli(ckpts, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_images"] == 4
-    assert main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process"]) == 2
+    with pytest.raises(SystemExit) as refused:  # the samples are there: refused, exit code 2, one sentence
+        main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process"])
+    assert refused.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Image sources: one listing + byte reader for folder / flat / parquet / webdataset, and robust decoding."""
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -8,16 +9,18 @@ import pytest
 from PIL import ImageFile
 
 from ideal_ray.data.convert import folder_to_flat, folder_to_parquet, folder_to_webdataset
-from ideal_ray.data.folder import ImageFolderDataset
+from ideal_ray.data.folder import ImageFolderDataset, open_rgb
 from ideal_ray.data.sources import (
     DECODE_ERRORS,
     FORMATS,
+    BadImageError,
     ByteReader,
     Listing,
     decode_bytes,
     detect_format,
     list_images,
     load_rgb,
+    skip_reason,
 )
 from ideal_ray.data.synthetic import make_synthetic_imagenet, plant_bad_files
 
@@ -160,6 +163,40 @@ def test_decoding_never_accepts_partial_files(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         decode_bytes(b"")
+
+
+def test_skip_reasons_name_the_problem(roots, tmp_path):
+    """The text a skipped file is listed with names what is wrong with it, the same whether the image is decoded
+    from its path (training), from its bytes (extraction) or out of a tar member; never PIL's object repr."""
+    root = tmp_path / "planted"
+    shutil.copytree(roots["folder"], root)
+    planted = plant_bad_files(root)
+    expected = {"zero_bytes": "empty file (0 bytes)", "not_an_image": "not an image (unrecognised format)",
+                "truncated_jpeg": "truncated image (JPEG, 14 bytes not processed)",
+                "truncated_png": "truncated image (PNG)"}
+    assert {n for n, p in planted.items() if not p["good"]} == set(expected)  # every bad kind is checked
+    folder_to_webdataset(root, "train", tmp_path / "wds", shards=2)
+    gone = root / planted["truncated_png"]["id"]  # listed below, then removed: a file that vanished
+    for src in (root, tmp_path / "wds"):
+        listing = list_images(src, "train")
+        reader = ByteReader(listing.pack())
+        index = {os.path.splitext(i)[0].split("/")[-1]: k for k, i in enumerate(listing.ids)}
+        for name, reason in expected.items():
+            stem = os.path.splitext(os.path.basename(planted[name]["id"]))[0]
+            with pytest.raises(BadImageError) as err:
+                load_rgb(reader, index[stem])
+            assert skip_reason(err.value) == str(err.value) == reason, (src, name)
+            if src == root:  # the training pipeline opens the path itself
+                with pytest.raises(BadImageError, match=re.escape(reason)):
+                    open_rgb(root / planted[name]["id"])
+        reader.close()
+    listing = list_images(root, "train")
+    os.remove(gone)
+    with pytest.raises(BadImageError, match=r"^unreadable: No such file or directory$"):
+        load_rgb(ByteReader(listing), listing.ids.index(planted["truncated_png"]["id"]))
+    with pytest.raises(BadImageError, match=r"^unreadable: No such file or directory$"):
+        open_rgb(gone)
+    assert skip_reason(ValueError("odd crop")) == "ValueError: odd crop"  # anything else keeps its type
 
 
 def test_parquet_listing_reads_no_image_bytes(roots, tmp_path):

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from conftest import random_sampling_models
+from ideal_ray.checkpoint import CheckpointError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -72,8 +73,8 @@ def interrupted(setup):
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     seen = None
     t0 = time.time()
-    try:
-        while time.time() - t0 < 150 and proc.poll() is None:
+    try:  # waits for an event; the 30-minute limit only guards against a hang (a trial takes ~20 s)
+        while time.time() - t0 < 1800 and proc.poll() is None:
             time.sleep(0.2)
             # open the store only once trial 1 has written its results: by then the job has created the tables
             # (two processes creating them at once break MLflow's migration)
@@ -89,13 +90,14 @@ def interrupted(setup):
                 seen = {r.info.status: r for r in runs}
                 proc.send_signal(signal.SIGINT)
                 break
-        rc = proc.wait(timeout=90)
+        rc = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
         logf.close()
     log = (setup["dir"] / "interrupted.log").read_text()
-    assert seen is not None, f"the job never had one finished and one running trial:\n{log[-3000:]}"
+    assert seen is not None, (f"the job never had one finished and one running trial (waited {time.time() - t0:.0f} s "
+                              f"for trial 1's result.json and both child runs):\n{log[-3000:]}")
     first = seen["FINISHED"]
     key = f"cfg_scale={float(first.data.params['cfg_scale']):g}"
     outputs = os.path.join(path, "trial_outputs", key)
@@ -127,7 +129,7 @@ def resumed(setup, interrupted, ray_local):
 
 
 def test_interrupt_leaves_a_resumable_sweep(interrupted):
-    assert interrupted["rc"] == 1, interrupted["log"][-3000:]  # the job says: not every trial finished
+    assert interrupted["rc"] == 130, interrupted["log"][-3000:]  # the job says: interrupted, not every trial finished
     assert "rerun the same command to resume" in interrupted["log"]
     parent = _client(interrupted["uri"]).get_run(interrupted["parent"])
     assert parent.info.status == "KILLED"
@@ -186,6 +188,33 @@ def test_compare_cli_lists_every_trial(interrupted, resumed, tmp_path, capsys):
     assert (tmp_path / "comparison.png").stat().st_size > 0
 
 
+def test_official_checkpoints_sweep_to_the_same_result(setup, interrupted, resumed, tmp_path):
+    """The sweep over LlamaGen's GPT file (no args: its grid comes from the tokenizer) and the authors' release
+    tokenizer file holding the same weights gives the trial the exports gave: the same samples, the same gFID."""
+    import numpy as np
+    import torch
+
+    from conftest import release_layout
+    from ideal_ray.checkpoint import load_gpt, load_tokenizer
+    from ideal_ray.models.gpt import to_llamagen_state_dict
+    from ideal_ray.tune.cfg_sweep import sweep_cfg
+
+    gpt, tok = str(tmp_path / "c2i.pt"), str(tmp_path / "ideal_tokenizer.pth")
+    torch.save({"model": to_llamagen_state_dict(load_gpt(setup["gpt"]).state_dict())}, gpt)
+    torch.save({"model": release_layout(load_tokenizer(setup["tok"]))}, tok)
+    out = sweep_cfg(gpt, tok, setup["ref"], "official", str(tmp_path), [float(SCALES[1])], gpus_per_trial=0,
+                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0, log=lambda m: None,
+                    **_kwargs(setup))
+    assert (out["finished"], out["errored"]) == (1, 0)
+    ours = next(c for c in _children(interrupted["uri"], interrupted["parent"])
+                if c["params"]["cfg_scale"] == SCALES[1])
+    assert out["best"]["metrics"]["gfid"] == pytest.approx(ours["metrics"]["gfid"], rel=1e-6)
+    key = f"cfg_scale={float(SCALES[1]):g}"
+    a = np.load(os.path.join(interrupted["path"], "trial_outputs", key, "samples.npz"))
+    b = np.load(os.path.join(str(tmp_path), "official", "trial_outputs", key, "samples.npz"))
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
 def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, interrupted, resumed):
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
@@ -202,7 +231,7 @@ def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, inter
         run(name="other", scales=(1.5, 1.5))
     with pytest.raises(ValueError, match="temperature"):
         run(name="other", temperatures=[-1.0])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="No GPT file at .*missing.pt"):
         run(name="other", gpt=str(setup["dir"] / "missing.pt"))
     with pytest.raises(ValueError, match="outside"):
         run(name="other", classes=[5])

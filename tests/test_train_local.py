@@ -146,12 +146,14 @@ def test_in_process_run_keeps_the_record_of_a_ray_run(straight, runs_dir):
     with open(os.path.join(ckpt, "config.json")) as f:
         assert json.load(f)["data_position"] == {"step": 4, "epoch": 0, "step_in_epoch": 4, "steps_per_epoch": 8}
     assert sorted(os.listdir(os.path.join(runs_dir, "torch-4"))) == [
-        "checkpoint_00000002", "checkpoint_00000004", "ideal_config.json", "tokenizer_step4.pt"]
+        "checkpoint_00000002", "checkpoint_00000004", "ideal_config.json", "skipped.tsv", "tokenizer_step4.pt"]
+    assert open(os.path.join(runs_dir, "torch-4", "skipped.tsv")).read() == "image_id\terror\n"  # no bad file
     run = mlflow_run(runs_dir, "torch-4")
     assert run["status"] == "FINISHED" and run["params"]["dist.engine"] == "torch"
     assert len(run["params"]) == len(cfg.flat()) and run["tags"]["stage"] == "tokenizer"
     for key in ("g_loss", "d_loss", "lr", "grad_norm_g", "grad_norm_d", "usage", "samples_per_s", "nonfinite_steps"):
         assert key in run["metrics"], key
+    assert run["metrics"]["data/skipped_files"] == result["skipped_files"] == 0 and result["images"] == 32
     assert run["tags"]["final_checkpoint"] == ckpt and run["tags"]["inference_export"] == result["export"]
     pngs = os.listdir(os.path.join(run["artifact_uri"].replace("file://", ""), "reconstructions"))
     assert len([p for p in pngs if p.endswith(".png")]) == 2  # vis_every=2

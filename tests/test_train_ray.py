@@ -4,6 +4,7 @@ Slow (each run starts a worker group and two DeepSpeed engines per worker): ~2 m
 """
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -176,3 +177,67 @@ def test_bad_data_folder_is_an_error_before_any_worker(tmp_path):
     cfg = load_config("paper", [f"data.root={tmp_path}"])
     with pytest.raises(Exception, match="class"):
         prepare_data(cfg)
+
+
+def _with_bad_files(data_root, folder, kinds, count):
+    """A copy of ``data_root`` where the first ``count`` listed training images hold the bytes of the planted bad
+    ``kinds`` in turn; returns (root, {image id: reason})."""
+    import shutil
+
+    from ideal_ray.data.ray_pipeline import list_training_images
+    from ideal_ray.data.synthetic import planted_files
+
+    root = os.path.join(folder, "data")
+    shutil.copytree(data_root, root)
+    paths, _ = list_training_images(root)
+    planted = planted_files()
+    reasons = {"zero_bytes": "empty file (0 bytes)", "not_an_image": "not an image (unrecognised format)",
+               "truncated_jpeg": "truncated image (JPEG, 14 bytes not processed)",
+               "truncated_png": "truncated image (PNG)"}
+    bad = {}
+    for k, path in enumerate(paths[:count]):
+        kind = kinds[k % len(kinds)]
+        with open(path, "wb") as f:
+            f.write(planted[kind][1])
+        bad[os.path.relpath(path, root)] = reasons[kind]
+    return root, bad
+
+
+def test_unreadable_files_are_counted_listed_and_logged_like_extraction(ray_cluster, data_root, runs_dir, tmp_path):
+    """8 of the 32 images unreadable (each kind twice), 4 steps of 8 on 2 workers: one epoch without a dropped tail,
+    so every file is read. The run finishes; its summary counts the 8 once each (not the images the actors passed
+    over, whichever rank met them) and excludes them from the images; skipped.tsv, with extraction's columns, lists
+    them with their reasons; MLflow holds the metric and the same file."""
+    root, bad = _with_bad_files(data_root, str(tmp_path), ["zero_bytes", "not_an_image", "truncated_jpeg",
+                                                            "truncated_png"], 8)
+    cfg = tiny(root, runs_dir, "bad-files", 4, "loss.use_discriminator=false", "schedule.vis_every=100")
+    result = train(cfg)
+    assert result["steps"] == 4 and (result["skipped_files"], result["images"]) == (8, 24)
+    lines = open(result["skipped_file"]).read().splitlines()
+    assert lines[0] == "image_id\terror" and dict(ln.split("\t") for ln in lines[1:]) == bad
+    assert len(lines) == 1 + len(bad)  # each file once
+    (run,) = [r for r in find_runs(result["tracking_uri"], "ideal-tokenizer") if r["run_name"] == "bad-files"]
+    assert run["status"] == "FINISHED" and run["metrics"]["data/skipped_files"] == 8
+    art = run["artifact_uri"].replace("file://", "")
+    assert open(os.path.join(art, "skipped.tsv")).read() == open(result["skipped_file"]).read()
+
+
+def test_a_mostly_unreadable_batch_stops_training_with_one_sentence(ray_cluster, data_root, runs_dir, tmp_path):
+    """28 of the 32 images unreadable (what a vanished mount looks like to a listed folder): the run stops at its
+    first step with the decode actor's sentence, naming the first bad file and the fraction, not a Ray traceback's
+    text and not after training on the four good images; skipped.tsv lists what was met."""
+    from ideal_ray.data.skipped import UnreadableDataError
+
+    root, bad = _with_bad_files(data_root, str(tmp_path), ["zero_bytes"], 28)
+    cfg = tiny(root, runs_dir, "vanished", 2, "loss.use_discriminator=false", "dist.max_failures=0")
+    with pytest.raises(UnreadableDataError) as e:
+        train(cfg)
+    m = re.match(r"(\d+) of the (\d+) image files rank \d read for training step 1 could not be read or decoded "
+                 r"\(first: (\S+): empty file \(0 bytes\)\); that is more than 5% of them, .* Training stopped",
+                 str(e.value))
+    assert m, str(e.value)
+    met, read, first = int(m[1]), int(m[2]), m[3]
+    assert met == 11 and read - met <= 4  # stopped at the first count over 10, having decoded at most the 4 good
+    assert os.path.relpath(first, root) in bad
+    lines = open(os.path.join(runs_dir, "vanished", "skipped.tsv")).read().splitlines()
+    assert len(lines) - 1 >= 11 and all(ln.split("\t")[0] in bad for ln in lines[1:])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import time
 
 import pytest
 import torch
@@ -192,10 +191,9 @@ def test_paper_trunks_match_config_on_meta(preset, params):
 
 # ------------------------------------------------------------------------------------- offline error path
 def _assert_fast_missing(build, *needles):
-    t = time.perf_counter()
+    # fast: nothing downloaded or retried (under `offline` a connection raises AssertionError)
     with pytest.raises(MissingWeightsError) as info:
         build()
-    assert time.perf_counter() - t < 5.0
     for needle in needles:
         assert needle in str(info.value)
     return info.value

@@ -11,7 +11,8 @@ skipped, the next good sample is returned instead and the path is recorded in ``
 
 Decoding (:func:`open_rgb`, shared with ``sources.py``) accepts only the formats in ``DECODE_FORMATS``, never
 decodes a truncated file partially (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False) and turns every
-mode those formats produce into RGB (:func:`to_rgb`).
+mode those formats produce into RGB (:func:`to_rgb`); a bad file raises :class:`BadImageError`, whose text
+names the problem ("empty file (0 bytes)", "truncated image (...)", ...), the reason every skip list shows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
-from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import (BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin,
+                 UnidentifiedImageError, WebPImagePlugin)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
@@ -132,16 +134,70 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class BadImageError(OSError):
+    """A listed file that gives no image. Its text is a short phrase naming the problem, because that text is what
+    a person reads in the logs and in ``skipped.tsv`` (PIL's own says e.g. ``cannot identify image file
+    <_io.BytesIO object at 0x...>``): ``empty file (0 bytes)``, ``not an image (unrecognised format)``,
+    ``truncated image (JPEG, 14 bytes not processed)``, ``corrupt image (PNG: ...)``, ``image too large (...)`` or
+    ``unreadable: <the OS error>``. An ``OSError``, so it is one of ``DECODE_ERRORS``."""
+
+
+def skip_reason(err: BaseException) -> str:
+    """The phrase a skipped file is listed with: a :class:`BadImageError`'s own text, ``unreadable: ...`` for a
+    failed read, else the exception's type and text."""
+    if isinstance(err, BadImageError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"unreadable: {err.strerror or err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _byte_size(source: str | os.PathLike | IO[bytes]) -> int | None:
+    """Size of a path or a seekable file object in bytes (None when it cannot be told)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source)
+        return source.seek(0, os.SEEK_END)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _bad_image(err: BaseException, source: str | os.PathLike | IO[bytes], fmt: str | None) -> BadImageError:
+    """What went wrong with ``source`` as one :class:`BadImageError` (looked at only once decoding failed)."""
+    if isinstance(err, BadImageError):
+        return err
+    if isinstance(err, OSError) and err.errno is not None:  # the OS could not read it: missing, permissions, EIO
+        return BadImageError(f"unreadable: {err.strerror or err}")
+    if _byte_size(source) == 0:
+        return BadImageError("empty file (0 bytes)")
+    if isinstance(err, UnidentifiedImageError):
+        return BadImageError("not an image (unrecognised format)")
+    if isinstance(err, Image.DecompressionBombError):
+        return BadImageError(f"image too large ({err})")
+    text = str(err)
+    if isinstance(err, EOFError) or "truncated" in text:
+        detail = text.replace("image file is truncated", "").strip(" ()")
+        return BadImageError(f"truncated image ({', '.join(x for x in (fmt, detail) if x) or 'no detail'})")
+    return BadImageError(f"corrupt image ({fmt + ': ' if fmt else ''}{type(err).__name__}: {text})")
+
+
 def open_rgb(source: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """Fully decode a file (path or binary file object) to RGB; raises one of ``DECODE_ERRORS`` on a bad file."""
+    """Fully decode a file (path or binary file object) to RGB; raises :class:`BadImageError` (one of
+    ``DECODE_ERRORS``) naming the problem on a bad file. The one decode of every reader: training, extraction,
+    evaluation."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated files would decode "
             "partially; set it back to False (some import changed it)."
         )
-    with Image.open(source, formats=DECODE_FORMATS) as img:
-        img.load()  # PIL is lazy: decode now, inside the caller's error handling
-        return to_rgb(img)
+    fmt = None
+    try:
+        with Image.open(source, formats=DECODE_FORMATS) as img:
+            fmt = img.format
+            img.load()  # PIL is lazy: decode now, inside the caller's error handling
+            return to_rgb(img)
+    except DECODE_ERRORS as e:
+        raise _bad_image(e, source, fmt) from e
 
 
 def default_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -282,7 +338,7 @@ class ImageFolderDataset:
             except _DECODE_ERRORS as e:
                 self._bad.add(i)
                 self.skipped.append(path)
-                log.warning("skipping undecodable image %s (%s: %s)", path, type(e).__name__, e)
+                log.warning("skipping undecodable image %s (%s)", path, skip_reason(e))
                 continue
             x = self.transform(img) if self.transform is not None else default_to_tensor(img)
             return (x, label, path) if self.return_path else (x, label)

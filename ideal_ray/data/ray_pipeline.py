@@ -35,6 +35,11 @@ smaller than float over the wire, the trainer converts with :func:`to_model_inpu
 next decodable image of the permutation stood in for it): the way for a trainer to count bad files per step;
 then use ``torch_dtypes(provenance=True)``.
 
+Unreadable files (``skips=``): each is reported once, with the reason of ``folder.skip_reason``, to the run's
+:class:`~ideal_ray.data.skipped.SkipLedger` (a Ray actor the driver owns; a plain object in process), from which the
+driver reports the run's total, ``skipped.tsv`` and the MLflow metric; a decode call that finds more of its files
+unreadable than extraction's stop rule allows (a vanished mount) stops the run with one sentence naming the first.
+
 VFM in the pipeline (``dist.vfm_placement=data``): ``vfm=VFMStage(...)`` appends a second actor pool that runs
 the frozen VFM trunk (``FrozenVFM.trunk_features``) on each step's decoded images and adds the columns ``shallow``
 (block output before any norm; absent in single-layer mode) and ``deep`` (final norm applied), each (N, C). They
@@ -55,7 +60,14 @@ import numpy as np
 from PIL import Image
 
 from ideal_ray.config import VFMConfig
-from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, open_rgb
+from ideal_ray.data.folder import _DECODE_ERRORS, ImageFolderDataset, open_rgb, skip_reason
+from ideal_ray.data.skipped import (
+    MAX_SKIP_FRACTION,
+    UnreadableDataError,
+    ledger_call,
+    skip_fraction_error,
+    too_many_skipped,
+)
 from ideal_ray.data.transforms import check_train_augmentation
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
@@ -327,10 +339,15 @@ def put_images(paths: Sequence[str], labels: np.ndarray):
 
 # ------------------------------------------------------------------------------------- map function
 class _DecodeAugment:
-    """Callable class of the actor pool: receives the packed image list once per actor process."""
+    """Callable class of the actor pool: receives the packed image list once per actor process.
+
+    A file that cannot be read or decoded is reported once to ``skips`` (a :class:`~ideal_ray.data.skipped.SkipLedger`
+    or its Ray actor: the run's one list of them, which the driver writes to ``skipped.tsv`` and MLflow) and the next
+    decodable image of the epoch order stands in for it. A call that meets more bad files than the stop rule of
+    :mod:`ideal_ray.data.skipped` allows (a vanished mount) records its sentence in ``skips`` and raises it."""
 
     def __init__(self, images, data_cfg, seed: int, start_step: int, rank: int, local_batch: int,
-                 provenance: bool = False) -> None:
+                 provenance: bool = False, skips=None) -> None:
         if not isinstance(images, dict):  # an ObjectRef of _pack_images(...) in an actor; the dict in-process
             import ray
 
@@ -346,26 +363,42 @@ class _DecodeAugment:
                     float(data_cfg.hflip_prob))
         self.provenance = bool(provenance)
         self._perm = PermutationCache(self.seed, self.n)
-        self._bad: set[int] = set()  # indices known undecodable in this process
+        self._bad: dict[int, str] = {}  # index -> reason, the files known unreadable in this process
+        self.skips = skips
 
     def _path(self, index: int) -> str:
         return os.path.join(self.base, os.fsdecode(bytes(self.rel[index])))
 
-    def _decode_from(self, epoch: int, position: int) -> tuple[int, Image.Image, bool]:
-        """Decode the image at ``position``; if it is bad, the next decodable one along the permutation."""
+    def _decode_from(self, epoch: int, position: int, step: int, met: list[tuple[str, str]],
+                     decoded: int) -> tuple[int, Image.Image, bool]:
+        """Decode the image at ``position``; if it is bad, the next decodable one along the permutation. ``met``:
+        (path, reason) of the bad files this call passed over so far, ``decoded`` its good ones (the stop rule's
+        counts: checked at every bad file, so a vanished mount stops after a few, not after trying every file)."""
         perm = self._perm(epoch)
         for k in range(self.n):
             index = int(perm[(position + k) % self.n])
-            if index in self._bad:
-                continue
             path = self._path(index)
-            try:
-                return index, decode(path), k > 0
-            except _DECODE_ERRORS as e:
-                self._bad.add(index)
-                log.warning("undecodable image %s (%s: %s): the next decodable image of the epoch order stands "
-                            "in for it (%d bad files met by this actor)", path, type(e).__name__, e, len(self._bad))
-        raise RuntimeError(f"no training image under {self.base} could be decoded; check the files.")
+            reason = self._bad.get(index)
+            if reason is None:
+                try:
+                    return index, decode(path), k > 0
+                except _DECODE_ERRORS as e:
+                    reason = self._bad[index] = skip_reason(e)
+                    if self.skips is not None:
+                        ledger_call(self.skips, "add", index, reason)
+                    log.warning("skipping unreadable image %s (%s): the next decodable image of the epoch order "
+                                "stands in for it (%d bad files met by this actor)", path, reason, len(self._bad))
+            met.append((path, reason))
+            if too_many_skipped(len(met), len(met) + decoded):
+                err = skip_fraction_error(  # the loop's step numbers start at 1, the schedule's at 0
+                    len(met), len(met) + decoded, f"image files rank {self.rank} read for training step {step + 1}",
+                    *met[0], f"{MAX_SKIP_FRACTION:.0%} of them", "Training stopped; check data.root, then rerun the "
+                    "same run name to resume from its latest checkpoint.")
+                if self.skips is not None:
+                    ledger_call(self.skips, "stop", str(err))
+                raise err
+        raise UnreadableDataError(f"none of the {self.n} training images under {self.base} could be read or decoded "
+                                  f"(first: {met[0][0]}: {met[0][1]}); check data.root.")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         step, epoch, position = row_schedule(batch["id"], self.start_step, self.rank, self.lb, self.gb, self.spe)
@@ -373,9 +406,10 @@ class _DecodeAugment:
         images = np.empty((n, self.aug[0], self.aug[0], 3), dtype=np.uint8)  # (n, S, S, 3)
         index = np.empty(n, dtype=np.int64)
         substituted = np.zeros(n, dtype=np.int64)
+        met: list[tuple[str, str]] = []  # the bad files this call passed over: (path, reason)
         for j in range(n):
             e, p = int(epoch[j]), int(position[j])
-            index[j], img, substituted[j] = self._decode_from(e, p)
+            index[j], img, substituted[j] = self._decode_from(e, p, int(step[j]), met, j)
             images[j] = augment(img, sample_rng(self.seed, e, p), *self.aug)
         out = {"image": images, "label": self.labels[index], "step": step, "position": position}
         if self.provenance:
@@ -498,6 +532,7 @@ def rank_dataset(
     steps_per_block: int = 1,
     provenance: bool = False,
     vfm: Optional[VFMStage] = None,
+    skips=None,
 ):
     """Rank ``rank``'s dataset: ``num_steps * LB`` rows for steps ``[start_step, start_step + num_steps)``.
 
@@ -506,7 +541,9 @@ def rank_dataset(
     ``steps_per_block``: steps decoded per actor task. One keeps what the ordered actor pool buffers small (a
     task that finishes early holds only its own step until the earlier ones are consumed). ``provenance``
     adds the ``index`` and ``substituted`` columns. ``vfm`` appends the VFM actor pool (``shallow``/``deep``
-    columns, see :class:`VFMStage`). ``num_steps=0`` gives an empty dataset (a finished run).
+    columns, see :class:`VFMStage`). ``num_steps=0`` gives an empty dataset (a finished run). ``skips``: where the
+    decode actors report unreadable files and a stop (a :class:`~ideal_ray.data.skipped.SkipLedger` actor from
+    ``skipped.remote_ledger()``; None: only their logs).
     """
     local_batch = _check_request(data_cfg, world_size, start_step, num_steps, steps_per_block, num_actors, vfm)
     if not 0 <= rank < world_size:
@@ -514,7 +551,7 @@ def rank_dataset(
     ref, n = _resolve_images(data_cfg, split, images)
     schedule_info(n, data_cfg.global_batch)  # at least one global batch
     return _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
-                  steps_per_block, provenance, vfm)
+                  steps_per_block, provenance, vfm, skips)
 
 
 def rank_datasets(
@@ -531,6 +568,7 @@ def rank_datasets(
     steps_per_block: int = 1,
     provenance: bool = False,
     vfm: Optional[VFMStage] = None,
+    skips=None,
 ) -> list:
     """One dataset per rank (list index = rank), all sharing one image list in the object store.
 
@@ -541,25 +579,27 @@ def rank_datasets(
     ref, _ = _resolve_images(data_cfg, split, images)  # listed and put once, shared by every rank
     return [rank_dataset(data_cfg, world_size, r, start_step, num_steps, seed, split, images=ref,
                          num_actors=num_actors, cpus_per_actor=cpus_per_actor, steps_per_block=steps_per_block,
-                         provenance=provenance, vfm=vfm)
+                         provenance=provenance, vfm=vfm, skips=skips)
             for r in range(world_size)]
 
 
 def local_batches(data_cfg, world_size: int, rank: int, start_step: int, num_steps: int, seed: int,
-                  split: str = "train", *, images=None) -> Iterator[dict[str, torch.Tensor]]:
+                  split: str = "train", *, images=None, skips=None) -> Iterator[dict[str, torch.Tensor]]:
     """Rank ``rank``'s batches for steps ``[start_step, start_step + num_steps)`` made in this process, without Ray:
     what ``rank_dataset(...).iter_torch_batches(batch_size=LB, dtypes=TORCH_DTYPES)`` hands a Ray Train worker,
     byte for byte (the same schedule and the same decode + augment code, one step per batch).
 
     The in-process runs use it (``ray_trainer.train_tokenizer(in_process=True)``). ``images``: None (list
-    ``data_cfg.root/split``) or ``(paths, labels)``. Decoding happens in the calling thread, one step at a time.
+    ``data_cfg.root/split``) or ``(paths, labels)``; ``skips`` a :class:`~ideal_ray.data.skipped.SkipLedger`, as in
+    :func:`rank_dataset`. Decoding happens in the calling thread, one step at a time.
     """
     local_batch = _check_request(data_cfg, world_size, start_step, num_steps, 1, 1)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, {world_size}).")
     paths, labels = images if images is not None else list_training_images(data_cfg.root, split,
                                                                             data_cfg.class_index)
-    decode_augment = _DecodeAugment(_pack_images(paths, labels), data_cfg, seed, start_step, rank, local_batch)
+    decode_augment = _DecodeAugment(_pack_images(paths, labels), data_cfg, seed, start_step, rank, local_batch,
+                                    skips=skips)
     return _local_steps(decode_augment, local_batch, num_steps)  # checked above, decoded as it is read
 
 
@@ -573,7 +613,7 @@ def _local_steps(decode_augment: "_DecodeAugment", local_batch: int, num_steps: 
 
 
 def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_actors, cpus_per_actor,
-           steps_per_block, provenance, vfm):
+           steps_per_block, provenance, vfm, skips):
     import ray
 
     actors = int(num_actors if num_actors is not None else data_cfg.loader_workers)
@@ -583,7 +623,7 @@ def _build(ref, data_cfg, local_batch, rank, start_step, num_steps, seed, num_ac
     ds = ray.data.range(rows).repartition(target_num_rows_per_block=steps_per_block * local_batch)
     ds = ds.map_batches(
         _DecodeAugment,
-        fn_constructor_args=(ref, data_cfg, seed, start_step, rank, local_batch, provenance),
+        fn_constructor_args=(ref, data_cfg, seed, start_step, rank, local_batch, provenance, skips),
         batch_size=local_batch,
         batch_format="numpy",
         zero_copy_batch=True,

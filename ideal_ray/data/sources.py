@@ -18,9 +18,10 @@ Labels always go through one class index (:func:`folder.resolve_class_index`: th
 A :class:`Listing` is built once on the driver (it reads no image bytes: parquet metadata and id/label
 columns, tar headers) and travels through the object store as :meth:`Listing.pack` (numpy arrays only). Any
 process then reads item ``i`` with a :class:`ByteReader`: one ``open`` for a plain file, one seek + read for a
-tar member, one cached row group for parquet. :func:`decode_bytes` turns the bytes into a fully decoded RGB
-image or raises one of ``DECODE_ERRORS`` (the caller skips and counts those; a failed read is an ``OSError``,
-also one of them).
+tar member, one cached row group for parquet. :func:`load_rgb` reads and decodes (:func:`decode_bytes`) an item
+into a fully decoded RGB image or raises a ``BadImageError`` whose text names the problem ("empty file (0 bytes)",
+"truncated image (...)", "not an image (unrecognised format)", "unreadable: ..."); the caller skips and counts
+those, listing them with :func:`skip_reason`.
 
 Layout problems (missing split, unknown wnid, an image without a label, a label without an image, ...) raise one
 clear error at listing time, before any image is decoded.
@@ -42,10 +43,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ideal_ray.data.folder import DECODE_ERRORS, IMAGE_EXTENSIONS, list_image_folder, open_rgb, resolve_class_index
+from ideal_ray.data.folder import (DECODE_ERRORS, IMAGE_EXTENSIONS, BadImageError, list_image_folder, open_rgb,
+                                  resolve_class_index, skip_reason)
 
 __all__ = [
-    "FORMATS", "DECODE_ERRORS", "Listing", "list_images", "detect_format", "ByteReader", "decode_bytes", "load_rgb",
+    "FORMATS", "DECODE_ERRORS", "BadImageError", "Listing", "list_images", "detect_format", "ByteReader",
+    "decode_bytes", "load_rgb", "skip_reason",
 ]
 
 FORMATS = ("folder", "flat", "parquet", "webdataset")
@@ -684,10 +687,16 @@ class ByteReader:
 
 
 def decode_bytes(data: bytes) -> Image.Image:
-    """Encoded bytes -> fully loaded RGB image; raises one of ``DECODE_ERRORS`` (a truncated file never decodes)."""
+    """Encoded bytes -> fully loaded RGB image; raises :class:`~ideal_ray.data.folder.BadImageError` naming the
+    problem (a truncated file never decodes)."""
     return open_rgb(io.BytesIO(data))
 
 
 def load_rgb(reader: ByteReader, i: int) -> Image.Image:
-    """Item ``i`` of ``reader`` as a fully loaded RGB image; raises one of ``DECODE_ERRORS`` when it is bad."""
-    return decode_bytes(reader.read(i))
+    """Item ``i`` of ``reader`` as a fully loaded RGB image; raises :class:`~ideal_ray.data.folder.BadImageError`
+    (one of ``DECODE_ERRORS``) naming the problem when it cannot be read or decoded."""
+    try:
+        data = reader.read(i)
+    except OSError as e:
+        raise BadImageError(f"unreadable: {e.strerror or e}") from e
+    return decode_bytes(data)

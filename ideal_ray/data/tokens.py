@@ -56,6 +56,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ideal_ray.errors import InputError
+
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
 
@@ -101,7 +103,7 @@ def __getattr__(name: str):
 _VIEW_STREAM = 0x76696577  # "view"
 
 
-class TokenShardError(ValueError):
+class TokenShardError(InputError, ValueError):
     """The token shards do not prove rows = images x views with no duplicates (see ``summary['problems']``)."""
 
     def __init__(self, message: str, summary: dict):

@@ -7,6 +7,46 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
+from ideal_ray.errors import InputError
+
+
+class ClusterUnreachableError(InputError, ConnectionError):
+    """The Ray cluster named by an address cannot be reached; the message names the address and what to do."""
+
+
+GCS_PROBE_SECONDS = 10.0  # how long a HOST:PORT may take to accept a connection before it counts as unreachable
+
+
+def connect_ray(address: str) -> None:
+    """Join the running Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); one that cannot
+    be reached is a :class:`ClusterUnreachableError` (one sentence, exit code 2 in a job) rather than Ray's
+    traceback. A ``HOST:PORT`` is probed first (a TCP connection to the GCS port, :data:`GCS_PROBE_SECONDS`):
+    ``ray.init`` itself would wait for an absent GCS for ever, logging a retry every 30 s."""
+    import socket
+
+    import ray
+
+    where = "$RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "the address given"
+
+    def unreachable(why: str) -> ClusterUnreachableError:
+        return ClusterUnreachableError(
+            f"No Ray cluster could be reached at {address} ({where}: {why}); start it (`ray start --head` on the "
+            f"head node), fix the address, or unset RAY_ADDRESS to run on a local cluster.")
+
+    if "://" not in address and address != "auto":
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise unreachable("not HOST:PORT, ray://HOST:PORT or auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=GCS_PROBE_SECONDS).close()
+        except OSError as e:
+            raise unreachable(f"nothing accepted a connection to port {port} within {GCS_PROBE_SECONDS:g} s: "
+                              f"{e.strerror or e}") from None
+    try:
+        ray.init(address=address)
+    except (ConnectionError, TimeoutError) as e:
+        raise unreachable(f"Ray said: {str(e).strip().splitlines()[0][:160]}") from None
+
 
 def init_ray(logical_cpus: int, address: str = "", runtime_env: Optional[dict] = None) -> bool:
     """Connect to ``address`` (or ``$RAY_ADDRESS``) or start a local cluster with at least ``logical_cpus`` logical
@@ -21,7 +61,7 @@ def init_ray(logical_cpus: int, address: str = "", runtime_env: Optional[dict] =
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        connect_ray(address)
         return False
     # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner queries every second for its
     # controller (without it: a warning a second, and no clean-up of a crashed run's placement group).

@@ -69,7 +69,7 @@ class _CenterCrop:
             try:
                 images[j] = np.asarray(center_crop_arr(sources.load_rgb(self.reader, i), self.size))
             except sources.DECODE_ERRORS as e:
-                ok[j], error[j] = False, f"{type(e).__name__}: {e}"
+                ok[j], error[j] = False, sources.skip_reason(e)
         return {"index": index, "label": self.labels[index], "ok": ok, "error": error, "image": images}
 
 

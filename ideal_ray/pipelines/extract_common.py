@@ -11,7 +11,8 @@ the same manifest parameters, so either can resume what the other started.
   one call per finished shard (written atomically, then recorded), the final verification.
 
 Shard ``k`` holds the listed images ``[k * shard_images, (k + 1) * shard_images)`` that decoded, each with all its
-views in view order; the undecodable ones are listed in the shard's manifest entry (``skipped``).
+views in view order; the undecodable ones are listed in the shard's manifest entry (``skipped``), and a shard none
+of whose images decoded is a shard of 0 rows (recorded, resumed and verified like the others).
 """
 
 from __future__ import annotations
@@ -34,16 +35,15 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the R
 from ideal_ray.data import crops
 from ideal_ray.data import tokens as tk
 from ideal_ray.data.ray_pipeline import to_model_input
+from ideal_ray.data.skipped import MAX_SKIP_FRACTION, SKIPPED_FILE, skip_fraction_error, too_many_skipped, write_skipped
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".extract.lock"
 PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # autocast dtype (torch attribute) by name; fp32: none
-SKIPPED_FILE = "skipped.tsv"
-# A shard with more unreadable images than this fraction (and more than MIN_SKIPS_TO_ABORT of them) stops the run:
-# ImageNet has a handful of bad files in 1.28M, so that many means a missing mount or a wrong format, not bad luck.
-MAX_SKIP_FRACTION = 0.05
-MIN_SKIPS_TO_ABORT = 10  # written next to the shards at the end: image_id <TAB> error, one per line
+# A shard with more than MAX_SKIP_FRACTION of its images unreadable (and more than 10) stops the run, the rule of
+# ideal_ray.data.skipped that training applies to its batches too; SKIPPED_FILE (image_id <TAB> error, one per line)
+# is written next to the shards at the end.
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
@@ -195,6 +195,7 @@ class ShardPlan:
         self.params, self.extra = params, dict(extra or {})
         self.shard_images = int(params["shard_images"])
         self.num_views = int(params["num_views"])
+        self.num_tokens = int(params["grid"]) ** 2
         self.num_listed = int(num_listed)
         self.num_shards = math.ceil(self.num_listed / self.shard_images)
         self._lock = None
@@ -234,24 +235,27 @@ class ShardPlan:
 
     def write(self, k: int, ids: Sequence[str], labels: np.ndarray, tokens: np.ndarray,
               skipped: list[dict]) -> dict:
-        """Store shard ``k``: ``ids``/``labels`` of its decoded images, ``tokens`` uint16 ``(images, V, N)``."""
+        """Store shard ``k``: ``ids``/``labels`` of its decoded images, ``tokens`` uint16 ``(images, V, N)``.
+
+        A shard none of whose images decoded (and which the skip rule lets pass) is written as a shard of 0 rows:
+        the manifest, resume, the verification and the readers then treat it like any other, and its files are
+        listed in ``skipped``."""
         a, b = self.images(k)
         n = len(ids)
-        if len(skipped) > MIN_SKIPS_TO_ABORT and len(skipped) > self.max_skip_fraction * (b - a):
+        if too_many_skipped(len(skipped), b - a, self.max_skip_fraction):
             first = skipped[0]
-            raise RuntimeError(
-                f"{len(skipped)} of the {b - a} images of shard {k} could not be read or decoded (first: "
-                f"{first['image_id']}: {first['error']}); that is more than max_skip_fraction="
-                f"{self.max_skip_fraction:g}, so the data is likely missing (an unmounted folder?) rather than a few "
-                f"bad files. Nothing of this shard was written; fix the input and rerun (finished shards are kept).")
-        if tokens.shape[:2] != (n, self.num_views) or n + len(skipped) != b - a:
+            raise skip_fraction_error(len(skipped), b - a, f"images of shard {k}", first["image_id"], first["error"],
+                                      f"max_skip_fraction={self.max_skip_fraction:g}", "Nothing of this shard was "
+                                      "written; fix the input and rerun (finished shards are kept).")
+        if tokens.shape != (n, self.num_views, self.num_tokens) or n + len(skipped) != b - a:
             raise RuntimeError(f"shard {k} got {n} images + {len(skipped)} skipped with tokens {tokens.shape}, "
-                               f"expected {b - a} listed images x {self.num_views} views.")
+                               f"expected {b - a} listed images x {self.num_views} views x {self.num_tokens} "
+                               f"tokens.")
         rows_ids = [i for i in ids for _ in range(self.num_views)]
         view_ids = np.tile(np.arange(self.num_views, dtype=np.int16), n)
         row_labels = np.repeat(np.asarray(labels), self.num_views)
         info = tk.write_shard(os.path.join(self.out_dir, tk.shard_name(k)), rows_ids, view_ids, row_labels,
-                              tokens.reshape(n * self.num_views, -1),
+                              tokens.reshape(n * self.num_views, self.num_tokens),  # (rows, N), also for 0 rows
                               row_group_rows=int(self.params["row_group_images"]) * self.num_views)
         entry = dict(info, index=k, first=a, listed=b - a, images=n, skipped=list(skipped))
         self._by_file[entry["file"]] = entry
@@ -275,17 +279,6 @@ class ShardPlan:
 
     def skipped(self) -> list[dict]:
         return [x for s in self.manifest["shards"] for x in s["skipped"]]
-
-
-def write_skipped(path: str, skipped: list[dict]) -> None:
-    """``image_id <TAB> error`` per skipped file (tabs/newlines in errors flattened), written atomically."""
-    tmp = path + tk.TMP_SUFFIX
-    with open(tmp, "w") as f:
-        f.write("image_id\terror\n")
-        for x in skipped:
-            err = " ".join(str(x["error"]).split())
-            f.write(f"{x['image_id']}\t{err}\n")
-    os.replace(tmp, path)
 
 
 def extraction_params(tokenizer_ckpt: str, tokenizer, listing, views: str, image_size: int, split: str,

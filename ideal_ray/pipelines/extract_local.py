@@ -59,7 +59,7 @@ class _ImageSquares(torch.utils.data.Dataset):
         try:
             return i, crops.make_squares(sources.load_rgb(self._reader, i), self.views, self.size), ""
         except sources.DECODE_ERRORS as e:
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, sources.skip_reason(e)
 
 
 def _identity(x):

@@ -77,7 +77,7 @@ class _DecodeSquares:
                 for k, sq in enumerate(crops.make_squares(sources.load_rgb(self.reader, i), self.views, self.size)):
                     squares[k][j] = sq
             except sources.DECODE_ERRORS as e:
-                ok[j], error[j] = False, f"{type(e).__name__}: {e}"
+                ok[j], error[j] = False, sources.skip_reason(e)
         out = {"index": index, "ok": ok, "error": error}
         out.update({f"square{k}": sq for k, sq in enumerate(squares)})
         return out
@@ -183,8 +183,8 @@ class _ShardCollector:
     def _write(self, k: int, part: dict[str, list]) -> None:
         order = np.argsort(part["index"], kind="stable")
         idx = np.asarray(part["index"], dtype=np.int64)[order]
-        nv, nt = self.plan.num_views, int(self.plan.params["grid"]) ** 2
-        toks = np.stack(part["tokens"])[order] if len(idx) else np.zeros((0, nv, nt), np.uint16)
+        toks = np.stack(part["tokens"])[order] if len(idx) else np.zeros((0, self.plan.num_views,
+                                                                          self.plan.num_tokens), np.uint16)
         first = self.plan.images(k)[0]
         skipped = sorted(part["skipped"], key=lambda x: x["image_id"])
         entry = self.plan.write(k, [self.listing.ids[i] for i in idx], self.listing.labels[idx], toks, skipped)

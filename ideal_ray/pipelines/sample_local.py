@@ -143,9 +143,8 @@ def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, 
     and the MLflow run id when ``tracking_uri`` is given (experiment "ideal-sample": sample settings as params,
     speed as metrics, the grid as an artifact). ``precision``: the GPT's dtype (auto = bf16 on CUDA, fp32 else).
     """
-    from ideal_ray.checkpoint import load_tokenizer
+    from ideal_ray.checkpoint import GPT, TOKENIZER, check_models, load_gpt, load_tokenizer
     from ideal_ray.sampling import Sampler, decode_to_uint8, validate_sample_config
-    from ideal_ray.train.ar_stage import load_gpt
 
     validate_sample_config(sample_cfg)
     if sample_cfg.per_class < 1 or sample_cfg.batch_size < 1 or sample_cfg.out_size < 1:
@@ -157,17 +156,11 @@ def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, 
         if os.path.exists(p):
             raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
     dev = torch.device(device)
-
-    gpt = load_gpt(gpt_path, device="cpu").to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
+    models = check_models(gpt_path, tokenizer_path, classes)  # the pair fits, before any weights are read
+    cls_list = _resolve_classes(classes, models[GPT].num_classes)
+    gpt = load_gpt(gpt_path, device="cpu", grid=models[TOKENIZER].grid)
+    gpt = gpt.to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
     tok = load_tokenizer(tokenizer_path, device=str(dev))
-    if tok.grid != gpt.cfg.grid:
-        raise ValueError(f"The tokenizer's grid is {tok.grid}x{tok.grid} but the GPT generates "
-                         f"{gpt.cfg.grid}x{gpt.cfg.grid} tokens; pair a GPT trained on this tokenizer's codes.")
-    codebook = tok.cfg.quantizer.codebook_size
-    if gpt.cfg.vocab_size > codebook:
-        raise ValueError(f"The GPT's vocab ({gpt.cfg.vocab_size}) exceeds the tokenizer's codebook ({codebook}); "
-                         f"pair a GPT trained on this tokenizer's codes.")
-    cls_list = _resolve_classes(classes, gpt.cfg.num_classes)
     labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
     n, s = len(labels), sample_cfg.out_size
     bs = min(sample_cfg.batch_size, n)

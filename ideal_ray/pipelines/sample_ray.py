@@ -36,20 +36,19 @@ from ideal_ray.pipelines.sample_local import (
 class _SampleBatch:
     """Actor: one GPT + Sampler + tokenizer on its device; rows ``id`` -> ``index``, ``image`` (B, S, S, 3)."""
 
-    def __init__(self, gpt_path: str, tokenizer_path: str, sample_cfg: dict, labels: np.ndarray, seeds: np.ndarray,
-                 device: str, precision: str, batch_size: int):
+    def __init__(self, gpt_path: str, tokenizer_path: str, grid: int, sample_cfg: dict, labels: np.ndarray,
+                 seeds: np.ndarray, device: str, precision: str, batch_size: int):
         import torch
 
-        from ideal_ray.checkpoint import load_tokenizer
+        from ideal_ray.checkpoint import load_gpt, load_tokenizer
         from ideal_ray.pipelines.cluster import use_actor_threads
         from ideal_ray.pipelines.sample_local import _gpt_dtype
         from ideal_ray.sampling import Sampler
-        from ideal_ray.train.ar_stage import load_gpt
 
         dev = torch.device(device)
         use_actor_threads(dev.type)
         self.cfg = SampleConfig(**sample_cfg)
-        gpt = load_gpt(gpt_path, device="cpu").to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
+        gpt = load_gpt(gpt_path, device="cpu", grid=grid).to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
         self.tok = load_tokenizer(tokenizer_path, device=str(dev))
         self.sampler = Sampler(gpt, batch_size, self.cfg)
         self.labels, self.seeds, self.dev = labels, seeds, dev
@@ -65,22 +64,6 @@ class _SampleBatch:
         return {"index": index, "image": images.cpu().numpy()}
 
 
-def _check_pair(gpt_path: str, tokenizer_path: str) -> int:
-    """Validate the GPT/tokenizer pair on the driver (before any actor starts); returns the GPT's class count."""
-    from ideal_ray.checkpoint import load_tokenizer
-    from ideal_ray.train.ar_stage import load_gpt
-
-    gpt = load_gpt(gpt_path, device="cpu")
-    tok = load_tokenizer(tokenizer_path, device="cpu")
-    if tok.grid != gpt.cfg.grid:
-        raise ValueError(f"The tokenizer's grid is {tok.grid}x{tok.grid} but the GPT generates "
-                         f"{gpt.cfg.grid}x{gpt.cfg.grid} tokens; pair a GPT trained on this tokenizer's codes.")
-    if gpt.cfg.vocab_size > tok.cfg.quantizer.codebook_size:
-        raise ValueError(f"The GPT's vocab ({gpt.cfg.vocab_size}) exceeds the tokenizer's codebook "
-                         f"({tok.cfg.quantizer.codebook_size}); pair a GPT trained on this tokenizer's codes.")
-    return int(gpt.cfg.num_classes)
-
-
 def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig,
                       classes: Optional[Sequence[int]], out_dir: str, device: str = "auto",
                       num_samplers: Optional[int] = None, precision: str = "auto",
@@ -92,6 +75,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     """
     import ray
 
+    from ideal_ray.checkpoint import GPT, TOKENIZER, check_models
     from ideal_ray.pipelines.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.sampling import validate_sample_config
 
@@ -108,7 +92,8 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
         if os.path.exists(p):
             raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
     gpt_path, tokenizer_path = os.path.abspath(gpt_path), os.path.abspath(tokenizer_path)
-    cls_list = _resolve_classes(classes, _check_pair(gpt_path, tokenizer_path))
+    models = check_models(gpt_path, tokenizer_path, classes)  # on the driver, before any actor starts
+    cls_list = _resolve_classes(classes, models[GPT].num_classes)
     labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
     n, s = len(labels), sample_cfg.out_size
 
@@ -121,8 +106,8 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     t0 = time.perf_counter()
     ds = ray.data.range(n).map_batches(
         _SampleBatch,
-        fn_constructor_args=(gpt_path, tokenizer_path, dataclasses.asdict(sample_cfg), labels, seeds, device,
-                             precision, bs),
+        fn_constructor_args=(gpt_path, tokenizer_path, models[TOKENIZER].grid, dataclasses.asdict(sample_cfg),
+                             labels, seeds, device, precision, bs),
         batch_size=bs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_samplers),

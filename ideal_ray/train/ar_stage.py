@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ideal_ray.checkpoint import write_gpt_export
 from ideal_ray.config import ARTrainConfig, ConfigError, from_dict, validate_ar
 from ideal_ray.models.gpt import GPT
 from ideal_ray.train import levers
@@ -23,9 +24,6 @@ from ideal_ray.train.engines import build_engine
 from ideal_ray.train.loop import CONFIG_FILE, StepResult
 from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.step import autocast, data_position, guarded_update, step_seed
-
-GPT_FORMAT = "ideal-ray/gpt/v1"
-
 
 class ARStage:
     def __init__(self, cfg: ARTrainConfig, device: torch.device, rank: int, world_size: int, steps_per_epoch: int):
@@ -162,25 +160,3 @@ def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
     state = {k: v.clone() for k, v in state.items()}
     state.update({k: v.to(state[k].dtype) for k, v in ema.items()})
     return write_gpt_export(out_path, cfg.model, state, step)
-
-
-def write_gpt_export(out_path: str, model_cfg, state: dict, step: int) -> str:
-    """The single-file GPT format :func:`load_gpt` reads: ``model_cfg`` (a GPTConfig), the weights, the step.
-    Written atomically; an existing file is never replaced."""
-    from ideal_ray.checkpoint import atomic_torch_save
-
-    return atomic_torch_save({"format": GPT_FORMAT, "config": dataclasses.asdict(model_cfg), "model": state,
-                              "step": int(step)}, out_path)
-
-
-def load_gpt(path: str, device: str = "cpu") -> GPT:
-    """Rebuild a GPT from :func:`export_gpt`'s file."""
-    from ideal_ray.config import GPTConfig
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != GPT_FORMAT:
-        raise ValueError(f"{path} is not an ideal-ray GPT export (no format '{GPT_FORMAT}'); for LlamaGen "
-                         f"checkpoints use ideal_ray.models.gpt.load_llamagen_state_dict.")
-    model = GPT(from_dict(GPTConfig, ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()

@@ -13,7 +13,11 @@ path otherwise (:func:`run_stage`):
   record and export, the batches a 1-worker Ray run reads (``ray_pipeline.local_batches``) and checkpoints in the
   run folder (``LocalSession``).
 
-Either way a rerun with the same run name continues from the latest checkpoint.
+Either way a rerun with the same run name continues from the latest checkpoint, and either way the files that
+could not be read are reported the same way: the decode code reports each to one ledger
+(:class:`~ideal_ray.data.skipped.SkipLedger`, a Ray actor on Ray), from which the driver writes ``skipped.tsv`` in the
+run folder, logs ``data/skipped_files`` and the file to MLflow and returns the count; a batch mostly unreadable (a
+vanished mount) stops the run with the pipeline's one sentence (:class:`~ideal_ray.data.skipped.UnreadableDataError`).
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
 from ideal_ray.checkpoint import save_inference_checkpoint
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, validate
+from ideal_ray.data.skipped import UnreadableDataError
 from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
 
 CONFIG_FILE = "ideal_config.json"
@@ -330,12 +335,15 @@ def _run_in_process(worker_fn, config: Dict[str, Any], local_batches, device: to
 def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print,
                     tracking_uri: Optional[str] = None, in_process: bool = False) -> Dict[str, Any]:
     """Train (or resume) the tokenizer; export the EMA weights. Returns a summary (``checkpoint``, ``export``,
-    ``steps``, ``tracking_uri``, ``run_path``, ``metrics``: the MLflow run's latest values). MLflow experiment
-    ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
+    ``steps``, ``tracking_uri``, ``run_path``, ``metrics``: the MLflow run's latest values; ``skipped_files``: the
+    image files training found unreadable, listed in ``skipped_file``; ``images``: the listed images less those).
+    MLflow experiment ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or
+    ``<output_dir>/<name>/mlflow.db``).
 
     On Ray Train by default; ``in_process=True`` runs the same stage in this process, as the one rank of a 1-worker
     run (``dist.num_workers`` is taken as 1), on the engine of ``dist.engine`` (``torch`` is the quick CPU option)."""
     from ideal_ray.data.ray_pipeline import local_batches, put_images, rank_dataset, schedule_info
+    from ideal_ray.data.skipped import SkipLedger, remote_ledger
     from ideal_ray.train.tokenizer_stage import train_loop_per_worker, vfm_stage
 
     if in_process:
@@ -354,29 +362,67 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
 
     if in_process:
         rank_data = None
+        skips = SkipLedger()  # the run's list of unreadable files
 
         def local(start: int):  # the batches of rank 0 of a 1-worker Ray run, made here
             return local_batches(cfg.data, 1, 0, start, max(total_steps - start, 0), cfg.optim.seed,
-                                 images=(paths, labels))
+                                 images=(paths, labels), skips=skips)
     else:
         local = None
         init_ray(cfg)
         images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
+        skips = remote_ledger()  # ... and report unreadable files to this actor, which outlives worker restarts
 
         def rank_data(rank: int, start: int):
             return rank_dataset(cfg.data, cfg.dist.num_workers, rank, start_step=start,
                                 num_steps=max(total_steps - start, 0), seed=cfg.optim.seed, images=images,
-                                num_actors=max(1, cfg.data.loader_workers), vfm=vfm)
+                                num_actors=max(1, cfg.data.loader_workers), vfm=vfm, skips=skips)
 
-    result, final_step, tracking_uri, local_dir = run_stage(
-        cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",
-        {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri, local_batches=local)
+    try:
+        result, final_step, tracking_uri, local_dir = run_stage(
+            cfg, train_loop_per_worker, rank_data, total_steps, "ideal-tokenizer",
+            {"steps_per_epoch": steps_per_epoch}, log, tracking_uri=tracking_uri, local_batches=local)
+    except Exception as e:
+        stopped = None
+        with contextlib.suppress(Exception):  # a ledger gone with its cluster has nothing to add to the error
+            skipped_path, _, stopped = report_skipped(cfg, paths, skips, write_empty=False)
+        if stopped:  # the data pipeline's own sentence, however Ray wrapped the error on its way here
+            log(f"[ideal-ray] the unreadable files met are listed in {skipped_path}")
+            raise UnreadableDataError(stopped) from e
+        raise
+    skipped_path, skipped, _ = report_skipped(cfg, paths, skips)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
-    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path})
+    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path},
+                           metrics={"data/skipped_files": len(skipped)}, step=final_step, artifacts=[skipped_path])
+    if skipped:
+        log(f"[ideal-ray] {len(skipped)} unreadable image file(s) skipped (first: {skipped[0]['image_id']}: "
+            f"{skipped[0]['error']}); listed in {skipped_path}")
     log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
     return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics}
+            "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics,
+            "images": len(paths) - len(skipped), "skipped_files": len(skipped), "skipped_file": skipped_path}
+
+
+def report_skipped(cfg: TokenizerTrainConfig, paths, skips, write_empty: bool = True) -> tuple:
+    """Write the run's ``skipped.tsv`` (``<output_dir>/<name>/``, the columns of extraction's) from the decode actors'
+    ledger ``skips``, merged with the list an earlier, resumed attempt of the run wrote (an empty list is written
+    only with ``write_empty``). Returns (its path, its entries ``[{"image_id", "error"}]``, the sentence that stopped
+    the run or None). Ids are paths relative to ``data.root``, as extraction names them."""
+    from ideal_ray.data.skipped import SKIPPED_FILE, ledger_call, read_skipped, write_skipped
+
+    folder = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
+    path = os.path.join(folder, SKIPPED_FILE)
+    root = os.path.abspath(cfg.data.root)
+    found = ledger_call(skips, "items")
+    entries = {x["image_id"]: x for x in read_skipped(path)}  # an earlier attempt's (the run resumed)
+    for i in sorted(found, key=lambda i: paths[i]):
+        image_id = os.path.relpath(paths[i], root)
+        entries.setdefault(image_id, {"image_id": image_id, "error": found[i]})
+    if entries or write_empty:
+        os.makedirs(folder, exist_ok=True)
+        write_skipped(path, entries.values())
+    return path, list(entries.values()), ledger_call(skips, "stopped")
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -422,9 +468,12 @@ def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step:
     return save_inference_checkpoint(out_path, model, cfg, step=step, include_vfm=include_vfm, overwrite=overwrite)
 
 
-def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str]) -> Dict[str, float]:
-    """Attach the final checkpoint (and e.g. the export path) to the run's MLflow record; the run id is in the
-    checkpoint's loop state. Returns the run's metrics (the latest value of each; empty without a run)."""
+def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str],
+                 metrics: Optional[Dict[str, float]] = None, step: int = 0,
+                 artifacts: Sequence[str] = ()) -> Dict[str, float]:
+    """Attach the final checkpoint (and e.g. the export path) to the run's MLflow record, with what only the driver
+    knows: ``metrics`` (logged at ``step``) and ``artifacts`` (files); the run id is in the checkpoint's loop state.
+    Returns the run's metrics (the latest value of each; empty without a run)."""
     from ideal_ray.tracking import Tracker
 
     with checkpoint_dir(checkpoint) as d:
@@ -434,5 +483,9 @@ def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str,
         return {}
     t = Tracker(tracking_uri, experiment, run_name="", run_id=run_id)
     t.set_tags({"final_checkpoint": checkpoint_path(checkpoint), **tags})
+    if metrics:
+        t.log_metrics(metrics, step)
+    for path in artifacts:
+        t.log_artifact(path)
     t.finish("FINISHED")
     return dict(t.client.get_run(run_id).data.metrics)

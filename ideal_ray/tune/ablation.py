@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -348,7 +347,9 @@ def _start_ray(plan: AblationPlan, cfg: TokenizerTrainConfig, max_concurrent_tri
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         started = not ray.is_initialized()
         if started:
-            ray.init(address=os.environ["RAY_ADDRESS"])
+            from ideal_ray.pipelines.cluster import connect_ray
+
+            connect_ray(os.environ["RAY_ADDRESS"])
         res = ray.cluster_resources()
         return concurrency(plan, cfg, res.get("CPU", 0), res.get("GPU", 0), max_concurrent_trials), started
     need_g = trial_gpus(cfg)
@@ -505,28 +506,6 @@ def _variant_of(result, plan: AblationPlan) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- sweep
-def _fit_noting_interrupt(fit: Callable[[], Any]) -> Tuple[Any, bool]:
-    """``fit()`` (a Tuner's) and whether Ctrl-C interrupted it. On SIGINT Tune saves the sweep's state, returns
-    normally and marks the unfinished trials TERMINATED in memory, so its results cannot tell; but its handler puts
-    back the SIGINT handler it replaced when it fires (Ray 2.60), so a marker installed here shows it fired."""
-    if threading.current_thread() is not threading.main_thread():  # no signal handlers here; Tune installs none
-        return fit(), False
-    before = signal.getsignal(signal.SIGINT)
-
-    def marker(sig, frame) -> None:
-        if callable(before):
-            before(sig, frame)
-        elif before != signal.SIG_IGN:
-            signal.default_int_handler(sig, frame)
-
-    signal.signal(signal.SIGINT, marker)
-    try:
-        result = fit()
-        return result, signal.getsignal(signal.SIGINT) is marker
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 def sweep_ablation(base_preset: str, study: str, name: str, storage_path: str, *,
                    variants: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
                    steps: Optional[int] = None, scheduler: str = "grid", asha_metric: str = "train_rec_mse",
@@ -582,9 +561,9 @@ def sweep_ablation(base_preset: str, study: str, name: str, storage_path: str, *
                                       trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname)
         status = "FAILED"
         try:
-            grid, interrupted = _fit_noting_interrupt(lambda: common.run_tuner(
+            grid, interrupted = common.run_tuner(
                 trainable, plan.param_space(), tune_config, plan.path,
-                callbacks=[common.mlflow_callback(tracking_uri, EXPERIMENT, parent)], max_failures=max_failures))
+                callbacks=[common.mlflow_callback(tracking_uri, EXPERIMENT, parent)], max_failures=max_failures)
             status = "KILLED" if interrupted else ("FAILED" if grid.num_errors else "FINISHED")
         except KeyboardInterrupt:
             status = "KILLED"

@@ -156,39 +156,6 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _read(path: str, what: str, fmt: str) -> Dict[str, Any]:
-    """The config stored in an export of format ``fmt`` (memory-mapped: the weights are not read)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist; pass the file written by the training job.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or "config" not in ckpt:
-        raise ValueError(f"{what} {path} is not an ideal-ray export of format '{fmt}'; pass the file the training "
-                         f"job exported.")
-    return ckpt["config"]
-
-
-def _check_models(gpt: str, tokenizer: str, classes: Optional[Sequence[int]]) -> int:
-    """The GPT's class count, after checking the pair fits (grid, vocab) and ``classes`` are GPT classes."""
-    from ideal_ray.checkpoint import FORMAT
-    from ideal_ray.train.ar_stage import GPT_FORMAT
-
-    g, t = _read(gpt, "GPT export", GPT_FORMAT), _read(tokenizer, "tokenizer checkpoint", FORMAT)
-    grid = int(t["vfm"]["image_size"]) // int(t["vfm"]["patch_size"])  # VFMConfig.grid
-    codebook = int(t["quantizer"]["codebook_size"])
-    if int(g["grid"]) != grid or int(g["vocab_size"]) > codebook:
-        raise ValueError(f"GPT {gpt} (grid {g['grid']}, vocab {g['vocab_size']}) does not fit tokenizer {tokenizer} "
-                         f"(grid {grid}, codebook {codebook}); pair a GPT trained on this tokenizer's codes.")
-    n = int(g["num_classes"])
-    bad = [c for c in classes or [] if not 0 <= int(c) < n]
-    if bad:
-        raise ValueError(f"classes {bad[:5]} are outside the GPT's [0, {n}); pass ids of trained classes.")
-    if classes is not None and (not len(classes) or len(set(classes)) != len(classes)):
-        raise ValueError(f"classes={list(classes)} must list at least one class id, each once (None: all).")
-    return n
-
-
 def _check_settings(path: str, settings: Dict[str, Any]) -> None:
     """Refuse to restore a sweep whose stored settings differ (Tune would silently keep the old grid)."""
     from ray import tune
@@ -213,8 +180,10 @@ def _init_ray(gpus_per_trial: Optional[float]) -> float:
     import ray
 
     if not ray.is_initialized():
+        from ideal_ray.pipelines.cluster import connect_ray
+
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(address="local", include_dashboard=False)
+        connect_ray(address) if address else ray.init(address="local", include_dashboard=False)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_trial is None:
         return 1.0 if gpus else 0.0
@@ -287,8 +256,10 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     """
     from ray import tune
 
+    from ideal_ray.checkpoint import GPT, check_models
     from ideal_ray.config import SampleConfig
     from ideal_ray.eval.inception import resolve_inception_weights
+    from ideal_ray.pipelines.sample_local import _resolve_classes
     from ideal_ray.eval.reference import default_cache_dir
     from ideal_ray.sampling import validate_sample_config
     from ideal_ray.tracking import default_tracking_uri
@@ -310,7 +281,9 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     if not (os.path.isdir(reference) or os.path.isfile(reference)):
         raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
                                 f"or a folder of reference images.")
-    num_classes = _check_models(gpt, tokenizer, classes)
+    num_classes = check_models(gpt, tokenizer, classes)[GPT].num_classes
+    if classes is not None:
+        _resolve_classes(classes, num_classes)  # none, or one listed twice
     if per_class * (len(classes) if classes is not None else num_classes) < 2:
         raise ValueError(f"per_class={per_class} over {num_classes if classes is None else len(classes)} class(es) "
                          f"gives fewer than 2 images; FID needs at least 2.")
@@ -357,7 +330,7 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
             c = warm["classifier"]
             log(f"class-accuracy classifier: {c['images']} real images, {'cached' if c['from_cache'] else 'fitted'}")
         trainable = tune.with_resources(tune.with_parameters(cfg_trial, settings=settings), resources)
-        results = common.run_tuner(
+        results, interrupted = common.run_tuner(
             trainable, space, tune.TuneConfig(metric="gfid", mode="min", max_concurrent_trials=max_concurrent_trials),
             path, callbacks=[common.mlflow_callback(uri, experiment, parent)], verbose=verbose)
     except KeyboardInterrupt:
@@ -366,7 +339,7 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     except BaseException:
         common.finish_parent(uri, parent, "FAILED")
         raise
-    return _report(results, path, uri, experiment, parent, list(space), n_trials, log)
+    return dict(_report(results, path, uri, experiment, parent, list(space), n_trials, log), interrupted=interrupted)
 
 
 def _report(results, path: str, uri: str, experiment: str, parent: str, swept: List[str], n_trials: int,

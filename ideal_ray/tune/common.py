@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+import signal
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ideal_ray.tracking import Tracker, param_value
 
@@ -98,9 +100,32 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> List[Dict[str, Any]]:
              "params": dict(r.data.params), "metrics": dict(r.data.metrics)} for r in runs]
 
 
+def _fit_noting_interrupt(fit: Callable[[], Any]) -> Tuple[Any, bool]:
+    """``fit()`` (a Tuner's) and whether Ctrl-C interrupted it. On SIGINT Tune saves the sweep's state, returns
+    normally and marks the unfinished trials TERMINATED in memory, so its results cannot tell; but its handler puts
+    back the SIGINT handler it replaced when it fires (Ray 2.60), so a marker installed here shows it fired."""
+    if threading.current_thread() is not threading.main_thread():  # no signal handlers here; Tune installs none
+        return fit(), False
+    before = signal.getsignal(signal.SIGINT)
+
+    def marker(sig, frame) -> None:
+        if callable(before):
+            before(sig, frame)
+        elif before != signal.SIG_IGN:
+            signal.default_int_handler(sig, frame)
+
+    signal.signal(signal.SIGINT, marker)
+    try:
+        result = fit()
+        return result, signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def run_tuner(trainable: Callable, param_space: Dict[str, Any], tune_config, path: str,
               callbacks: Optional[list] = None, max_failures: int = 0, verbose: Optional[int] = None):
-    """Fit a new Tuner at ``path`` or restore the interrupted one there (finished trials are not rerun).
+    """Fit a new Tuner at ``path`` or restore the interrupted one there (finished trials are not rerun); returns
+    ``(results, interrupted)``, the second True when Ctrl-C stopped the sweep (rerun to resume).
 
     A restored Tuner keeps the tune_config, callbacks and verbosity it was created with (Tune stores them)."""
     from ray import tune
@@ -118,7 +143,7 @@ def run_tuner(trainable: Callable, param_space: Dict[str, Any], tune_config, pat
     # would send every later run of this process (the next pipeline stage, the next test) into the sweep's store.
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return tuner.fit()
+        return _fit_noting_interrupt(tuner.fit)
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
