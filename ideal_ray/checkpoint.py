@@ -261,13 +261,17 @@ def _is_state_dict(obj: Any) -> bool:
         any(isinstance(v, _TensorInfo) for v in obj.values())
 
 
+def _state_keys(prefer_ema: bool) -> Tuple[str, ...]:
+    """Where a release / LlamaGen file keeps weights, in the order they are taken: EMA first when asked."""
+    return ("ema", "model", "module", "state_dict") if prefer_ema else ("model", "module", "state_dict", "ema")
+
+
 def _pick_state(obj: Any, prefer_ema: bool) -> Tuple[Optional[Mapping], str]:
     """The weights inside a release / LlamaGen file: EMA first when asked and present, else the trained weights,
     else the file itself when it is a bare state dict."""
     if not isinstance(obj, Mapping):
         return None, ""
-    order = ("ema", "model", "module", "state_dict") if prefer_ema else ("model", "module", "state_dict", "ema")
-    for key in order:
+    for key in _state_keys(prefer_ema):
         if _is_state_dict(obj.get(key)):
             return obj[key], key
     return (obj, "state dict") if _is_state_dict(obj) else (None, "")
@@ -491,8 +495,7 @@ def _pick_state_loaded(ckpt: Any, prefer_ema: bool) -> Tuple[Mapping, str]:
     """:func:`_pick_state` over the loaded file (real tensors rather than shapes)."""
     import torch
 
-    order = ("ema", "model", "module", "state_dict") if prefer_ema else ("model", "module", "state_dict", "ema")
-    for key in order:
+    for key in _state_keys(prefer_ema):
         v = ckpt.get(key) if isinstance(ckpt, Mapping) else None
         if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()):
             return v, key
