@@ -11,7 +11,7 @@ import json
 import os
 from typing import Iterator, NoReturn, Optional
 
-from ideal_ray.config import ConfigError, TokenizerTrainConfig, load_config, preset_names
+from ideal_ray.config import ConfigError, TokenizerTrainConfig, check_data_root, load_config, preset_names
 from ideal_ray.errors import InputError
 
 REFUSED = 2  # the exit code of refused input or config
@@ -55,12 +55,17 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny
                         help="dotted config overrides, e.g. optim.lr=2e-4 data.root=/datasets/imagenet")
 
 
-def config_from_args(args: argparse.Namespace, in_process: bool = False) -> TokenizerTrainConfig:
+def config_from_args(args: argparse.Namespace, in_process: bool = False,
+                     needs_data: bool = False) -> TokenizerTrainConfig:
     """Build and validate the config; a wrong value exits (code 2) with its one-sentence message, and so
     does a relative path inside a Ray job (:func:`require_durable_paths`). ``in_process``: the config of a run in
-    this process, one rank (``dist.num_workers=1`` before the overrides, so e.g. ``dist.engine=torch`` validates)."""
+    this process, one rank (``dist.num_workers=1`` before the overrides, so e.g. ``dist.engine=torch`` validates).
+    ``needs_data``: the job trains, so ``data.root`` must hold the images (or be where the synthetic set is made:
+    :func:`ideal_ray.config.check_data_root`)."""
     try:
         cfg = load_config(args.preset, (["dist.num_workers=1"] if in_process else []) + list(args.overrides))
+        if needs_data:
+            check_data_root(cfg)
     except ConfigError as e:
         refuse(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,

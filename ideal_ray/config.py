@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -817,6 +818,22 @@ def validate_engine_and_perf(t: DistributedConfig, p: PerfConfig) -> None:
     _check(p.nan_check in NAN_CHECKS, f"perf.nan_check '{p.nan_check}' is unknown; choose one of {NAN_CHECKS}.")
     _check(p.compile_mode in COMPILE_MODES,
            f"perf.compile_mode '{p.compile_mode}' is unknown; choose one of {COMPILE_MODES}.")
+
+
+def check_data_root(cfg: TokenizerTrainConfig) -> bool:
+    """Whether the training images are there: True when ``data.root`` holds a ``train`` folder, False when the
+    synthetic set is to be made there (only where asked: the tiny preset's own root ``data/synthetic``, the demo's,
+    or ``data.make_synthetic=true``); any other missing root is a ConfigError (a typo must not train on invented
+    data). A file-system check, no imports: jobs run it before anything heavy."""
+    d = cfg.data
+    if os.path.isdir(os.path.join(d.root, "train")):
+        return True
+    is_tiny = cfg.preset.split("+")[0] == "tiny"
+    if d.make_synthetic or (is_tiny and os.path.abspath(d.root) == os.path.abspath(tiny().data.root)):
+        return False
+    hint = ("; or pass data.make_synthetic=true to generate the synthetic set there" if is_tiny
+            else "; point data.root at your ImageNet copy")
+    raise ConfigError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/*.JPEG){hint}.")
 
 
 def validate(cfg: TokenizerTrainConfig) -> None:

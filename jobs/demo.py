@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     name = f"{RUN_NAME}-in-process" if args.in_process else RUN_NAME  # a run resumes only the way it started
     args.overrides = [f"name={name}"] + args.overrides  # a name= of the user's comes later and wins
-    cfg = config_from_args(args, in_process=args.in_process)
+    cfg = config_from_args(args, in_process=args.in_process, needs_data=True)
     resume = "rerun the same command: finished stages are kept and skipped, the current one resumes"
     with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: stage lines; log: the rest
         return _demo(args, cfg)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                                                                           "(default 4 tiny, 50 else)")
     parser.add_argument("--only", action="append", default=None, help="run only this stage (repeatable)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, needs_data=True)
 
     from ideal_ray.cli import outcome, ray_job, require_durable_paths
     from ideal_ray.pipelines.pipeline import pipeline_defaults, pipeline_report, run_pipeline

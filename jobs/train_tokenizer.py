@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         args.overrides.append(f"dist.num_workers={args.num_workers}")
     if args.gpus is not None:
         args.overrides.append(f"dist.use_gpu={str(args.gpus).lower()}")
-    cfg = config_from_args(args, in_process=args.in_process)
+    cfg = config_from_args(args, in_process=args.in_process, needs_data=True)
     from ideal_ray.train.ray_trainer import train_tokenizer
 
     resume = f"rerun the same command to resume from the latest checkpoint of run {cfg.name}"

@@ -128,19 +128,12 @@ def prepare_data(cfg: TokenizerTrainConfig):
     """List the training images (clear errors before any worker starts). When ``data.root`` holds no ``train`` folder
     yet, make the synthetic set there only where asked: the tiny preset's own root (``data/synthetic``, the demo's) or
     ``data.make_synthetic=true``; any other missing root is refused (a typo must not train on invented data)."""
-    from ideal_ray.config import tiny
+    from ideal_ray.config import check_data_root
     from ideal_ray.data.ray_pipeline import list_training_images
     from ideal_ray.data.synthetic import make_synthetic_imagenet
 
     d = cfg.data
-    if not os.path.isdir(os.path.join(d.root, "train")):
-        is_tiny = cfg.preset.split("+")[0] == "tiny"
-        own_root = is_tiny and os.path.abspath(d.root) == os.path.abspath(tiny().data.root)
-        if not (d.make_synthetic or own_root):
-            hint = ("; or pass data.make_synthetic=true to generate the synthetic set there" if is_tiny
-                    else "; point data.root at your ImageNet copy")
-            raise ConfigError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/"
-                              f"*.JPEG){hint}.")
+    if not check_data_root(cfg):
         make_synthetic_imagenet(d.root, num_classes=d.synthetic_classes, train_per_class=d.synthetic_train_per_class,
                                 val_per_class=d.synthetic_val_per_class, size=d.synthetic_size, seed=cfg.optim.seed)
     paths, labels = list_training_images(cfg.data.root, "train", cfg.data.class_index)
