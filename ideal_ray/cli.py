@@ -173,3 +173,12 @@ def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None
         return check_models(gpt, tokenizer, classes)
     except CheckpointError as e:
         refuse(f"error: {e}")
+
+
+def require_existing(**paths: Optional[str]) -> None:
+    """Refuse (exit code 2, one sentence) the first of ``paths`` (a flag or key name -> a local path) that does not
+    exist: the inputs a job reads, checked before anything heavy starts or any output folder is made. Empty values
+    and URIs (``s3://..``) are skipped."""
+    for name, path in paths.items():
+        if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+            refuse(f"error: {name} {path} does not exist; check the path.")

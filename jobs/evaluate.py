@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_classifier_args, check_checkpoints, outcome, require_durable_paths  # noqa: E402
+from ideal_ray.cli import add_classifier_args, check_checkpoints, outcome, require_durable_paths, require_existing  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -77,7 +77,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
     if args.cmd == "recon":
+        require_existing(**{"--data-root": args.data_root, "--class-index": args.class_index,
+                            "--labels-file": args.labels_file})
         check_checkpoints(tokenizer=args.tokenizer)  # before torch and Ray
+    else:
+        require_existing(**{"--samples": args.samples, "--reference": args.reference,
+                            "--classifier-data": args.classifier_data})
+    require_existing(**{"--inception-weights": args.inception_weights})
 
     with job_console(args.out):  # the console: the image bar and the result; the rest: <out>/console.log
         return _evaluate(args)

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import check_checkpoints, outcome, require_durable_paths  # noqa: E402
+from ideal_ray.cli import check_checkpoints, outcome, require_durable_paths, require_existing  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     local.add_argument("--num-workers", type=int, default=0, help="decode worker processes (--in-process)")
     args = parser.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
+    require_existing(**{"--data-root": args.data_root, "--class-index": args.class_index,
+                        "--labels-file": args.labels_file})
     check_checkpoints(tokenizer=args.tokenizer)  # before torch and Ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 

@@ -25,7 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import INTERRUPTED, outcome, require_durable_paths  # noqa: E402
+from ideal_ray.cli import INTERRUPTED, outcome, refuse, require_durable_paths  # noqa: E402
+from ideal_ray.config import ConfigError, check_data_root, load_config  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
 
 from ideal_ray.tune.ablation import STUDIES  # noqa: E402
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every trial")
     args = parser.parse_args(argv)
     require_durable_paths(**{"--storage": args.storage})  # under `ray job submit --working-dir`: absolute only
+    try:  # the trials' base config: its values and data.root, before Ray starts
+        check_data_root(load_config(args.preset, args.overrides))
+    except ConfigError as e:
+        refuse(f"config error: {e}")
 
     asha = args.asha.split(":")
     if len(asha) < 2 or len(asha) > 4 or not all(p.isdigit() for p in asha[2:]):

@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import (INTERRUPTED, add_classifier_args, check_checkpoints, outcome, parse_classes,  # noqa: E402
-                           require_durable_paths)
+                           require_durable_paths, require_existing)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no Tune progress table, no trial logs")
     args = p.parse_args(argv)
     require_durable_paths(**{"--storage-path": args.storage_path})  # in a `--working-dir` job: absolute only
+    require_existing(**{"--reference": args.reference, "--classifier-data": args.classifier_data,
+                        "--inception-weights": args.inception_weights})
     check_checkpoints(gpt=args.gpt, tokenizer=args.tokenizer, classes=args.classes)  # before torch and Ray
     try:
         scales = _scales(args.cfg_scales)

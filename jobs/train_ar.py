@@ -38,6 +38,9 @@ def main(argv=None) -> int:
         if args.gpus is not None:
             cfg.dist.use_gpu = args.gpus
         validate_ar(cfg)
+        from ideal_ray.data.tokens import check_shards
+
+        check_shards(cfg)  # the shards are there and fit the model, before torch or Ray
     except ConfigError as e:
         refuse(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,

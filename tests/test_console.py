@@ -154,3 +154,32 @@ def test_an_unreachable_cluster_is_one_sentence(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith(f"error: No Ray cluster could be reached at 127.0.0.1:{port} ($RAY_ADDRESS") and \
         "Traceback" not in p.stderr
+
+
+def test_missing_inputs_are_refused_before_anything_starts(tmp_path):
+    """A missing input path: exit 2 with one sentence naming it, nothing created (no output or log folder); the
+    checks run before torch or Ray are imported (the times are printed, not asserted)."""
+    import time
+
+    from conftest import random_sampling_models
+
+    gpt, tok = random_sampling_models(str(tmp_path), num_classes=2)
+    gone, out = str(tmp_path / "gone"), str(tmp_path / "work" / "out")
+    cases = {
+        "extract_tokens.py": (["--tokenizer", tok, "--data-root", gone, "--out", out], f"--data-root {gone}"),
+        "evaluate.py gen": (["gen", "--samples", gone, "--reference", gone, "--out", out], f"--samples {gone}"),
+        "evaluate.py recon": (["recon", "--tokenizer", tok, "--data-root", gone, "--out", out], f"--data-root {gone}"),
+        "sweep_cfg.py": (["--gpt", gpt, "--tokenizer", tok, "--reference", gone, "--name", "s", "--storage-path", out,
+                          "--cfg-scales", "1.0"], f"--reference {gone}"),
+        "train_ar.py": ([f"data.shards={gone}", f"output_dir={out}"], f"No token shards at data.shards={gone}"),
+        "sweep_ablation.py": (["--study", "fusion", "--name", "a", "--storage", out, f"data.root={gone}"],
+                              f"No ImageNet-layout folder at data.root={gone}"),
+    }
+    (tmp_path / "work").mkdir()
+    for job, (argv, said) in cases.items():
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, os.path.join(REPO, "jobs", job.split()[0])] + argv, capture_output=True,
+                           text=True, cwd=tmp_path / "work", timeout=600)
+        print(f"{job}: rc {p.returncode} in {time.perf_counter() - t0:.2f} s")
+        assert p.returncode == 2 and said in p.stderr and p.stderr.count("\n") == 1, (job, p.stderr)
+        assert os.listdir(tmp_path / "work") == [], (job, os.listdir(tmp_path / "work"))

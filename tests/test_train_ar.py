@@ -6,7 +6,7 @@ from ideal_ray.config import ConfigError, load_ar_config
 
 
 def test_missing_shards_are_a_clear_error(tmp_path):
-    from ideal_ray.train.ar_stage import check_shards
+    from ideal_ray.data.tokens import check_shards
 
     with pytest.raises(ConfigError, match="jobs/extract_tokens.py"):
         check_shards(load_ar_config("ar-tiny", [f"data.shards={tmp_path}"]))

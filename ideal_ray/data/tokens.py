@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ideal_ray.config import ARTrainConfig, ConfigError
 from ideal_ray.errors import InputError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
@@ -288,6 +289,26 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"{path} is not a token manifest of format {FORMAT!r}; rerun the extraction.")
     return m
+
+
+def check_shards(cfg: ARTrainConfig) -> dict:
+    """The AR run's token shards (``data.shards``), checked against its model before any worker starts (or torch is
+    imported: the train_ar job calls it first); returns the manifest."""
+    if not os.path.isfile(os.path.join(cfg.data.shards, "manifest.json")):
+        raise ConfigError(f"No token shards at data.shards={cfg.data.shards} (no manifest.json); write them first "
+                          f"with jobs/extract_tokens.py.")
+    manifest = read_manifest(cfg.data.shards)
+    if not manifest.get("complete"):
+        raise ConfigError(f"The token shards at {cfg.data.shards} are incomplete; rerun jobs/extract_tokens.py with "
+                          f"the same arguments to finish them.")
+    if manifest["vocab"] > cfg.model.vocab_size or manifest["grid"] != cfg.model.grid:
+        raise ConfigError(f"The shards at {cfg.data.shards} hold {manifest['grid']}x{manifest['grid']} codes from a "
+                          f"{manifest['vocab']}-entry codebook; set model.grid={manifest['grid']} and "
+                          f"model.vocab_size={manifest['vocab']}.")
+    if manifest["num_images"] < cfg.data.global_batch:
+        raise ConfigError(f"The shards hold {manifest['num_images']} images, fewer than one global batch of "
+                          f"{cfg.data.global_batch}.")
+    return manifest
 
 
 def _require_complete(m: dict, shard_dir) -> None:

@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from ideal_ray.checkpoint import write_gpt_export
-from ideal_ray.config import ARTrainConfig, ConfigError, from_dict, validate_ar
+from ideal_ray.config import ARTrainConfig, from_dict, validate_ar
+from ideal_ray.data.tokens import check_shards
 from ideal_ray.models.gpt import GPT
 from ideal_ray.train import levers
 from ideal_ray.train.engines import build_engine
 from ideal_ray.train.loop import CONFIG_FILE, StepResult
 from ideal_ray.train.schedule import LRSchedule
 from ideal_ray.train.step import autocast, data_position, guarded_update, step_seed
+
 
 class ARStage:
     def __init__(self, cfg: ARTrainConfig, device: torch.device, rank: int, world_size: int, steps_per_epoch: int):
@@ -95,27 +97,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def check_shards(cfg: ARTrainConfig) -> dict:
-    """The shards' manifest, checked against the model before any worker starts."""
-    from ideal_ray.data.tokens import read_manifest
-
-    if not os.path.isfile(os.path.join(cfg.data.shards, "manifest.json")):
-        raise ConfigError(f"No token shards at data.shards={cfg.data.shards} (no manifest.json); write them first "
-                          f"with jobs/extract_tokens.py.")
-    manifest = read_manifest(cfg.data.shards)
-    if not manifest.get("complete"):
-        raise ConfigError(f"The token shards at {cfg.data.shards} are incomplete; rerun jobs/extract_tokens.py with "
-                          f"the same arguments to finish them.")
-    if manifest["vocab"] > cfg.model.vocab_size or manifest["grid"] != cfg.model.grid:
-        raise ConfigError(f"The shards at {cfg.data.shards} hold {manifest['grid']}x{manifest['grid']} codes from a "
-                          f"{manifest['vocab']}-entry codebook; set model.grid={manifest['grid']} and "
-                          f"model.vocab_size={manifest['vocab']}.")
-    if manifest["num_images"] < cfg.data.global_batch:
-        raise ConfigError(f"The shards hold {manifest['num_images']} images, fewer than one global batch of "
-                          f"{cfg.data.global_batch}.")
-    return manifest
-
-
 def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
              tracking_uri: Optional[str] = None) -> Dict[str, Any]:
     """Train (or resume) a GPT on token shards on Ray Train + DeepSpeed; export the EMA weights. MLflow experiment
