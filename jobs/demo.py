@@ -53,7 +53,7 @@ def _demo(args, cfg) -> int:
         return 0 if better else 1
 
     from ideal_ray.cli import ray_job
-    from ideal_ray.pipelines.pipeline import pipeline_report, run_pipeline
+    from ideal_ray.pipeline import pipeline_report, run_pipeline
     from ideal_ray.train.ray_trainer import prepare_data
 
     prepare_data(cfg)  # the synthetic set under data.root, made on the first run (listed before any stage)

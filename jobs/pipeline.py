@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args, needs_data=True)
 
     from ideal_ray.cli import outcome, ray_job, require_durable_paths
-    from ideal_ray.pipelines.pipeline import pipeline_defaults, pipeline_report, run_pipeline
+    from ideal_ray.pipeline import pipeline_defaults, pipeline_report, run_pipeline
 
     require_durable_paths(**{"--fid-cache": args.fid_cache, "--reference": args.reference})
     settings = pipeline_defaults(cfg)  # the tiny-vs-paper choices; the flags given replace them

@@ -1,4 +1,4 @@
-"""ideal_ray.pipelines.pipeline: the stage runner's skip-if-done and resume rules, on stages that write real files;
+"""ideal_ray.pipeline: the stage runner's skip-if-done and resume rules, on stages that write real files;
 the chain's tiny-vs-paper settings and the report table.
 
 (The real chain runs end to end in `make demo` and the cluster integration test, which also runs the demo on the
@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import report_rows
-from ideal_ray.pipelines.pipeline import STATE_FILE, Stage, run_stages
+from ideal_ray.pipeline import STATE_FILE, Stage, run_stages
 
 
 def _chain(tmp_path, calls, fail_at=None):
@@ -99,7 +99,7 @@ def _recorded_run(tmp_path):
 
 
 def test_report_is_one_table_a_row_per_stage_with_its_time_numbers_and_artifacts(tmp_path):
-    from ideal_ray.pipelines.pipeline import pipeline_report
+    from ideal_ray.pipeline import pipeline_report
 
     text = pipeline_report(_recorded_run(tmp_path), "sqlite:////x/mlflow.db")
     rows = report_rows(text)
@@ -120,7 +120,7 @@ def test_report_is_one_table_a_row_per_stage_with_its_time_numbers_and_artifacts
 
 
 def test_report_reads_a_state_written_before_the_headline_numbers(tmp_path):
-    from ideal_ray.pipelines.pipeline import pipeline_report
+    from ideal_ray.pipeline import pipeline_report
 
     state = _recorded_run(tmp_path)
     for rec in state["stages"].values():  # only the paths, as an older pipeline.json has them

@@ -97,7 +97,9 @@ def transforms_from_config(data_cfg) -> tuple["v2.Compose", "v2.Compose"]:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float (C, H, W) or (B, C, H, W) -> uint8 numpy (H, W, C) or (B, H, W, C); clamps out-of-range."""
+    """[-1, 1] float (C, H, W) or (B, C, H, W) -> uint8 numpy (H, W, C) or (B, H, W, C): values outside are clamped,
+    each rounded to the nearest level ``round(127.5 * (x + 1))``. The one conversion of tokenizer inputs and outputs
+    to pixels: grids, the evaluation protocol (``ideal_ray.eval.recon``), the demo's PSNR."""
     import torch
 
     if images.dim() not in (3, 4):

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from ideal_ray.data.transforms import to_uint8  # noqa: F401  (the protocol's [-1, 1] -> uint8, re-exported here)
+
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
 
@@ -50,17 +52,6 @@ ArrayLike = Union[np.ndarray, "torch.Tensor"]  # torch is imported where it is u
 
 
 # ------------------------------------------------------------------------------------------- conversion
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [-1, 1] (tokenizer inputs/outputs; values outside are clamped) -> uint8 (B, H, W, 3),
-    rounded to the nearest level: ``round(127.5 * (x + 1))``."""
-    import torch
-
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"to_uint8 expects images (B, 3, H, W), got shape {tuple(images.shape)}.")
-    x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # (B, 3, H, W) in [0, 255]
-    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()  # (B, H, W, 3)
-
-
 def _as_numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x) if isinstance(x, np.ndarray) or not hasattr(x, "detach") else x.detach().cpu().numpy()
 

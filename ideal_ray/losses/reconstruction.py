@@ -27,12 +27,3 @@ def lpips_loss(lpips_net: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> Tu
     """LPIPS(x, x_hat) averaged over the batch; ``lpips_net`` is an ``lpips.LPIPS`` taking [-1, 1] images."""
     loss = lpips_net(x_hat.float(), x.float()).mean()
     return loss, {"rec_lpips": loss.detach()}
-
-
-@torch.no_grad()
-def psnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB on images clamped to [-1, 1] and mapped to [0, 1]: (B,)."""
-    a = (x.float().clamp(-1, 1) + 1) / 2
-    b = (x_hat.float().clamp(-1, 1) + 1) / 2
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10.0 * torch.log10(mse)

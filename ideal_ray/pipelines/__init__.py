@@ -1,6 +1,4 @@
-"""Offline pipelines over whole datasets (token extraction).
-
-``extract_local.extract_tokens_local`` encodes a split in one process (no Ray): the reference implementation,
-the demo path and the fallback. Both it and the Ray actor-pool version (issue 5) write the token shard format of
-``ideal_ray.data.tokens``.
+"""Offline jobs over whole datasets, each a function a job calls, on a Ray actor pool or in one process:
+token extraction (``extract_local`` / ``extract_ray``, sharing ``extract_common``), sampling (``sample_local`` /
+``sample_ray``) and evaluation (``evaluate``). The chain of every stage is one layer up, ``ideal_ray.pipeline``.
 """

@@ -83,7 +83,7 @@ class _ReconEval:
         from ideal_ray.checkpoint import load_tokenizer
         from ideal_ray.eval.inception import load_inception
         from ideal_ray.eval.semantics import build_zero_shot_head
-        from ideal_ray.pipelines.cluster import use_actor_threads
+        from ideal_ray.cluster import use_actor_threads
 
         use_actor_threads(device)
         self.dev = torch.device(device)
@@ -212,7 +212,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     from ideal_ray.eval.fid import compare
     from ideal_ray.eval.inception import load_inception
     from ideal_ray.pipelines.extract_common import listing_sha256
-    from ideal_ray.pipelines.cluster import actor_cpus, actor_device, init_ray
+    from ideal_ray.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.pipelines.sample_local import grid_image
 
     if batch_size < 1 or decode_actors < 1:

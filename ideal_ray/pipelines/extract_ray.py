@@ -37,7 +37,7 @@ import numpy as np
 
 from ideal_ray.data import crops
 from ideal_ray.data import sources
-from ideal_ray.pipelines.cluster import actor_device, init_ray, use_actor_threads
+from ideal_ray.cluster import actor_device, init_ray, use_actor_threads
 from ideal_ray.pipelines.extract_common import (
     MAX_SKIP_FRACTION,
     SKIPPED_FILE,

@@ -41,7 +41,7 @@ class _SampleBatch:
         import torch
 
         from ideal_ray.checkpoint import load_gpt, load_tokenizer
-        from ideal_ray.pipelines.cluster import use_actor_threads
+        from ideal_ray.cluster import use_actor_threads
         from ideal_ray.pipelines.sample_local import _gpt_dtype
         from ideal_ray.sampling import Sampler
 
@@ -76,7 +76,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
     import ray
 
     from ideal_ray.checkpoint import GPT, TOKENIZER, check_models
-    from ideal_ray.pipelines.cluster import actor_cpus, actor_device, init_ray
+    from ideal_ray.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.sampling import validate_sample_config
 
     validate_sample_config(sample_cfg)

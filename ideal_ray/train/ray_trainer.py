@@ -170,7 +170,7 @@ def init_ray(cfg, *more) -> None:
     CPU when no stage's workers have a GPU). A pipeline starts one such cluster for all its stages."""
     import ray
 
-    from ideal_ray.pipelines.cluster import init_ray as connect_or_start
+    from ideal_ray.cluster import init_ray as connect_or_start
 
     cfgs = (cfg,) + more
     use_gpu = any(c.dist.use_gpu for c in cfgs)

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from ideal_ray.config import TokenizerTrainConfig
 from ideal_ray.losses.gan import LeCAM, discriminator_loss
-from ideal_ray.losses.reconstruction import psnr
 from ideal_ray.losses.tokenizer import generator_loss
 from ideal_ray.models.discriminator import DinoDiscriminator
 from ideal_ray.models.tokenizer import IdealTokenizer
@@ -65,7 +64,12 @@ class TokenizerSystem(nn.Module):
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer: IdealTokenizer, batches: Iterable, device: str | torch.device = "cpu",
                             max_batches: int = 0) -> Dict[str, float]:
-    """PSNR through the discrete bottleneck (encode -> indices -> decode) and codebook usage/entropy on a loader."""
+    """PSNR through the discrete bottleneck (encode -> indices -> decode) and codebook usage/entropy on a loader;
+    the PSNR is the evaluation protocol's (``ideal_ray.eval.recon.psnr`` over uint8 pixels)."""
+    import numpy as np
+
+    from ideal_ray.eval.recon import psnr, to_uint8
+
     was_training = tokenizer.training
     tokenizer.eval()
     k = tokenizer.cfg.quantizer.codebook_size
@@ -78,10 +82,10 @@ def evaluate_reconstruction(tokenizer: IdealTokenizer, batches: Iterable, device
         images = images.to(device)
         idx = tokenizer.encode(images)  # (B, g, g)
         recon = tokenizer.decode(idx)
-        psnrs.append(psnr(images, recon).cpu())
+        psnrs.append(psnr(to_uint8(images), to_uint8(recon)))  # the evaluation protocol's PSNR, over uint8 pixels
         counts += torch.bincount(idx.flatten().cpu(), minlength=k)
     tokenizer.train(was_training)
     p = counts.float() / counts.sum().clamp_min(1)
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return {"psnr": float(torch.cat(psnrs).mean()), "usage": float((counts > 0).float().mean()),
+    return {"psnr": float(np.mean(np.concatenate(psnrs))), "usage": float((counts > 0).float().mean()),
             "entropy": entropy, "max_entropy": float(torch.log(torch.tensor(float(k))))}

@@ -344,12 +344,12 @@ def _start_ray(plan: AblationPlan, cfg: TokenizerTrainConfig, max_concurrent_tri
     whether this call started Ray)."""
     import ray
 
+    from ideal_ray.cluster import init_ray
+
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         started = not ray.is_initialized()
         if started:
-            from ideal_ray.pipelines.cluster import connect_ray
-
-            connect_ray(os.environ["RAY_ADDRESS"])
+            init_ray(0)  # joins $RAY_ADDRESS
         res = ray.cluster_resources()
         return concurrency(plan, cfg, res.get("CPU", 0), res.get("GPU", 0), max_concurrent_trials), started
     need_g = trial_gpus(cfg)
@@ -364,8 +364,7 @@ def _start_ray(plan: AblationPlan, cfg: TokenizerTrainConfig, max_concurrent_tri
     else:
         n = max_concurrent_trials or 1
     n = max(1, min(n, len(plan.variants)))
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n * trial_cpus(plan, cfg)), include_dashboard=False,
-             runtime_env=None if need_g else {"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    init_ray(n * trial_cpus(plan, cfg), runtime_env=None if need_g else {"env_vars": {"DS_ACCELERATOR": "cpu"}})
     return n, True
 
 

@@ -179,11 +179,9 @@ def _init_ray(gpus_per_trial: Optional[float]) -> float:
     """Start (or join, ``$RAY_ADDRESS``) Ray; the GPUs per trial (None: 1 when the cluster has GPUs, else 0)."""
     import ray
 
-    if not ray.is_initialized():
-        from ideal_ray.pipelines.cluster import connect_ray
+    from ideal_ray.cluster import init_ray
 
-        address = os.environ.get("RAY_ADDRESS")
-        connect_ray(address) if address else ray.init(address="local", include_dashboard=False)
+    init_ray(0)  # join $RAY_ADDRESS, or a local cluster of this machine's CPUs
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_trial is None:
         return 1.0 if gpus else 0.0

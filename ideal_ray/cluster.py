@@ -1,6 +1,7 @@
-"""The Ray cluster a pipeline job runs on: connect (``$RAY_ADDRESS``) or start a local one, and resolve the device
-and actor count of its GPU-or-CPU actor pool from the cluster's resources (shared by extraction, sampling and
-evaluation)."""
+"""The Ray cluster every job runs on, one way: :func:`init_ray` joins ``$RAY_ADDRESS`` (or a stage's
+``dist.ray_address``) through :func:`connect_ray`, else starts a local cluster with at least the logical CPUs the
+caller needs (training stages, sweeps, extraction, sampling, evaluation all call it); and the device and actor count
+of a GPU-or-CPU actor pool from the cluster's resources (extraction, sampling, evaluation)."""
 
 from __future__ import annotations
 
