@@ -28,11 +28,16 @@ import re
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ideal_ray.config import (GPT_SIZES, GPTConfig, TokenizerConfig, TokenizerTrainConfig, from_dict, load_config,
                               validate_tokenizer)
 from ideal_ray.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: torch and the models are imported where they are used
+    import torch
+
+    from ideal_ray.models.gpt import GPT as GPTModel
 
 FORMAT = "ideal-ray/tokenizer/v1"  # our tokenizer export (save_inference_checkpoint)
 GPT_FORMAT = "ideal-ray/gpt/v1"  # our GPT export (write_gpt_export)
@@ -341,7 +346,7 @@ def _classify(path: str, obj: Any, prefer_ema: bool) -> CheckpointInfo:
 # LlamaGen's GPT sizes (autoregressive/models/gpt.py GPT_models): (n_layer, dim) -> n_head, and by name
 _LLAMAGEN_HEADS = {(12, 768): 12, (24, 1024): 16, (36, 1280): 20, (48, 1536): 24, (48, 2560): 40, (22, 2048): 32,
                    (24, 3200): 32, (32, 4096): 32}
-_LLAMAGEN_NAMES = {"GPT-B": (12, 768), "GPT-L": (24, 1024), "GPT-XL": (36, 1280), "GPT-XXL": (48, 1536),
+_LLAMAGEN_SIZES = {"GPT-B": (12, 768), "GPT-L": (24, 1024), "GPT-XL": (36, 1280), "GPT-XXL": (48, 1536),
                    "GPT-XXXL": (48, 2560), "GPT-1B": (22, 2048), "GPT-3B": (24, 3200), "GPT-7B": (32, 4096)}
 
 
@@ -357,7 +362,7 @@ def _llamagen_info(path: str, obj: Any, keys: Mapping[str, Any], where: str) -> 
         raise CheckpointError(f"{path} is a LlamaGen-layout GPT of an unknown size ({n_layer} layers, width {dim}), "
                               f"so its head count is unknown; only LlamaGen's GPT-B..7B sizes are recognised.")
     named = args.get("gpt_model")
-    if named in _LLAMAGEN_NAMES and _LLAMAGEN_NAMES[named] != (n_layer, dim):
+    if named in _LLAMAGEN_SIZES and _LLAMAGEN_SIZES[named] != (n_layer, dim):
         raise _corrupt(path, os.path.getsize(path), f"its args say {named} but its weights have {n_layer} layers of "
                                                     f"width {dim}")
     class_rows = keys["cls_embedding.embedding_table.weight"].shape[0] \
@@ -460,7 +465,7 @@ def load_gpt(path: str, device: str = "cpu", grid: Optional[int] = None, prefer_
     """A :class:`GPT` in eval mode from our export or a LlamaGen-layout file (LlamaGen's own or the authors'
     release). ``grid``: the token grid, needed for LlamaGen files that do not carry their training args (the jobs
     pass the tokenizer's); checked against the file's when both are known."""
-    from ideal_ray.models.gpt import GPT as GPTModel, convert_llamagen_state_dict
+    from ideal_ray.models.gpt import GPT as GPTModel
 
     info = inspect_checkpoint(path, GPT, prefer_ema)
     cfg = from_dict(GPTConfig, info.config)
@@ -595,6 +600,123 @@ def load_release_checkpoint(model, path: str, prefer_ema: bool = True, strict: b
     state, _ = _pick_state_loaded(torch_load(path, "release tokenizer"), prefer_ema)
     _load_release_state(model, convert_release_state_dict(state), path, strict)
     return model
+
+
+# --------------------------------------------------------------------------------------- the LlamaGen layout
+# LlamaGen ``Transformer`` key (after unwrapping) -> ours. Their wqkv rows are [q; k; v] like our qkv, and their
+# w1 / w3 / w2 are our gate / up / down, so every tensor maps one to one without reshaping.
+_LLAMAGEN_NAMES = [  # (LlamaGen's name, ours); "{i}" is the layer index
+    ("cls_embedding.embedding_table.weight", "class_embed.weight"),
+    ("tok_embeddings.weight", "tok_embed.weight"),
+    ("layers.{i}.attention.wqkv.weight", "blocks.{i}.attn.qkv.weight"),
+    ("layers.{i}.attention.wo.weight", "blocks.{i}.attn.proj.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "blocks.{i}.ffn.w_gate.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "blocks.{i}.ffn.w_up.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "blocks.{i}.ffn.w_down.weight"),
+    ("layers.{i}.attention_norm.weight", "blocks.{i}.attn_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "blocks.{i}.ffn_norm.weight"),
+    ("norm.weight", "norm.weight"),
+    ("output.weight", "head.weight"),
+]
+
+
+def _rules(src: int, dst: int):
+    """(regex, replacement) pairs mapping column ``src`` of _LLAMAGEN_NAMES to column ``dst``."""
+    return [("^" + re.escape(pair[src]).replace(r"\{i\}", r"(\d+)") + "$", pair[dst].replace("{i}", r"\1"))
+            for pair in _LLAMAGEN_NAMES]
+
+
+_LLAMAGEN_RULES = _rules(0, 1)
+_TO_LLAMAGEN_RULES = _rules(1, 0)
+# derived buffers some checkpoints carry: RoPE tables, KV caches, causal masks
+_LLAMAGEN_SKIP = re.compile(r"(^|\.)(freqs_cis|causal_mask|k_cache|v_cache)$")
+_CONTAINER_KEYS = ("model", "module", "state_dict")
+
+
+def _unwrap_llamagen(state: Mapping[str, Any], prefer_ema: bool) -> Mapping[str, Any]:
+    """Find the weights inside a training checkpoint ({"model"|"module"|"state_dict"|"ema": ...}) or a bare dict."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"Expected a state dict or checkpoint dict, got {type(state).__name__}.")
+    order = (("ema",) + _CONTAINER_KEYS) if prefer_ema else (_CONTAINER_KEYS + ("ema",))
+    for key in order:
+        if isinstance(state.get(key), Mapping):
+            return state[key]
+    return state
+
+
+def convert_llamagen_state_dict(state: Mapping[str, Any], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """LlamaGen-format GPT weights -> our key names.
+
+    Accepts a bare state dict or a checkpoint holding one under "model" (DDP), "module" (DeepSpeed),
+    "state_dict" or "ema" (``prefer_ema`` picks EMA weights when both are present); strips ``module.`` and
+    ``_orig_mod.`` prefixes (DDP / torch.compile) and drops derived buffers (``freqs_cis``, KV caches).
+    """
+    state = _unwrap_llamagen(state, prefer_ema)
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key
+        while True:
+            for prefix in ("module.", "_orig_mod."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+                    break
+            else:
+                break
+        if _LLAMAGEN_SKIP.search(k):
+            continue
+        for pattern, repl in _LLAMAGEN_RULES:
+            if re.match(pattern, k):
+                out[re.sub(pattern, repl, k)] = value
+                break
+        else:
+            raise KeyError(f"Unrecognised key '{key}' in the LlamaGen GPT state dict; only class-conditional "
+                           f"(c2i) GPT checkpoints with one class token can be loaded.")
+    return out
+
+
+def load_llamagen_state_dict(model: "GPTModel", state: Union[str, Mapping[str, Any]], prefer_ema: bool = False) -> "GPTModel":
+    """Load LlamaGen-format GPT weights (a dict, or a path to a torch file) into ``model``; every tensor must fit.
+
+    The model must be built with the checkpoint's sizes (dim, layers, heads, vocab, classes): a mismatch raises
+    a ValueError naming the first tensor that does not fit.
+    """
+    if isinstance(state, str):
+        state = torch_load(state, "LlamaGen GPT")
+    ours = convert_llamagen_state_dict(state, prefer_ema=prefer_ema)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise ValueError(f"The LlamaGen checkpoint lacks {len(missing)} of this model's tensors (first: "
+                         f"{missing[0]}); build the GPT with the checkpoint's n_layer (it has "
+                         f"{len({k.split('.')[1] for k in ours if k.startswith('blocks.')})} layers).")
+    extra = sorted(set(ours) - set(expected))
+    if extra:
+        raise ValueError(f"The LlamaGen checkpoint has {len(extra)} tensors this model lacks (first: {extra[0]}); "
+                         f"build the GPT with the checkpoint's n_layer.")
+    for k, v in ours.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            hint = ""
+            if k == "class_embed.weight" and v.shape[0] == model.cfg.num_classes:
+                hint = " (the checkpoint has no CFG null-class row: it was trained without class dropout)"
+            raise ValueError(f"LlamaGen tensor for {k} has shape {tuple(v.shape)} but this model expects "
+                             f"{tuple(expected[k].shape)}{hint}; build the GPT with the checkpoint's dim, vocab_size "
+                             f"and num_classes.")
+    model.load_state_dict(ours, strict=True)
+    return model
+
+
+def to_llamagen_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our GPT state dict -> LlamaGen ``Transformer`` key names (tensors shared, not copied); e.g. to run their
+    ``generate`` on our weights in a benchmark."""
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in _TO_LLAMAGEN_RULES:
+            if re.match(pattern, k):
+                out[re.sub(pattern, repl, k)] = v
+                break
+        else:
+            raise KeyError(f"No LlamaGen name for GPT tensor '{k}'.")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ conversion

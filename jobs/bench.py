@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from ideal_ray.cli import add_config_args, config_from_args, outcome, refuse  # noqa: E402
-from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
+from ideal_ray.checkpoint import to_llamagen_state_dict  # noqa: E402
 
 
 def param_table(cfg, discriminator: bool = False):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ideal_ray.models.gpt import to_llamagen_state_dict  # noqa: E402
+from ideal_ray.checkpoint import to_llamagen_state_dict  # noqa: E402
 from jobs.bench import ar_train_flops_per_seq, main  # noqa: E402
 
 LLAMAGEN = os.path.join(os.path.dirname(__file__), "..", "third_party", "LlamaGen")
@@ -68,8 +68,9 @@ def test_sample_table(capsys):
 def test_llamagen_names_are_the_loaders_inverse():
     import torch
 
+    from ideal_ray.checkpoint import convert_llamagen_state_dict
     from ideal_ray.config import gpt_config
-    from ideal_ray.models.gpt import GPT, convert_llamagen_state_dict
+    from ideal_ray.models.gpt import GPT
 
     state = GPT(gpt_config("tiny")).state_dict()
     back = convert_llamagen_state_dict(to_llamagen_state_dict(state))

@@ -17,7 +17,7 @@ import torch
 from conftest import random_sampling_models, release_layout
 from ideal_ray.checkpoint import (GPT, LLAMAGEN, OURS, RELEASE, TOKENIZER, CheckpointError, inspect_checkpoint,
                                   load_gpt, load_tokenizer, torch_load)
-from ideal_ray.models.gpt import to_llamagen_state_dict
+from ideal_ray.checkpoint import to_llamagen_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -182,12 +182,13 @@ BAD = {  # file -> what its sentence must say
 
 
 def _jobs(f: dict, bad: str, out: str) -> dict:
-    """Every job that takes a tokenizer, the bad file in the tokenizer's place."""
+    """Every job that takes a tokenizer, the bad file in the tokenizer's place (the other inputs exist)."""
+    there = f["root"]
     return {
         "sample": ["sample.py", "--gpt", f["gpt"], "--tokenizer", bad, "--out", out, "--in-process"],
-        "extract_tokens": ["extract_tokens.py", "--tokenizer", bad, "--data-root", out, "--out", out],
-        "evaluate recon": ["evaluate.py", "recon", "--tokenizer", bad, "--data-root", out, "--out", out],
-        "sweep_cfg": ["sweep_cfg.py", "--gpt", f["gpt"], "--tokenizer", bad, "--reference", out, "--name", "s",
+        "extract_tokens": ["extract_tokens.py", "--tokenizer", bad, "--data-root", there, "--out", out],
+        "evaluate recon": ["evaluate.py", "recon", "--tokenizer", bad, "--data-root", there, "--out", out],
+        "sweep_cfg": ["sweep_cfg.py", "--gpt", f["gpt"], "--tokenizer", bad, "--reference", there, "--name", "s",
                       "--storage-path", out, "--cfg-scales", "1.0"],
         "convert": ["convert.py", "--src", bad, "--out", os.path.join(out, "x.pt")],
     }

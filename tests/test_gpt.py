@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ideal_ray.config import gpt_config
-from ideal_ray.models.gpt import (GPT, KVCache, convert_llamagen_state_dict, load_llamagen_state_dict,
-                                  rope_2d_tables, swiglu_hidden_dim)
+from ideal_ray.checkpoint import convert_llamagen_state_dict, load_llamagen_state_dict
+from ideal_ray.models.gpt import GPT, KVCache, rope_2d_tables, swiglu_hidden_dim
 
 REFERENCE_PARAMS = {"B": 110_888_448, "L": 342_910_976, "XXL": 1_410_972_672, "3B": 3_096_659_200}
 

@@ -196,7 +196,7 @@ def test_official_checkpoints_sweep_to_the_same_result(setup, interrupted, resum
 
     from conftest import release_layout
     from ideal_ray.checkpoint import load_gpt, load_tokenizer
-    from ideal_ray.models.gpt import to_llamagen_state_dict
+    from ideal_ray.checkpoint import to_llamagen_state_dict
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
     gpt, tok = str(tmp_path / "c2i.pt"), str(tmp_path / "ideal_tokenizer.pth")

@@ -13,12 +13,11 @@ Single-device PyTorch. Three explicit entry points instead of one forward that g
 
 The architecture, the 2D RoPE layout and the initialisation follow LlamaGen's ``autoregressive/models/gpt.py``
 (which the Ideal release reuses) closely enough that its released weights give its logits here: see
-:func:`convert_llamagen_state_dict` for the key mapping.
+``ideal_ray.checkpoint.convert_llamagen_state_dict`` for the key mapping (every file format lives there).
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,8 +34,6 @@ __all__ = [
     "rope_pair_table",
     "apply_rope_pairs",
     "validate_gpt_config",
-    "convert_llamagen_state_dict",
-    "load_llamagen_state_dict",
 ]
 
 
@@ -451,120 +448,3 @@ class GPT(nn.Module):
             k_cache, v_cache = cache.layer(i)
             h = blk.decode(h, rope, k_cache, v_cache, slot, mask)  # (B, 1, D)
         return self._logits(h[:, 0])  # (B, V)
-
-
-# ------------------------------------------------------------------------------------------ LlamaGen weights
-# LlamaGen ``Transformer`` key (after unwrapping) -> ours. Their wqkv rows are [q; k; v] like our qkv, and their
-# w1 / w3 / w2 are our gate / up / down, so every tensor maps one to one without reshaping.
-_LLAMAGEN_NAMES = [  # (LlamaGen's name, ours); "{i}" is the layer index
-    ("cls_embedding.embedding_table.weight", "class_embed.weight"),
-    ("tok_embeddings.weight", "tok_embed.weight"),
-    ("layers.{i}.attention.wqkv.weight", "blocks.{i}.attn.qkv.weight"),
-    ("layers.{i}.attention.wo.weight", "blocks.{i}.attn.proj.weight"),
-    ("layers.{i}.feed_forward.w1.weight", "blocks.{i}.ffn.w_gate.weight"),
-    ("layers.{i}.feed_forward.w3.weight", "blocks.{i}.ffn.w_up.weight"),
-    ("layers.{i}.feed_forward.w2.weight", "blocks.{i}.ffn.w_down.weight"),
-    ("layers.{i}.attention_norm.weight", "blocks.{i}.attn_norm.weight"),
-    ("layers.{i}.ffn_norm.weight", "blocks.{i}.ffn_norm.weight"),
-    ("norm.weight", "norm.weight"),
-    ("output.weight", "head.weight"),
-]
-
-
-def _rules(src: int, dst: int):
-    """(regex, replacement) pairs mapping column ``src`` of _LLAMAGEN_NAMES to column ``dst``."""
-    return [("^" + re.escape(pair[src]).replace(r"\{i\}", r"(\d+)") + "$", pair[dst].replace("{i}", r"\1"))
-            for pair in _LLAMAGEN_NAMES]
-
-
-_LLAMAGEN_RULES = _rules(0, 1)
-_TO_LLAMAGEN_RULES = _rules(1, 0)
-# derived buffers some checkpoints carry: RoPE tables, KV caches, causal masks
-_LLAMAGEN_SKIP = re.compile(r"(^|\.)(freqs_cis|causal_mask|k_cache|v_cache)$")
-_CONTAINER_KEYS = ("model", "module", "state_dict")
-
-
-def _unwrap_llamagen(state: Mapping[str, Any], prefer_ema: bool) -> Mapping[str, Any]:
-    """Find the weights inside a training checkpoint ({"model"|"module"|"state_dict"|"ema": ...}) or a bare dict."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"Expected a state dict or checkpoint dict, got {type(state).__name__}.")
-    order = (("ema",) + _CONTAINER_KEYS) if prefer_ema else (_CONTAINER_KEYS + ("ema",))
-    for key in order:
-        if isinstance(state.get(key), Mapping):
-            return state[key]
-    return state
-
-
-def convert_llamagen_state_dict(state: Mapping[str, Any], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """LlamaGen-format GPT weights -> our key names.
-
-    Accepts a bare state dict or a checkpoint holding one under "model" (DDP), "module" (DeepSpeed),
-    "state_dict" or "ema" (``prefer_ema`` picks EMA weights when both are present); strips ``module.`` and
-    ``_orig_mod.`` prefixes (DDP / torch.compile) and drops derived buffers (``freqs_cis``, KV caches).
-    """
-    state = _unwrap_llamagen(state, prefer_ema)
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        k = key
-        while True:
-            for prefix in ("module.", "_orig_mod."):
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-                    break
-            else:
-                break
-        if _LLAMAGEN_SKIP.search(k):
-            continue
-        for pattern, repl in _LLAMAGEN_RULES:
-            if re.match(pattern, k):
-                out[re.sub(pattern, repl, k)] = value
-                break
-        else:
-            raise KeyError(f"Unrecognised key '{key}' in the LlamaGen GPT state dict; only class-conditional "
-                           f"(c2i) GPT checkpoints with one class token can be loaded.")
-    return out
-
-
-def load_llamagen_state_dict(model: GPT, state: Union[str, Mapping[str, Any]], prefer_ema: bool = False) -> GPT:
-    """Load LlamaGen-format GPT weights (a dict, or a path to a torch file) into ``model``; every tensor must fit.
-
-    The model must be built with the checkpoint's sizes (dim, layers, heads, vocab, classes): a mismatch raises
-    a ValueError naming the first tensor that does not fit.
-    """
-    if isinstance(state, str):
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    ours = convert_llamagen_state_dict(state, prefer_ema=prefer_ema)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise ValueError(f"The LlamaGen checkpoint lacks {len(missing)} of this model's tensors (first: "
-                         f"{missing[0]}); build the GPT with the checkpoint's n_layer (it has "
-                         f"{len({k.split('.')[1] for k in ours if k.startswith('blocks.')})} layers).")
-    extra = sorted(set(ours) - set(expected))
-    if extra:
-        raise ValueError(f"The LlamaGen checkpoint has {len(extra)} tensors this model lacks (first: {extra[0]}); "
-                         f"build the GPT with the checkpoint's n_layer.")
-    for k, v in ours.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            hint = ""
-            if k == "class_embed.weight" and v.shape[0] == model.cfg.num_classes:
-                hint = " (the checkpoint has no CFG null-class row: it was trained without class dropout)"
-            raise ValueError(f"LlamaGen tensor for {k} has shape {tuple(v.shape)} but this model expects "
-                             f"{tuple(expected[k].shape)}{hint}; build the GPT with the checkpoint's dim, vocab_size "
-                             f"and num_classes.")
-    model.load_state_dict(ours, strict=True)
-    return model
-
-
-def to_llamagen_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Our GPT state dict -> LlamaGen ``Transformer`` key names (tensors shared, not copied); e.g. to run their
-    ``generate`` on our weights in a benchmark."""
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in _TO_LLAMAGEN_RULES:
-            if re.match(pattern, k):
-                out[re.sub(pattern, repl, k)] = v
-                break
-        else:
-            raise KeyError(f"No LlamaGen name for GPT tensor '{k}'.")
-    return out
