@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from ideal_ray.config import (GPT_SIZES, GPTConfig, TokenizerConfig, TokenizerTrainConfig, from_dict, load_config,
                               validate_tokenizer)
 from ideal_ray.errors import InputError
+from ideal_ray.io import atomic_path
 
 if TYPE_CHECKING:  # annotations only: torch and the models are imported where they are used
     import torch
@@ -60,17 +60,11 @@ def atomic_torch_save(obj, path: str, overwrite: bool = False) -> str:
     import torch
 
     path = os.path.abspath(path)
+    exists = f"{path} exists; refusing to overwrite it (pass overwrite=True or choose a new path)."
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True or choose a new path).")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
+        raise FileExistsError(exists)
+    with atomic_path(path, overwrite, exists) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ideal_ray.io import atomic_write_json
+
 STATE_FILE = "pipeline.json"
 
 
@@ -44,10 +46,7 @@ def _read_state(path: str) -> Dict[str, Any]:
 
 
 def _write_state(path: str, state: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, state, default=str)
 
 
 def run_stages(run_dir: str, stages: List[Stage], log: Optional[Callable[[str], None]] = None,

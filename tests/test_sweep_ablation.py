@@ -15,6 +15,7 @@ import time
 import pytest
 
 from ideal_ray.config import ConfigError
+from ideal_ray.io import SettingsChangedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["fusion-attention", "fusion-none"]
@@ -159,5 +160,5 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
     assert [_outputs(sweep, v) for v in VARIANTS] == both  # a finished sweep reruns nothing
     assert [t["metrics"]["rfid"] for t in again["trials"]] == [t["metrics"]["rfid"] for t in resumed["trials"]]
     assert len(child_runs(again["tracking_uri"], again["parent_run_id"])) == 2
-    with pytest.raises(ConfigError, match="already exists .* with a different steps"):
+    with pytest.raises(SettingsChangedError, match="already exists .* with a different steps"):
         sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=3)

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import random_sampling_models
 from ideal_ray.checkpoint import CheckpointError
+from ideal_ray.io import SettingsChangedError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -223,7 +224,7 @@ def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, inter
         args.update(kw)
         return sweep_cfg(gpt, setup["tok"], setup["ref"], name, setup["storage"], list(scales), **args)
 
-    with pytest.raises(ValueError, match="already exists with other settings"):
+    with pytest.raises(SettingsChangedError, match="already exists at .* with a different grid"):
         run(scales=(1.0, 3.0))
     with pytest.raises(ValueError, match="non-empty list"):
         run(name="other", scales=())

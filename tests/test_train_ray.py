@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ideal_ray.checkpoint import load_tokenizer
-from ideal_ray.config import ConfigError, load_config
+from ideal_ray.config import load_config
 from ideal_ray.tracking import find_runs
 from ideal_ray.train.engines import load_module_state
 from ideal_ray.train.loop import NonFiniteLossError
@@ -104,7 +104,9 @@ def test_a_half_written_checkpoint_is_never_the_latest(full_run, runs_dir):
 def test_changed_experiment_under_the_same_name_is_refused(full_run, data_root, runs_dir):
     from ideal_ray.train.ray_trainer import check_or_record_config
 
-    with pytest.raises(ConfigError, match="already exists .* model.fusion.mode"):
+    from ideal_ray.io import SettingsChangedError
+
+    with pytest.raises(SettingsChangedError, match="already exists at .* with a different .*model.fusion.mode"):
         check_or_record_config(tiny(data_root, runs_dir, "full", 4, "model.fusion.mode=linear"))
 
 

@@ -23,11 +23,11 @@ import os
 from typing import Any, Iterable
 
 from ideal_ray.errors import InputError
+from ideal_ray.io import atomic_write
 
 MAX_SKIP_FRACTION = 0.05
 MIN_SKIPS_TO_ABORT = 10
 SKIPPED_FILE = "skipped.tsv"  # image_id <TAB> reason, one per line under a header
-_TMP_SUFFIX = ".tmp"
 
 
 class UnreadableDataError(InputError, RuntimeError):
@@ -52,13 +52,8 @@ def skip_fraction_error(skipped: int, total: int, what: str, first: str, reason:
 
 def write_skipped(path: str, skipped: Iterable[dict]) -> None:
     """``image_id <TAB> error`` per skipped file (tabs/newlines in errors flattened), written atomically."""
-    tmp = path + _TMP_SUFFIX
-    with open(tmp, "w") as f:
-        f.write("image_id\terror\n")
-        for x in skipped:
-            err = " ".join(str(x["error"]).split())
-            f.write(f"{x['image_id']}\t{err}\n")
-    os.replace(tmp, path)
+    lines = ["image_id\terror\n"] + [f"{x['image_id']}\t{' '.join(str(x['error']).split())}\n" for x in skipped]
+    atomic_write(path, "".join(lines))
 
 
 def read_skipped(path: str) -> list[dict]:

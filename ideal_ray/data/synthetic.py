@@ -43,6 +43,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ideal_ray.io import atomic_write
+
 FORMAT_VERSION = 1  # bump when the rendering changes, so old markers no longer match
 JPEG_QUALITY = 90
 COMPLETE_MARKER = ".complete"
@@ -234,10 +236,7 @@ def _encode_jpeg(img: np.ndarray) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(str(path), data)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ so stage the shards on local disk (or a page cache that holds them), not on a ne
 from __future__ import annotations
 
 import collections
-import errno
 import glob
 import json
 import os
@@ -58,6 +57,7 @@ import pyarrow.parquet as pq
 
 from ideal_ray.config import ARTrainConfig, ConfigError
 from ideal_ray.errors import InputError
+from ideal_ray.io import TMP_SUFFIX, atomic_write_json, publish  # noqa: F401  (TMP_SUFFIX: half-written files)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
@@ -74,7 +74,6 @@ from ideal_ray.data.ray_pipeline import (
 FORMAT = "ideal-ray/tokens/v1"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "tokens-*.parquet"
-TMP_SUFFIX = ".tmp"
 MAX_TOKEN = np.iinfo(np.uint16).max  # codebooks of up to 65536 entries fit uint16
 
 TOKEN_SCHEMA = pa.schema(
@@ -160,38 +159,6 @@ def shard_table(image_ids: Sequence[str], view_ids, labels, tokens) -> pa.Table:
     )
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Move a finished temporary file to ``path`` without ever replacing an existing ``path``."""
-    try:
-        os.link(tmp, path)  # atomic and fails with EEXIST if path exists: no silent overwrite, even racing
-    except FileExistsError:
-        os.remove(tmp)
-        raise FileExistsError(f"shard {path} already exists; refusing to overwrite it (delete it to redo it).")
-    except OSError as e:  # filesystems without hard links: check, then rename
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
-        if os.path.exists(path):
-            os.remove(tmp)
-            raise FileExistsError(f"shard {path} already exists; refusing to overwrite it (delete it to redo it).")
-        os.replace(tmp, path)
-    else:
-        os.remove(tmp)
-    _fsync_dir(os.path.dirname(path))
-
-
 def write_shard(
     path: str | os.PathLike,
     image_ids: Sequence[str],
@@ -226,7 +193,7 @@ def write_shard(
         )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        publish(tmp, path, f"shard {path} already exists; refusing to overwrite it (delete it to redo it).")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -264,15 +231,7 @@ def manifest_path(shard_dir: str | os.PathLike) -> str:
 
 def write_manifest(shard_dir: str | os.PathLike, manifest: dict) -> str:
     """Atomically (re)write ``manifest.json`` (temporary file + rename; the manifest is meant to be updated)."""
-    path = manifest_path(shard_dir)
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(manifest_path(shard_dir), manifest, sort_keys=True)
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ideal_ray.io import atomic_path
+
 if TYPE_CHECKING:  # annotations only: torch and torchvision are imported where used (the decode actors skip them)
     import torch
     from torchvision.transforms import v2
@@ -141,10 +143,8 @@ def make_grid_png(
     if img.shape[-1] == 1:
         img = img[..., 0]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(str(path)) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
     return path
 
 

@@ -32,6 +32,7 @@ from ideal_ray.data.crops import center_crop_arr
 from ideal_ray.data.folder import DECODE_ERRORS, IMAGE_EXTENSIONS, open_rgb
 from ideal_ray.eval.fid import Gaussian, ReferenceStats, features
 from ideal_ray.eval.inception import RESIZE_RULE, FidInception, file_sha256, load_inception
+from ideal_ray.io import atomic_path
 
 __all__ = [
     "ADM_STAT_KEYS",
@@ -196,15 +197,9 @@ def _save(path: str, stats: ReferenceStats) -> None:
 def save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to the npz ``path`` atomically (temporary file + ``os.replace``): a cache entry another
     process reads is whole or absent."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load(path: str) -> Optional[ReferenceStats]:

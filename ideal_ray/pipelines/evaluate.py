@@ -40,6 +40,7 @@ import numpy as np
 
 from ideal_ray.data import sources
 from ideal_ray.eval import recon as rc
+from ideal_ray.io import atomic_write
 from ideal_ray.tracking import run_tracker
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,6 @@ class _ReconEval:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _per_class_csv(labels: np.ndarray, class_names, columns: Dict[str, np.ndarray]) -> str:
@@ -350,8 +346,8 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         pairs = np.concatenate([grid_rows["real_256"], grid_rows["recon_256"]])
         Image.fromarray(grid_image(pairs, 2, len(grid_rows["real_256"]))).save(os.path.join(out_dir, "grid.png"))
         artifacts.append("grid.png")
-    _write_text(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
-    _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
+    atomic_write(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
+    atomic_write(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "recon", "tokenizer": tokenizer_ckpt, "data_root": listing.root, "split": split,
                        "num_images": len(indices), "device": device, "precision": precision,
@@ -437,7 +433,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
     result["protocol"]["class_accuracy"] = "off (no classifier data set)" if clf is None else {
         "metric": clf.metric_note, **clf.protocol, "classifier_cache": "reused" if clf.from_cache else "computed"}
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
+    atomic_write(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
                        "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ideal_ray.config import SampleConfig
+from ideal_ray.io import atomic_path
 
 __all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image", "SAMPLES_FILE", "GRID_FILE",
            "EXPERIMENT", "GRID_COLUMNS"]
@@ -64,31 +64,12 @@ def grid_image(images: np.ndarray, rows: int, cols: int, pad: int = 2, pad_value
     return out
 
 
-def _publish(tmp: str, path: str) -> None:
-    """Move the finished ``tmp`` to ``path`` without ever replacing an existing ``path``."""
-    try:
-        os.link(tmp, path)  # atomic, and fails if path exists
-    except FileExistsError:
-        raise FileExistsError(f"{path} appeared while sampling; refusing to overwrite it (choose a new --out).")
-    except OSError:  # a filesystem without hard links: check, then rename (atomic, small race window)
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new --out).")
-        os.replace(tmp, path)
-        return
-    os.remove(tmp)
-
-
-def _write_atomic(path: str, write: Callable[[Any], None], suffix: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
+def _write_atomic(path: str, write: Callable[[Any], None]) -> str:
+    """``write(file)`` into a temporary file, published as ``path`` only if nothing is there (never replaced)."""
+    with atomic_path(path, overwrite=False,
+                     exists=f"{path} exists; refusing to overwrite earlier samples (choose a new --out).") as tmp:
+        with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; samples are meant to be shared like any other output
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -97,7 +78,7 @@ def write_samples(npz_path: str, grid_path: str, images: np.ndarray, labels: np.
     """The ADM npz (``arr_0`` (N, S, S, 3) uint8, ``labels``) and the grid PNG (first samples of each class, one row
     per class), each written atomically and never over an existing file."""
     os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
-    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels), ".npz")
+    _write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels))
     cols = min(GRID_COLUMNS, per_class)
     picks = np.concatenate([np.arange(cols) + r * per_class for r in range(num_classes)])
     grid = grid_image(images[picks], num_classes, cols)
@@ -107,7 +88,7 @@ def write_samples(npz_path: str, grid_path: str, images: np.ndarray, labels: np.
 
         Image.fromarray(grid).save(f, format="PNG")
 
-    _write_atomic(grid_path, write_png, ".png")
+    _write_atomic(grid_path, write_png)
 
 
 def _resolve_classes(classes: Optional[Sequence[int]], num_classes: int) -> List[int]:

@@ -32,6 +32,7 @@ import torch
 
 from ideal_ray.checkpoint import save_inference_checkpoint
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, validate
+from ideal_ray.io import changed_keys, settings_changed
 from ideal_ray.data.skipped import UnreadableDataError
 from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
 
@@ -105,11 +106,11 @@ def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bo
             was = RUNNERS.get(was, was)
             raise ConfigError(f"Run '{cfg.name}' in {storage_uri(cfg)} was trained {was} and resumes only that "
                               f"way; rerun it {was}, or choose a new name.")
-        changed = sorted(k for k in set(old) | set(cfg.flat()) if _norm(old.get(k)) != _norm(new.get(k))
-                         and not k.startswith(RESUMABLE_CHANGES))
+        changed = changed_keys(old, {k: new[k] for k in cfg.flat()}, ignore=RESUMABLE_CHANGES,
+                               same=lambda a, b: _norm(a) == _norm(b))
         if changed:
-            raise ConfigError(f"Run '{cfg.name}' already exists in {storage_uri(cfg)} with a different "
-                              f"{', '.join(changed[:5])}; choose a new name or restore those values to resume it.")
+            raise settings_changed(f"Run '{cfg.name}'", storage_uri(cfg), changed,
+                                   "choose a new name or restore those values to resume it.")
         resumed = True
     else:
         resumed = False

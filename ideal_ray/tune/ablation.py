@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ideal_ray.config import ABLATIONS, ConfigError, TokenizerTrainConfig, load_config
+from ideal_ray.io import record_settings
 
 EXPERIMENT = "ideal-ablation"  # MLflow experiment of the sweeps' parent and child runs
 TRAIN_EXPERIMENT = "ideal-tokenizer"  # where train_tokenizer logs each trial's training run
@@ -290,22 +291,7 @@ def plan_sweep(base_preset: str, study: str, name: str, storage_path: str, *, va
 
 def check_or_record_sweep(plan: AblationPlan) -> bool:
     """Write ``<sweep>/sweep.json``; refuse a rerun whose settings differ. True when the sweep already existed."""
-    path = os.path.join(plan.path, SWEEP_FILE)
-    new = json.loads(json.dumps(plan.record()))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            raise ConfigError(f"Sweep '{plan.name}' already exists at {plan.path} with a different "
-                              f"{', '.join(changed[:4])}; choose a new name or pass the same settings to resume it.")
-        return True
-    os.makedirs(plan.path, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return False
+    return record_settings(os.path.join(plan.path, SWEEP_FILE), plan.record(), f"Sweep '{plan.name}'")
 
 
 # ---------------------------------------------------------------------------------------------- resources

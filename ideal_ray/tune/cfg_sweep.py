@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ideal_ray.io import record_settings
 from ideal_ray.tune import common
 
 __all__ = ["sweep_cfg", "cfg_trial", "param_space", "trial_key", "EXPERIMENT", "KIND", "SWEPT"]
@@ -157,22 +158,12 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_settings(path: str, settings: Dict[str, Any]) -> None:
-    """Refuse to restore a sweep whose stored settings differ (Tune would silently keep the old grid)."""
+    """Record the sweep's settings; refuse to restore a sweep whose stored settings differ (Tune would silently keep
+    the old grid). Compared only when Tune can restore the sweep: a folder it never saved starts afresh."""
     from ray import tune
 
-    file = os.path.join(path, SETTINGS_FILE)
-    if os.path.isfile(file) and tune.Tuner.can_restore(path):
-        with open(file) as f:
-            old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"sweep {path} already exists with other settings ({', '.join(diff)}); rerun it "
-                             f"unchanged to resume it, or choose a new name.")
-    os.makedirs(path, exist_ok=True)
-    tmp = f"{file}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(tmp, file)
+    record_settings(os.path.join(path, SETTINGS_FILE), settings, f"CFG sweep {os.path.basename(path)}",
+                    "rerun it unchanged to resume it, or choose a new name.", compare=tune.Tuner.can_restore(path))
 
 
 def _init_ray(gpus_per_trial: Optional[float]) -> float:

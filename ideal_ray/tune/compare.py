@@ -431,12 +431,10 @@ def plot_comparison(cmp: Comparison, path: str) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------- all of it
 def write_text(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`ideal_ray.io.atomic_write`)."""
+    from ideal_ray.io import atomic_write
+
+    return atomic_write(path, text)
 
 
 def write_comparison(cmp: Comparison, out_dir: str) -> Dict[str, Any]:
