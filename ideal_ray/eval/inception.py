@@ -46,6 +46,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.version import __version__ as TORCH_FIDELITY_VERSION
 
+from ideal_ray.io import atomic_path
 from ideal_ray.weights import MissingWeightsError, resolve_local_file, torch_hub_checkpoints_dir
 
 __all__ = [
@@ -332,10 +333,9 @@ def convert_fid_helper(src: str, dst: str, verify_images: Optional[np.ndarray] =
             raise FileExistsError(f"{dst} already exists with different weights; delete it or pick another --out.")
         return {"path": dst, "written": False}
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
     buffer = io.BytesIO()
     torch.save(state, buffer)  # via memory: a file's name would go into the archive and change its sha256
-    try:
+    with atomic_path(dst) as tmp:  # becomes dst only if the check below passes
         Path(tmp).write_bytes(buffer.getvalue())
         report: Dict[str, object] = {"path": dst, "written": True}
         if verify_images is not None:
@@ -344,10 +344,6 @@ def convert_fid_helper(src: str, dst: str, verify_images: Optional[np.ndarray] =
             if not worst <= tolerance:
                 raise ValueError(f"converted weights disagree with the TorchScript by {worst:.2e} relative "
                                  f"(> {tolerance:g}); {dst} was not written.")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return report
 
 
