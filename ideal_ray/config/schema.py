@@ -1,0 +1,369 @@
+"""The configuration's shape: one dataclass per part, composed into each stage's top-level config
+(:class:`TokenizerTrainConfig`, :class:`ARTrainConfig`) and the sampling settings (:class:`SampleConfig`).
+
+Numbers for ``paper`` come from ``shared/design/ideal-spec.md`` (the paper and the authors' release).
+Layer numbers are 1-based like the paper ("block 8 and block 24"); code converts to 0-based indices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+from ideal_ray.errors import InputError
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration value is wrong. The message is one sentence a user can act on."""
+
+
+# --------------------------------------------------------------------------------------------- parts
+@dataclass
+class VFMConfig:
+    """The frozen vision foundation model whose features are tokenized."""
+
+    backbone: str = "siglip2"  # siglip2 | dinov2 | dinov3 | tiny
+    # open_clip model name (siglip2, tiny) or timm model name (dinov2, dinov3)
+    model_name: str = "ViT-L-16-SigLIP2-384"
+    # open_clip pretrained tag ("webli") or timm pretrained tag; "" builds random weights (tiny only)
+    pretrained: str = "webli"
+    # a local weights file (.safetensors / .bin / .pth); "" looks in the HF / torch hub cache
+    weights_path: str = ""
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    heads: int = 16  # used only by tiny (registered) architectures; real backbones bring their own
+    mlp_ratio: float = 4.0
+    shallow_layer: int = 8  # 1-based block number; output read before the final norm
+    deep_layer: int = 24
+    single_layer: bool = False  # layer probe (paper Table 1): tokenize deep_layer only
+    shallow_norm_trainable: bool = True  # paper: learnable; release: frozen at 1/0
+    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class FusionConfig:
+    """AttnFuse: deep tokens query shallow tokens (spec section 2)."""
+
+    mode: str = "attention"  # attention | linear | none
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+
+
+@dataclass
+class QuantizerConfig:
+    """Factorized, l2-normalized VQ (spec section 3)."""
+
+    codebook_size: int = 16384
+    dim: int = 64
+    l2_norm: bool = True
+    codebook_weight: float = 1.0
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.01
+    entropy_temperature: float = 0.01
+    usage_window: int = 524288  # indices remembered for the rolling codebook-usage figure
+
+
+@dataclass
+class FeatureDecoderConfig:
+    """ViT feature decoder with CLS + registers and deep/shallow heads (spec section 4)."""
+
+    width: int = 1024
+    depth: int = 6
+    heads: int = 8
+    mlp_dim: int = 2048
+    dropout: float = 0.1
+    num_registers: int = 4
+
+
+@dataclass
+class PixelDecoderConfig:
+    """CNN pixel decoder from the deep-feature grid to pixels (spec section 5)."""
+
+    base_channels: int = 128
+    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2  # ResBlocks per up level
+    dropout: float = 0.0
+    norm_groups: int = 32
+    out_channels: int = 3
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Frozen DINO ViT-S/16 trunk with five trainable heads (spec section 6)."""
+
+    model_name: str = "vit_small_patch16_224.dino"  # timm name
+    pretrained: bool = True
+    weights_path: str = ""
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    tap_blocks: Tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks tapped after; the embedding is tapped too
+    head_kernel: int = 9
+    crop_prob: float = 0.5  # one random crop for the batch with this probability, else area-resize
+    # a tap's tokens: "add_cls" = class token added to each patch token, (image/patch)^2 tokens (release);
+    # "cls_token" = class token kept as its own token, 1 + (image/patch)^2 tokens
+    tap_readout: str = "add_cls"
+
+
+@dataclass
+class TokenizerConfig:
+    vfm: VFMConfig = field(default_factory=VFMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    feature_decoder: FeatureDecoderConfig = field(default_factory=FeatureDecoderConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    image_size: int = 384  # pixel-space resolution the tokenizer reconstructs
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and schedule (spec section 6)."""
+
+    recon_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_warmup_steps: int = 10  # w_p = min(1, step / warmup)
+    lpips_net: str = "vgg"  # lpips package backbone: vgg | alex | squeeze
+    lpips_pretrained: bool = True  # False: random trunk (tiny/CPU tests), shipped linear heads
+    lpips_weights_path: str = ""  # local torchvision VGG16 file; "" looks in $TORCH_HOME/hub/checkpoints
+    deep_mse_weight: float = 1.0
+    deep_cos_weight: float = 1.0
+    shallow_align: bool = True
+    shallow_mse_weight: float = 1.0
+    shallow_cos_weight: float = 1.0
+    adv_weight: float = 0.5  # lambda_adv for hinge_G, from disc_start
+    disc_weight: float = 0.5  # lambda_d for the discriminator hinge (+ LeCAM)
+    disc_start: int = 20000
+    lecam_weight: float = 0.001
+    lecam_decay: float = 0.999
+    cr_weight: float = 4.0
+    diffaug: bool = True
+    diffaug_prob: float = 0.5
+    use_discriminator: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for G and D, cosine schedule with warm-up (spec section 6)."""
+
+    lr: float = 1e-4
+    base_batch: int = 256  # lr is scaled linearly by global_batch / base_batch
+    betas: Tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_start_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_epochs: float = 4.0
+    epochs: float = 50.0
+    grad_clip: float = 1.0
+    lr_schedule: str = "cosine"  # cosine (tokenizer) | constant (AR); both after the optional warm-up
+    ema_decay: float = 0.9999
+    precision: str = "bf16"  # bf16 | fp32 (bf16 autocast is used on GPU only)
+    seed: int = 42
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented."""
+
+    root: str = "data/imagenet"  # ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+    class_index: str = ""  # "" = <root>/class_index.json
+    image_size: int = 384  # random crop size
+    resize_min: int = 384  # shorter side resized to U[resize_min, resize_max]
+    resize_max: int = 480
+    hflip_prob: float = 0.5
+    global_batch: int = 256
+    loader_workers: int = 8
+    # synthetic set (demo, tests): made under root when root has no train folder yet, at the tiny preset's own
+    # data/synthetic or wherever make_synthetic=true asks for it (a mistyped root is refused, not filled)
+    make_synthetic: bool = False
+    synthetic_classes: int = 10
+    synthetic_train_per_class: int = 100
+    synthetic_val_per_class: int = 10
+    synthetic_size: int = 96
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and how often to do things; steps are optimizer steps."""
+
+    steps: int = 0  # 0 = derive from optim.epochs and the dataset size
+    steps_per_epoch: int = 5005  # ImageNet-1k at batch 256; recomputed from the data when known
+    log_every: int = 50
+    ckpt_every: int = 10000
+    vis_every: int = 5000
+
+
+@dataclass
+class DistributedConfig:
+    """How a stage runs on Ray Train + DeepSpeed, and where its results go."""
+
+    num_workers: int = 8  # Ray Train workers (one per GPU)
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0  # leave the rest of each node's CPUs to Ray Data (decode, augment)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage for the generator and discriminator engines (0, 1 or 2)
+    # Ray Train storage: local dir, NFS path, or s3:// / gs:// (pyarrow filesystems); "" = the run's output_dir
+    storage_path: str = ""
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
+    keep_checkpoints: int = 3  # most recent checkpoints kept in storage
+    max_bad_steps: int = 10  # NaN guard: stop after this many non-finite steps in a row
+    prefetch_batches: int = 2  # Ray Data batches prefetched per worker
+    ray_address: str = ""  # "" = RAY_ADDRESS or a local cluster
+    # Tokenizer stage: where the frozen VFM trunk runs. "trainer": inside every train worker (on its GPU);
+    # "data": in a Ray Data actor pool after decode/augment, the trainers receive its features with the images.
+    # The math is the same either way (a pure function of the image), so a resumed run may switch it.
+    vfm_placement: str = "trainer"
+    vfm_actors: int = 1  # VFM actors per rank's dataset with vfm_placement=data (one GPU each with use_gpu)
+    # How parameters are updated (train/engines.py): "deepspeed" (every Ray run; one process too) or "torch"
+    # (plain torch AdamW in one process: quick CPU runs where DeepSpeed's start-up costs more than the run)
+    engine: str = "deepspeed"
+
+
+@dataclass
+class PerfConfig:
+    """Speed levers of a stage's step on a GPU (train/levers.py). Each keeps the math of the plain step (tested
+    on CPU) and each is timed alone by ``jobs/bench.py``; on CPU the GPU-only ones change nothing. Defaults follow
+    the H200 measurements in the README ("Performance"): a lever is on by default once it measured a gain."""
+
+    frozen_bf16: bool = False  # frozen trunks' linear/conv weights held in bf16 (CUDA + precision=bf16 only)
+    channels_last: bool = False  # pixel decoder activations and the LPIPS trunk in NHWC (CUDA only)
+    compile: bool = False  # torch.compile (inductor) of the step's regions (CUDA only): decoders, trunk blocks
+    # torch.compile mode of those regions: default | reduce-overhead (CUDA graphs of each region) |
+    # max-autotune-no-cudagraphs (autotuned kernels; long first compile)
+    compile_mode: str = "default"
+    # when the host reads the NaN guard: "after_backward" launches the backward first (the host waits while the
+    # GPU already has the backward queued; a non-finite step's gradients are NaN-poisoned and dropped), or
+    # "before_backward" (the host waits for the forward, the GPU idles until the backward is launched)
+    nan_check: str = "after_backward"
+
+
+class StageConfig:
+    """What every stage's top-level config offers: a plain dict and a dotted-key view (MLflow params)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        return flatten(self.to_dict())
+
+
+@dataclass
+class TokenizerTrainConfig(StageConfig):
+    """Everything the tokenizer stage needs."""
+
+    preset: str = "paper"
+    name: str = "ideal-tokenizer"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    output_dir: str = "runs"
+
+
+# ------------------------------------------------------------------------------------- the AR stage
+@dataclass
+class GPTConfig:
+    """Class-conditional LlamaGen-style GPT over the tokenizer's codes (spec section 7)."""
+
+    size: str = "B"  # B | L | XXL | 3B | tiny (informational; the numbers below are what counts)
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256  # SwiGLU hidden = 8d/3 rounded up to a multiple of this
+    ffn_dim_multiplier: float = 0.0  # 0 = none
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    initializer_range: float = 0.02
+    vocab_size: int = 16384
+    num_classes: int = 1000  # class id num_classes is the CFG null class
+    grid: int = 24  # tokens per image = grid * grid
+    cls_token_num: int = 1
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+GPT_SIZES: Dict[str, Dict[str, int]] = {
+    "B": dict(n_layer=12, n_head=12, dim=768),
+    "L": dict(n_layer=24, n_head=16, dim=1024),
+    "XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "3B": dict(n_layer=24, n_head=32, dim=3200),
+    "tiny": dict(n_layer=2, n_head=4, dim=64),
+}
+
+
+@dataclass
+class SampleConfig:
+    """Class-conditional sampling (spec section 7)."""
+
+    cfg_scale: float = 1.75  # logits u + s (c - u); 1.0 = no guidance
+    cfg_interval: Tuple[float, float] = (0.0, 1.0)  # guidance only for token fractions in [start, end)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    per_class: int = 50
+    batch_size: int = 64
+    seed: int = 0
+    out_size: int = 256  # decoded 384 px images are resized (bicubic) to this, uint8
+
+
+@dataclass
+class TokenDataConfig:
+    """Token shards written by jobs/extract_tokens.py (one random view per image per epoch)."""
+
+    shards: str = "data/tokens"  # folder with tokens-*.parquet + manifest.json
+    global_batch: int = 512
+    loader_workers: int = 1  # shard-reader actors per rank
+
+
+@dataclass
+class ARTrainConfig(StageConfig):
+    """Everything the AR stage needs."""
+
+    preset: str = "ar-B"
+    name: str = "ideal-ar-B"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-4, base_batch=0, warmup_epochs=0.0, epochs=300.0, lr_schedule="constant", seed=0))
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(log_every=100, ckpt_every=25000,
+                                                                            vis_every=10**9))
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    # compiled GPT blocks: GPT-B 838 vs 468 seq/s at batch 64 on one H200 (README "Performance")
+    perf: PerfConfig = field(default_factory=lambda: PerfConfig(compile=True))
+    output_dir: str = "runs"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
