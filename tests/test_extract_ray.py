@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 def setup(tmp_path_factory):
     from ideal_ray.checkpoint import save_inference_checkpoint
     from ideal_ray.config import load_config
-    from ideal_ray.data.synthetic import make_synthetic_imagenet, plant_bad_files
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+    from planted import plant_bad_files
     from ideal_ray.models.tokenizer import IdealTokenizer
 
     base = tmp_path_factory.mktemp("extract_ray")
@@ -220,7 +221,7 @@ def test_a_shard_of_only_unreadable_files_is_written_empty_and_both_runs_finish(
     its 4 files as skipped; every good image is there exactly once; skipped.tsv lists every bad file with its
     reason; and the AR readers (in memory and random access) read past the empty shard."""
     from ideal_ray.data import sources
-    from ideal_ray.data.synthetic import planted_files
+    from planted import planted_files
     from ideal_ray.pipelines.extract_local import extract_tokens_local
 
     _, root, ckpt, planted = setup

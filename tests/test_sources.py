@@ -22,7 +22,8 @@ from ideal_ray.data.sources import (
     load_rgb,
     skip_reason,
 )
-from ideal_ray.data.synthetic import make_synthetic_imagenet, plant_bad_files
+from ideal_ray.data.synthetic import make_synthetic_imagenet
+from planted import plant_bad_files
 
 # name -> (writer, expected format, how the ids look)
 SOURCES = {

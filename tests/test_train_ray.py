@@ -187,7 +187,7 @@ def _with_bad_files(data_root, folder, kinds, count):
     import shutil
 
     from ideal_ray.data.ray_pipeline import list_training_images
-    from ideal_ray.data.synthetic import planted_files
+    from planted import planted_files
 
     root = os.path.join(folder, "data")
     shutil.copytree(data_root, root)
