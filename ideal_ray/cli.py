@@ -162,6 +162,16 @@ def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) 
                    f"this user; pass a folder you can write to as {key}.")
 
 
+def add_checkpoint_args(parser, gpt: bool = False) -> None:
+    """``--tokenizer`` (and with ``gpt``, ``--gpt``): the checkpoint flags of the jobs that load models, each taking
+    our export or an official file (:mod:`ideal_ray.checkpoint`); check them with :func:`check_checkpoints`."""
+    if gpt:
+        parser.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a "
+                                                         "LlamaGen c2i file or the authors' release GPT checkpoint")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
+                                                           "jobs/train_tokenizer.py) or the authors' release file")
+
+
 def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None, classes=None) -> dict:
     """A job's checkpoint arguments checked before anything heavy (no torch, no Ray): each file exists, is whole, is
     safe to load and holds the model its flag names, in our, the authors' release or LlamaGen's layout; a GPT and a

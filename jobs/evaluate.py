@@ -28,7 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import add_classifier_args, check_checkpoints, outcome, require_durable_paths, require_existing  # noqa: E402
+from ideal_ray.cli import (add_checkpoint_args, add_classifier_args, check_checkpoints, outcome,  # noqa: E402
+                           require_durable_paths, require_existing)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -44,8 +45,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recon", help="reconstruction metrics of a tokenizer on a validation split (Ray actor pool)")
-    r.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
-                   "jobs/train_tokenizer.py) or the authors' release file")
+    add_checkpoint_args(r)
     r.add_argument("--data-root", required=True)
     r.add_argument("--split", default="val")
     r.add_argument("--format", default="auto", choices=["auto", "folder", "flat", "parquet", "webdataset"])

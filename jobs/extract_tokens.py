@@ -21,14 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import check_checkpoints, outcome, require_durable_paths, require_existing  # noqa: E402
+from ideal_ray.cli import (add_checkpoint_args, check_checkpoints, outcome, require_durable_paths,  # noqa: E402
+                           require_existing)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
-                        "jobs/train_tokenizer.py) or the authors' release file")
+    add_checkpoint_args(parser)
     parser.add_argument("--data-root", required=True, help="dataset root (holds <split>/ and class_index.json)")
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--views", default="llamagen", choices=["llamagen", "release"])

@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import check_checkpoints, outcome, parse_classes, refuse, require_durable_paths  # noqa: E402
+from ideal_ray.cli import (add_checkpoint_args, check_checkpoints, outcome, parse_classes, refuse,  # noqa: E402
+                           require_durable_paths)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -26,10 +27,7 @@ def main(argv=None) -> int:
 
     d = SampleConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a LlamaGen "
-                        "c2i file or the authors' release GPT checkpoint")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
-                        "jobs/train_tokenizer.py) or the authors' release file")
+    add_checkpoint_args(parser, gpt=True)
     parser.add_argument("--out", required=True, help="output folder for samples.npz and grid.png (must not hold them)")
     parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance; 1 = off")
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=list(d.cfg_interval), metavar=("START", "END"),

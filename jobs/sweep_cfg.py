@@ -22,8 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import (INTERRUPTED, add_classifier_args, check_checkpoints, outcome, parse_classes,  # noqa: E402
-                           require_durable_paths, require_existing)
+from ideal_ray.cli import (INTERRUPTED, add_checkpoint_args, add_classifier_args, check_checkpoints,  # noqa: E402
+                           outcome, parse_classes, require_durable_paths, require_existing)
 from ideal_ray.console import job_console, say  # noqa: E402
 
 
@@ -60,10 +60,7 @@ def main(argv=None) -> int:
     from ideal_ray.tune.cfg_sweep import EXPERIMENT
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a LlamaGen c2i "
-                   "file or the authors' release GPT checkpoint")
-    p.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
-                   "jobs/train_tokenizer.py) or the authors' release file")
+    add_checkpoint_args(p, gpt=True)
     p.add_argument("--reference", required=True, help="ADM reference npz or a folder of reference images")
     p.add_argument("--name", required=True, help="the sweep's folder name under --storage-path (rerun to resume)")
     p.add_argument("--storage-path", default="runs/sweeps")
