@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ideal_ray.data import crops
+from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -70,7 +71,7 @@ def local_ref(setup):
     base, root, ckpt, _ = setup
     out = base / "local"
     extract_tokens_local(ckpt, root, str(out), views="llamagen", batch_size=40, shard_images=4, row_group_images=2)
-    return tk.TokenShardDataset(out)
+    return ar.TokenShardDataset(out)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_bad_files_skipped_counted_listed_and_good_rows_all_there(setup, extract
     lines = open(os.path.join(out, "skipped.tsv")).read().splitlines()
     assert lines[0] == "image_id\terror" and {ln.split("\t")[0] for ln in lines[1:]} == bad
 
-    ds = tk.TokenShardDataset(out)  # the AR stage's in-memory reader loads them
+    ds = ar.TokenShardDataset(out)  # the AR stage's in-memory reader loads them
     assert good <= set(ds.image_ids) and not bad & set(ds.image_ids)
     assert ds.tokens.shape == (listed - len(bad), 20, 64) and ds.tokens.dtype == np.uint16
     # same tokens, ids and labels as the in-process extraction, which test_tokens.py checks against encode()
@@ -130,15 +131,15 @@ def test_resume_after_crash_mid_write_keeps_one_copy_of_every_row(setup, extract
     (out / (tk.shard_name(2) + tk.TMP_SUFFIX)).write_bytes(b"half a shard")
     shutil.copy(out / tk.shard_name(1), out / tk.shard_name(2))
     with pytest.raises(ValueError, match="incomplete"):
-        tk.TokenShardDataset(out)
+        ar.TokenShardDataset(out)
 
     s = _run(setup, out, tracking_uri="")
     assert s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0
     assert (s["shards_kept"], s["shards_written"]) == (2, s["shards"] - 2)
     assert {k: os.stat(out / tk.shard_name(k)).st_mtime_ns for k in (0, 1)} == kept  # finished shards untouched
     assert not list(out.glob("*" + tk.TMP_SUFFIX))
-    ref = tk.TokenShardDataset(extracted[0])
-    ds = tk.TokenShardDataset(out)
+    ref = ar.TokenShardDataset(extracted[0])
+    ds = ar.TokenShardDataset(out)
     assert ds.image_ids == ref.image_ids and len(set(ds.image_ids)) == len(ds.image_ids)
     np.testing.assert_array_equal(ds.tokens, ref.tokens)
     again = _run(setup, out, tracking_uri="")  # a finished folder: nothing redone
@@ -156,8 +157,8 @@ def test_release_views_and_webdataset_input(setup, ray_local, tmp_path):
     ref = extract_tokens_local(ckpt, str(wds), str(tmp_path / "ref"), views="release", batch_size=40,
                                shard_images=4, row_group_images=2, fmt="webdataset")
     assert s["verify"]["ok"] and s["num_views"] == 2 and s["images"] == ref["images"]
-    np.testing.assert_array_equal(tk.TokenShardDataset(tmp_path / "out").tokens,
-                                  tk.TokenShardDataset(tmp_path / "ref").tokens)
+    np.testing.assert_array_equal(ar.TokenShardDataset(tmp_path / "out").tokens,
+                                  ar.TokenShardDataset(tmp_path / "ref").tokens)
 
 
 def test_views_from_squares_equal_cpu_views():
@@ -255,15 +256,15 @@ def test_a_shard_of_only_unreadable_files_is_written_empty_and_both_runs_finish(
         listed = dict(ln.split("\t") for ln in lines[1:])
         assert lines[0] == "image_id\terror" and set(listed) == bad
         assert {i: listed[i] for i in shard1} == shard1
-        ds = tk.TokenShardDataset(out)
+        ds = ar.TokenShardDataset(out)
         assert sorted(ds.image_ids) == sorted(good) and len(set(ds.image_ids)) == len(ds.image_ids)
-        reader = tk.TokenShardReader(out)  # the Ray AR reader's index: arithmetic over the per-shard counts
+        reader = ar.TokenShardReader(out)  # the Ray AR reader's index: arithmetic over the per-shard counts
         idx = np.arange(len(ds))
         tokens, labels = reader.read(idx, idx % 2)
         np.testing.assert_array_equal(tokens, ds.tokens[idx, idx % 2])
         np.testing.assert_array_equal(labels, ds.labels)
-    np.testing.assert_array_equal(tk.TokenShardDataset(on_ray["out_dir"]).tokens,
-                                  tk.TokenShardDataset(local["out_dir"]).tokens)
+    np.testing.assert_array_equal(ar.TokenShardDataset(on_ray["out_dir"]).tokens,
+                                  ar.TokenShardDataset(local["out_dir"]).tokens)
 
 
 def test_the_encoder_takes_a_batch_of_no_images(setup):
@@ -314,7 +315,7 @@ def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray
           f"{s['duplicates_dropped']} duplicate row(s) dropped, {s['shards']} shards")
     assert s["complete"] and s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0
     assert s["shards_written"] == s["shards"] > written_at_kill  # nothing was written before the run started
-    ds = tk.TokenShardDataset(out)
+    ds = ar.TokenShardDataset(out)
     assert ds.image_ids == local_ref.image_ids and len(set(ds.image_ids)) == len(ds.image_ids)
     np.testing.assert_array_equal(ds.labels, local_ref.labels)
     np.testing.assert_array_equal(ds.tokens, local_ref.tokens)

@@ -18,6 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ideal_ray.data import crops
+from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
 from ideal_ray.data.ray_pipeline import decode, to_model_input
 
@@ -234,7 +235,7 @@ def test_extraction_rows_and_tokens_equal_direct_encoding(tiny_setup, extracted)
     m = tk.read_manifest(out)
     assert m["complete"] and m["grid"] == 8 and m["vocab"] == 256 and m["num_views"] == 20
     assert m["image_size"] == S and m["tokenizer_path"] == os.path.abspath(ckpt) and len(m["tokenizer_sha256"]) == 64
-    ds = tk.TokenShardDataset(out)
+    ds = ar.TokenShardDataset(out)
     assert ds.tokens.shape == (8, 20, 64) and ds.tokens.dtype == np.uint16
     assert ds.image_ids[0] == "train/n90000000/n90000000_0.JPEG" and list(ds.labels) == [0] * 4 + [1] * 4
     for i, image_id in enumerate(ds.image_ids):
@@ -242,7 +243,7 @@ def test_extraction_rows_and_tokens_equal_direct_encoding(tiny_setup, extracted)
     ds.set_epoch(3)
     x, y = ds[5]
     assert x.dtype == torch.int64 and x.shape == (64,) and int(y) == 1
-    np.testing.assert_array_equal(x.numpy(), ds.tokens[5, tk.view_of(0, 3, 5, 20)])
+    np.testing.assert_array_equal(x.numpy(), ds.tokens[5, ar.view_of(0, 3, 5, 20)])
 
 
 def test_release_views_extraction(tiny_setup):
@@ -251,7 +252,7 @@ def test_release_views_extraction(tiny_setup):
     base, root, ckpt, tok = tiny_setup
     s = extract_tokens_local(ckpt, root, str(base / "release"), views="release", batch_size=2, shard_images=5)
     assert (s["images"], s["rows"], s["num_views"], s["shards"]) == (8, 16, 2, 2)
-    ds = tk.TokenShardDataset(base / "release")
+    ds = ar.TokenShardDataset(base / "release")
     for i in (0, 7):
         np.testing.assert_array_equal(ds.tokens[i], _direct_codes(tok, root, ds.image_ids[i], "release"))
     with pytest.raises(FileExistsError, match="other parameters"):  # same folder, other view set: refused
@@ -293,7 +294,7 @@ def test_resume_redoes_only_the_lost_shard(tiny_setup, extracted, tmp_path):
         f.write(b"half a shard")
     kept = os.stat(os.path.join(out, tk.shard_name(0))).st_mtime_ns
     with pytest.raises(ValueError, match="incomplete"):
-        tk.TokenShardDataset(out)
+        ar.TokenShardDataset(out)
 
     s = extract_tokens_local(ckpt, root, out, views="llamagen", batch_size=20, shard_images=3, row_group_images=2)
     assert (s["shards_written"], s["shards_kept"], s["rows"]) == (2, 1, 160) and s["verify"]["ok"]
@@ -311,26 +312,26 @@ GB, WORLD, STEPS, SEED = 4, 2, 6, 11  # 8 images -> 2 steps per epoch; 6 steps =
 
 
 def test_schedule_one_view_per_image_per_epoch(extracted):
-    ds = tk.TokenShardDataset(extracted[0], seed=SEED)
+    ds = ar.TokenShardDataset(extracted[0], seed=SEED)
     seen_views = []
     for epoch in range(3):
         idx_all, views_all = [], []
         for t in (2 * epoch, 2 * epoch + 1):
             for r in range(WORLD):
-                e, idx, views = tk.ar_step_plan(t, r, WORLD, GB, 8, 20, SEED)
+                e, idx, views = ar.ar_step_plan(t, r, WORLD, GB, 8, 20, SEED)
                 assert e == epoch
                 idx_all += list(idx)
                 views_all += list(views)
                 b = ds.step_batch(t, r, WORLD, GB)
                 np.testing.assert_array_equal(b["tokens"], ds.tokens[idx, views].astype(np.int64))
         assert sorted(idx_all) == list(range(8))  # every image exactly once per epoch
-        assert all(v == tk.view_of(SEED, epoch, i, 20) for i, v in zip(idx_all, views_all))
+        assert all(v == ar.view_of(SEED, epoch, i, 20) for i, v in zip(idx_all, views_all))
         seen_views.append(dict(zip(idx_all, views_all)))
     assert seen_views[0] != seen_views[1]  # views are redrawn each epoch
     assert all(0 <= v < 20 for d in seen_views for v in d.values())
-    draws = [tk.view_of(SEED, 1, i, 20) for i in range(50)]
-    assert draws == list(tk.views_of(SEED, np.ones(50, int), np.arange(50), 20))  # deterministic, vectorised alike
-    assert draws != [tk.view_of(SEED + 1, 1, i, 20) for i in range(50)]  # the seed matters
+    draws = [ar.view_of(SEED, 1, i, 20) for i in range(50)]
+    assert draws == list(ar.views_of(SEED, np.ones(50, int), np.arange(50), 20))  # deterministic, vectorised alike
+    assert draws != [ar.view_of(SEED + 1, 1, i, 20) for i in range(50)]  # the seed matters
 
 
 @pytest.fixture(scope="module")
@@ -347,10 +348,10 @@ def ray_local():
 
 
 def _rows(ds) -> dict[str, np.ndarray]:
-    cols = {c: [] for c in tk.AR_COLUMNS}
+    cols = {c: [] for c in ar.AR_COLUMNS}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        assert set(b) == set(tk.AR_COLUMNS)
-        for c in tk.AR_COLUMNS:
+        assert set(b) == set(ar.AR_COLUMNS)
+        for c in ar.AR_COLUMNS:
             cols[c].append(b[c])
     return {c: np.concatenate(v) for c, v in cols.items()}
 
@@ -359,30 +360,30 @@ def _rows(ds) -> dict[str, np.ndarray]:
 def ray_full(ray_local, extracted):
     """Both ranks' rows for steps [0, STEPS); rank 0 from a 2-actor pool (order must really be preserved)."""
     out = extracted[0]
-    r0 = _rows(tk.ar_rank_dataset(out, GB, WORLD, 0, 0, STEPS, SEED, num_actors=2))
-    r1 = _rows(tk.ar_rank_datasets(out, GB, WORLD, 0, STEPS, SEED)[1])
+    r0 = _rows(ar.ar_rank_dataset(out, GB, WORLD, 0, 0, STEPS, SEED, num_actors=2))
+    r1 = _rows(ar.ar_rank_datasets(out, GB, WORLD, 0, STEPS, SEED)[1])
     return r0, r1
 
 
 def test_ray_reader_exact_order(ray_full, extracted):
-    ds = tk.TokenShardDataset(extracted[0], seed=SEED)
+    ds = ar.TokenShardDataset(extracted[0], seed=SEED)
     lb = GB // WORLD
     for r, rows in enumerate(ray_full):
         assert rows["tokens"].shape == (STEPS * lb, 64) and rows["tokens"].dtype == np.int64
         for t in range(STEPS):
             exp = ds.step_batch(t, r, WORLD, GB)
-            for c in tk.AR_COLUMNS:
+            for c in ar.AR_COLUMNS:
                 np.testing.assert_array_equal(rows[c][t * lb:(t + 1) * lb], exp[c], err_msg=f"{c} rank {r} step {t}")
 
 
 def test_ray_reader_resume_tail_and_determinism(ray_full, extracted, ray_local):
     out = extracted[0]
     k = 3  # resumes mid-epoch 1
-    tail = _rows(tk.ar_rank_dataset(out, GB, WORLD, 0, k, STEPS - k, SEED, steps_per_block=2))
-    for c in tk.AR_COLUMNS:
+    tail = _rows(ar.ar_rank_dataset(out, GB, WORLD, 0, k, STEPS - k, SEED, steps_per_block=2))
+    for c in ar.AR_COLUMNS:
         np.testing.assert_array_equal(tail[c], ray_full[0][c][k * (GB // WORLD):], err_msg=c)
-    ds = tk.ar_rank_dataset(out, GB, WORLD, 1, 0, 2, SEED)
-    batches = list(ds.iter_torch_batches(batch_size=GB // WORLD, dtypes=tk.AR_TORCH_DTYPES))
+    ds = ar.ar_rank_dataset(out, GB, WORLD, 1, 0, 2, SEED)
+    batches = list(ds.iter_torch_batches(batch_size=GB // WORLD, dtypes=ar.AR_TORCH_DTYPES))
     assert len(batches) == 2 and batches[0]["tokens"].shape == (2, 64) and batches[0]["tokens"].dtype == torch.int64
     np.testing.assert_array_equal(torch.cat([b["tokens"] for b in batches]).numpy(), ray_full[1]["tokens"][:4])
 
@@ -394,17 +395,17 @@ def test_readers_refuse_incomplete_or_bad_requests(extracted, tmp_path):
     m["complete"] = False
     tk.write_manifest(out, m)
     with pytest.raises(ValueError, match="incomplete"):
-        tk.ar_rank_dataset(out, GB, WORLD, 0, 0, 1, SEED)
+        ar.ar_rank_dataset(out, GB, WORLD, 0, 0, 1, SEED)
     with pytest.raises(ValueError, match="does not divide"):
-        tk.ar_rank_dataset(extracted[0], 5, WORLD, 0, 0, 1, SEED)
+        ar.ar_rank_dataset(extracted[0], 5, WORLD, 0, 0, 1, SEED)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        tk.ar_rank_dataset(extracted[0], 16, WORLD, 0, 0, 1, SEED)
+        ar.ar_rank_dataset(extracted[0], 16, WORLD, 0, 0, 1, SEED)
     with pytest.raises(FileNotFoundError, match="not a token shard folder"):
-        tk.TokenShardDataset(tmp_path)
-    reader = tk.TokenShardReader(extracted[0], max_open_files=1)  # every shard switch reopens a file
+        ar.TokenShardDataset(tmp_path)
+    reader = ar.TokenShardReader(extracted[0], max_open_files=1)  # every shard switch reopens a file
     toks, labels = reader.read([7, 0, 3], [19, 0, 10])
     assert len(reader._open) == 1
-    full = tk.TokenShardDataset(extracted[0])
+    full = ar.TokenShardDataset(extracted[0])
     np.testing.assert_array_equal(toks, full.tokens[[7, 0, 3], [19, 0, 10]])
     np.testing.assert_array_equal(labels, full.labels[[7, 0, 3]])
     with pytest.raises(IndexError):

@@ -4,7 +4,7 @@ driver (:func:`train_ar`), on the same shared loop and driver pieces as the toke
 Training (spec section 7): inputs [class, codes 0..574], targets codes 0..575, cross-entropy; class/token/residual
 dropout inside the model; AdamW (fused on GPU) at a constant lr 1e-4, betas (0.9, 0.95), wd 0.05 on matrices,
 grad clip 1.0, EMA; bf16 autocast on GPU with fp32 weights in the engine. Data: token shards, one random view per
-image per epoch, in a fixed order per rank (``ideal_ray.data.tokens.ar_rank_dataset``).
+image per epoch, in a fixed order per rank (``ideal_ray.data.ar_reader.ar_rank_dataset``).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class ARStage:
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    from ideal_ray.data.tokens import AR_TORCH_DTYPES
+    from ideal_ray.data.ar_reader import AR_TORCH_DTYPES
     from ideal_ray.train.worker import run_worker
 
     cfg = from_dict(ARTrainConfig, config["cfg"])
@@ -102,7 +102,7 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
     """Train (or resume) a GPT on token shards on Ray Train + DeepSpeed; export the EMA weights. MLflow experiment
     ``ideal-ar`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
     Returns ``checkpoint``, ``export``, ``steps``, ``tracking_uri`` and ``metrics`` (the MLflow run's latest values)."""
-    from ideal_ray.data.tokens import ar_rank_dataset
+    from ideal_ray.data.ar_reader import ar_rank_dataset
     from ideal_ray.train.ray_trainer import record_final, run_stage
 
     validate_ar(cfg)
