@@ -38,14 +38,17 @@ def main(argv=None) -> int:
         if args.gpus is not None:
             cfg.dist.use_gpu = args.gpus
         validate_ar(cfg)
-        from ideal_ray.data.tokens import check_shards
-
-        check_shards(cfg)  # the shards are there and fit the model, before torch or Ray
     except ConfigError as e:
         refuse(f"config error: {e}")
     require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
                                                          "data.shards": cfg.data.shards})
     require_usable_output(cfg.output_dir, cfg.name, **{"dist.storage_path": cfg.dist.storage_path})
+    from ideal_ray.data.tokens import check_shards
+
+    try:
+        check_shards(cfg)  # the shards are there and fit the model, before torch or Ray
+    except ConfigError as e:
+        refuse(f"config error: {e}")
     from ideal_ray.train.ar_stage import train_ar
 
     resume = f"rerun the same command to resume from the latest checkpoint of run {cfg.name}"

@@ -133,7 +133,7 @@ def test_tiny_and_paper_defaults_live_in_one_place_and_the_job_flags_replace_the
     import sys
 
     from ideal_ray.config import load_config
-    from ideal_ray.pipelines import pipeline
+    from ideal_ray import pipeline
 
     tiny = pipeline.pipeline_defaults(load_config("tiny"))
     paper = pipeline.pipeline_defaults(load_config("paper"))
@@ -167,7 +167,7 @@ def test_tiny_and_paper_defaults_live_in_one_place_and_the_job_flags_replace_the
 
 def test_one_local_cluster_is_sized_for_every_training_stage(monkeypatch):
     from ideal_ray.config import load_ar_config, load_config
-    from ideal_ray.pipelines import cluster
+    from ideal_ray import cluster
     from ideal_ray.train.ray_trainer import init_ray, local_cluster_cpus
 
     calls = []

@@ -212,12 +212,13 @@ def test_resume_equals_uninterrupted(straight, data_root, runs_dir, engine):
 @pytest.mark.slow
 def test_a_run_resumes_only_the_way_it_started(straight, data_root, runs_dir):
     from ideal_ray.config import ConfigError
+    from ideal_ray.io import SettingsChangedError
     from ideal_ray.train.ray_trainer import check_or_record_config, train_tokenizer
 
     cfg = straight["torch"][0]
     with pytest.raises(ConfigError, match="was trained in one process .* rerun it in one process"):
         check_or_record_config(cfg, "ray")
-    with pytest.raises(ConfigError, match="already exists .* dist.engine"):
+    with pytest.raises(SettingsChangedError, match="already exists .* dist.engine"):
         train(tiny(data_root, runs_dir, "torch-4", 6, "dist.engine=deepspeed"), runs_dir)
     with pytest.raises(ConfigError, match="an in-process run does not have"):
         train_tokenizer(tiny(data_root, runs_dir, "in-data", 2, "dist.vfm_placement=data"), in_process=True)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ideal_ray.config import ConfigError, load_ar_config, load_config
+from ideal_ray.io import SettingsChangedError
 from ideal_ray.data import ray_pipeline as rp
 from ideal_ray.train.tokenizer_stage import vfm_stage
 from ideal_ray.train.tokenizer_step import TokenizerSystem
@@ -132,7 +133,7 @@ def test_a_rerun_may_switch_placement_but_not_the_experiment(tmp_path):
                                                                 "dist.vfm_actors=2"])) is True
     with open(tmp_path / "switch" / CONFIG_FILE) as f:
         assert json.load(f)["dist.vfm_placement"] == "data"  # the run folder records the latest placement
-    with pytest.raises(ConfigError, match="model.fusion.mode"):
+    with pytest.raises(SettingsChangedError, match="with a different model.fusion.mode"):
         check_or_record_config(load_config("tiny", common + ["model.fusion.mode=linear"]))
 
 
