@@ -225,16 +225,17 @@ def test_unreadable_files_are_counted_listed_and_logged_like_extraction(ray_clus
 
 
 def test_a_mostly_unreadable_batch_stops_training_with_one_sentence(ray_cluster, data_root, runs_dir, tmp_path):
-    """28 of the 32 images unreadable (what a vanished mount looks like to a listed folder): the run stops at its
-    first step with the decode actor's sentence, naming the first bad file and the fraction, not a Ray traceback's
-    text and not after training on the four good images; skipped.tsv lists what was met."""
+    """28 of the 32 images unreadable (what a vanished mount looks like to a listed folder): the run stops with the
+    decode actor's sentence, naming the first bad file and the fraction, not a Ray traceback's text and not after
+    training on the four good images; skipped.tsv lists what was met. (Which step's decode call reports first is up
+    to Ray Data's prefetching: any of the run's 2 steps.)"""
     from ideal_ray.data.skipped import UnreadableDataError
 
     root, bad = _with_bad_files(data_root, str(tmp_path), ["zero_bytes"], 28)
     cfg = tiny(root, runs_dir, "vanished", 2, "loss.use_discriminator=false", "dist.max_failures=0")
     with pytest.raises(UnreadableDataError) as e:
         train(cfg)
-    m = re.match(r"(\d+) of the (\d+) image files rank \d read for training step 1 could not be read or decoded "
+    m = re.match(r"(\d+) of the (\d+) image files rank \d read for training step [12] could not be read or decoded "
                  r"\(first: (\S+): empty file \(0 bytes\)\); that is more than 5% of them, .* Training stopped",
                  str(e.value))
     assert m, str(e.value)
