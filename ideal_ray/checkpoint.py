@@ -244,6 +244,10 @@ class CheckpointInfo:
         """Tokens per side (0 = unknown)."""
         return math.isqrt(self.tokens)
 
+    def weights_of(self, ckpt: Any) -> Mapping:
+        """The state dict inside the loaded file, where the inspection found it (``weights``)."""
+        return ckpt if self.weights == "state dict" else ckpt[self.weights]
+
     def describe(self) -> str:
         return f"{_NOUNS[self.kind]} ({_LAYOUT_NAMES[self.layout]}, {self.weights} weights)"
 
@@ -433,7 +437,7 @@ def load_tokenizer(path: str, device: str = "cpu", prefer_ema: bool = True):
     if info.layout == OURS:
         model = _load_ours_tokenizer(path, ckpt)
     else:
-        state, _ = _pick_state_loaded(ckpt, prefer_ema)
+        state = info.weights_of(ckpt)
         ours = convert_release_state_dict(state)
         model = _build_for_release(path, ours, info.has_trunk)
         _load_release_state(model, ours, path, strict=True, with_trunk=info.has_trunk)
@@ -475,7 +479,7 @@ def load_gpt(path: str, device: str = "cpu", grid: Optional[int] = None, prefer_
     if info.layout == OURS:
         state = ckpt["model"]
     else:
-        state = convert_llamagen_state_dict(_pick_state_loaded(ckpt, prefer_ema)[0])
+        state = convert_llamagen_state_dict(info.weights_of(ckpt))
     model = GPTModel(cfg)
     expected = model.state_dict()
     wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -488,17 +492,6 @@ def load_gpt(path: str, device: str = "cpu", grid: Optional[int] = None, prefer_
                               f"{k} is {got}, expected {want}; export or convert it again.")
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _pick_state_loaded(ckpt: Any, prefer_ema: bool) -> Tuple[Mapping, str]:
-    """:func:`_pick_state` over the loaded file (real tensors rather than shapes)."""
-    import torch
-
-    for key in _state_keys(prefer_ema):
-        v = ckpt.get(key) if isinstance(ckpt, Mapping) else None
-        if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()):
-            return v, key
-    return ckpt, "state dict"
 
 
 # ------------------------------------------------------------------------------- the authors' release layout
@@ -590,8 +583,8 @@ def load_release_checkpoint(model, path: str, prefer_ema: bool = True, strict: b
     """Load the authors' released tokenizer weights (exported file, training checkpoint or bare state dict) into an
     :class:`IdealTokenizer` you built; EMA weights are preferred when present. :func:`load_tokenizer` builds the
     model itself."""
-    inspect_checkpoint(path, TOKENIZER, prefer_ema)
-    state, _ = _pick_state_loaded(torch_load(path, "release tokenizer"), prefer_ema)
+    info = inspect_checkpoint(path, TOKENIZER, prefer_ema)
+    state = info.weights_of(torch_load(path, "release tokenizer"))
     _load_release_state(model, convert_release_state_dict(state), path, strict)
     return model
 

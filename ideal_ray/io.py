@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Union
 
 from ideal_ray.errors import InputError
 
@@ -124,15 +124,14 @@ def settings_changed(what: str, where: str, keys: List[str], fix: str) -> Settin
 
 def record_settings(path: str, settings: Mapping[str, Any], what: str,
                     fix: str = "choose a new name, or pass the same settings to resume it.",
-                    compare: bool = True, read: Optional[Callable[[Any], Any]] = None) -> bool:
+                    compare: bool = True) -> bool:
     """Record ``settings`` as JSON at ``path``; on a rerun (``path`` exists and ``compare``) refuse other settings
-    (:func:`settings_changed`). Returns True when ``path`` held the same settings (a resume). ``read`` maps the stored
-    object before comparing (e.g. tuples stored as lists: compare JSON round trips)."""
+    (:func:`settings_changed`), compared as JSON reads them back (tuples as lists). Returns True when ``path`` held
+    the same settings (a resume)."""
     new = json.loads(json.dumps(settings, default=str))  # as it will read back
     if compare and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        old = read(old) if read else old
         keys = changed_keys(old, new)
         if keys:
             raise settings_changed(what, os.path.dirname(path), keys, fix)
