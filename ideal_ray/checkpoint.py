@@ -480,17 +480,8 @@ def load_gpt(path: str, device: str = "cpu", grid: Optional[int] = None, prefer_
         state = ckpt["model"]
     else:
         state = convert_llamagen_state_dict(info.weights_of(ckpt))
-    model = GPTModel(cfg)
-    expected = model.state_dict()
-    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
-    extra = [k for k in state if k not in expected]
-    if wrong or extra:
-        k = (wrong or extra)[0]
-        got = tuple(state[k].shape) if k in state else "missing"
-        want = tuple(expected[k].shape) if k in expected else "no such tensor"
-        raise CheckpointError(f"{path} does not fit the GPT it implies ({cfg.n_layer} layers, width {cfg.dim}): "
-                              f"{k} is {got}, expected {want}; export or convert it again.")
-    model.load_state_dict(state)
+    model = load_fitting(GPTModel(cfg), state, f"{path} does not fit the GPT it implies ({cfg.n_layer} layers, "
+                                             f"width {cfg.dim})", "export or convert it again")
     return model.to(device).eval()
 
 
@@ -661,34 +652,36 @@ def convert_llamagen_state_dict(state: Mapping[str, Any], prefer_ema: bool = Fal
     return out
 
 
-def load_llamagen_state_dict(model: "GPTModel", state: Union[str, Mapping[str, Any]], prefer_ema: bool = False) -> "GPTModel":
+def load_llamagen_state_dict(model: "GPTModel", state: Union[str, Mapping[str, Any]],
+                             prefer_ema: bool = False) -> "GPTModel":
     """Load LlamaGen-format GPT weights (a dict, or a path to a torch file) into ``model``; every tensor must fit.
 
     The model must be built with the checkpoint's sizes (dim, layers, heads, vocab, classes): a mismatch raises
-    a ValueError naming the first tensor that does not fit.
+    a CheckpointError (a ValueError) naming the first tensor that does not fit (:func:`load_fitting`).
     """
     if isinstance(state, str):
         state = torch_load(state, "LlamaGen GPT")
-    ours = convert_llamagen_state_dict(state, prefer_ema=prefer_ema)
+    return load_fitting(model, convert_llamagen_state_dict(state, prefer_ema=prefer_ema),
+                        "The LlamaGen checkpoint does not fit this GPT",
+                        "build the GPT with the checkpoint's n_layer, dim, vocab_size and num_classes")
+
+
+def load_fitting(model: "GPTModel", state: Mapping[str, Any], what: str, fix: str) -> "GPTModel":
+    """``state`` (our GPT's tensor names) into ``model`` when every tensor is there with its shape, else a
+    :class:`CheckpointError`: ``what`` (the file and what it implies), the first tensor that does not fit, ``fix``
+    (what to do). The one fit check of every GPT loader."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise ValueError(f"The LlamaGen checkpoint lacks {len(missing)} of this model's tensors (first: "
-                         f"{missing[0]}); build the GPT with the checkpoint's n_layer (it has "
-                         f"{len({k.split('.')[1] for k in ours if k.startswith('blocks.')})} layers).")
-    extra = sorted(set(ours) - set(expected))
-    if extra:
-        raise ValueError(f"The LlamaGen checkpoint has {len(extra)} tensors this model lacks (first: {extra[0]}); "
-                         f"build the GPT with the checkpoint's n_layer.")
-    for k, v in ours.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            hint = ""
-            if k == "class_embed.weight" and v.shape[0] == model.cfg.num_classes:
-                hint = " (the checkpoint has no CFG null-class row: it was trained without class dropout)"
-            raise ValueError(f"LlamaGen tensor for {k} has shape {tuple(v.shape)} but this model expects "
-                             f"{tuple(expected[k].shape)}{hint}; build the GPT with the checkpoint's dim, vocab_size "
-                             f"and num_classes.")
-    model.load_state_dict(ours, strict=True)
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    extra = sorted(k for k in state if k not in expected)
+    if wrong or extra:
+        k = (wrong or extra)[0]
+        got = tuple(state[k].shape) if k in state else "missing"
+        want = tuple(expected[k].shape) if k in expected else "no such tensor"
+        hint = ""
+        if k == "class_embed.weight" and k in state and state[k].shape[0] == model.cfg.num_classes:
+            hint = " (the checkpoint has no CFG null-class row: it was trained without class dropout)"
+        raise CheckpointError(f"{what}: {k} is {got}, expected {want}{hint}; {fix}.")
+    model.load_state_dict(state, strict=True)
     return model
 
 

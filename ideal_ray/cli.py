@@ -9,9 +9,9 @@ import argparse
 import contextlib
 import json
 import os
-from typing import Iterator, NoReturn, Optional
+from typing import Iterator, List, NoReturn, Optional, Sequence, Tuple
 
-from ideal_ray.config import ConfigError, TokenizerTrainConfig, check_data_root, load_config, preset_names
+from ideal_ray.config import ConfigError, check_data_root, get_key, load_config, preset_names
 from ideal_ray.errors import InputError
 
 REFUSED = 2  # the exit code of refused input or config
@@ -47,59 +47,147 @@ def outcome(resume: str) -> Iterator[None]:
         refuse(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    parser.add_argument("--preset", default=default_preset,
-                        help=f"base preset, optionally with ablation variants joined by '+' (e.g. paper+fusion-none). "
-                             f"Known: {', '.join(preset_names()[:6])}, ...")
+def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "tiny", ar: bool = False,
+                    workers: bool = False) -> None:
+    """``--preset`` and the ``a.b=c`` overrides of a training stage's config (the tokenizer's, or with ``ar`` the
+    AR stage's); with ``workers`` also ``--num-workers`` and ``--gpus``/``--cpu``, shorthands for
+    ``dist.num_workers`` and ``dist.use_gpu`` that win over the overrides. Read back with :func:`config_from_args`."""
+    from ideal_ray.config import AR_PRESETS
+
+    if ar:
+        parser.add_argument("--preset", default=default_preset, choices=sorted(AR_PRESETS))
+    else:
+        parser.add_argument("--preset", default=default_preset,
+                            help=f"base preset, optionally with ablation variants joined by '+' (e.g. "
+                                 f"paper+fusion-none). Known: {', '.join(preset_names()[:6])}, ...")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. optim.lr=2e-4 data.root=/datasets/imagenet")
+    if workers:
+        parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (dist.num_workers)")
+        parser.add_argument("--gpus", action="store_true", default=None, help="one GPU per worker (dist.use_gpu=true)")
+        parser.add_argument("--cpu", dest="gpus", action="store_false", help="CPU workers (dist.use_gpu=false)")
 
 
-def config_from_args(args: argparse.Namespace, in_process: bool = False,
-                     needs_data: bool = False) -> TokenizerTrainConfig:
-    """Build and validate the config; a wrong value exits (code 2) with its one-sentence message, and so
-    does a relative path inside a Ray job (:func:`require_durable_paths`). ``in_process``: the config of a run in
-    this process, one rank (``dist.num_workers=1`` before the overrides, so e.g. ``dist.engine=torch`` validates).
-    ``needs_data``: the job trains, so ``data.root`` must hold the images (or be where the synthetic set is made:
-    :func:`ideal_ray.config.check_data_root`)."""
+def config_from_args(args: argparse.Namespace, in_process: bool = False, needs_data: bool = False,
+                     ar: bool = False):
+    """Build and validate a training stage's config (the tokenizer's, or with ``ar`` the AR stage's) from
+    :func:`add_config_args`' arguments; a wrong value exits (code 2) with its one-sentence message, and so does a
+    relative path inside a Ray job (:func:`require_durable_paths`) or an output folder that cannot be made.
+    ``in_process``: the config of a run in this process, one rank (``dist.num_workers=1`` before the overrides, so
+    e.g. ``dist.engine=torch`` validates). ``needs_data``: the job trains, so its data must be there: the images
+    at ``data.root`` (or where the synthetic set is made: :func:`ideal_ray.config.check_data_root`), or the token
+    shards at ``data.shards`` (:func:`ideal_ray.data.tokens.check_shards`: they exist and fit the model)."""
+    from ideal_ray.config import load_ar_config
+
+    overrides = ((["dist.num_workers=1"] if in_process else []) + list(args.overrides)
+                 + ([f"dist.num_workers={args.num_workers}"] if getattr(args, "num_workers", None) is not None else [])
+                 + ([f"dist.use_gpu={str(args.gpus).lower()}"] if getattr(args, "gpus", None) is not None else []))
+    data_key = "data.shards" if ar else "data.root"
     try:
-        cfg = load_config(args.preset, (["dist.num_workers=1"] if in_process else []) + list(args.overrides))
-        if needs_data:
+        cfg = (load_ar_config if ar else load_config)(args.preset, overrides)
+        require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
+                                                             data_key: get_key(cfg, data_key)})
+        require_usable_output(cfg.output_dir, cfg.name, **{"dist.storage_path": cfg.dist.storage_path})
+        if needs_data and ar:
+            from ideal_ray.data.tokens import check_shards
+
+            check_shards(cfg)
+        elif needs_data:
             check_data_root(cfg)
     except ConfigError as e:
         refuse(f"config error: {e}")
-    require_durable_paths(output_dir=cfg.output_dir, **{"dist.storage_path": cfg.dist.storage_path,
-                                                         "data.root": cfg.data.root})
-    require_usable_output(cfg.output_dir, cfg.name, **{"dist.storage_path": cfg.dist.storage_path})
     return cfg
 
 
-def add_classifier_args(parser, samples: str = "the samples") -> None:
-    """The class-accuracy flags of the jobs that score samples (``jobs/evaluate.py gen``, ``jobs/sweep_cfg.py``):
-    ``--classifier-data/-split/-per-class/-kind`` (``ideal_ray.eval.class_accuracy``); ``samples`` names what is
-    scored in the help text. ``parser``: an ``ArgumentParser`` or a subcommand's parser."""
-    parser.add_argument("--classifier-data", default="",
-                        help=f"class accuracy of {samples}: the root of the labelled data set their classes come "
-                             f"from (a classifier is fitted once on real images of its --classifier-split, cached); "
-                             f"default: off")
-    parser.add_argument("--classifier-split", default="train")
-    parser.add_argument("--classifier-per-class", type=int, default=None,
-                        help="real images per class the classifier is fitted on (default 50; 0 = all)")
-    # the kinds of ideal_ray.eval.class_accuracy.CLASSIFIER_KINDS (not imported here: it loads torch)
-    parser.add_argument("--classifier-kind", choices=["probe", "cnn"], default="probe",
-                        help="probe: linear classifier on Inception features (natural images, ImageNet); cnn: a "
-                             "small convnet trained on the real pixels (data sets unlike ImageNet, e.g. the "
-                             "synthetic set)")
+# An offline stage job's flag for a config key: (flag, key, help[, argparse keywords]). Flags are shorthands for
+# the overrides a user types most (paths, mostly); every other setting is an a.b=c override of the stage's config.
+Shorthand = Tuple[str, str, str]
 
 
-def parse_classes(text: str):
-    """``--classes`` of the sampling jobs: ``all`` (or empty) -> None, ``0,1,2`` -> [0, 1, 2]."""
-    if not text or text == "all":
-        return None
+def add_stage_args(parser: argparse.ArgumentParser, cls: type, shorthands: Sequence[tuple],
+                   default_preset: str = "paper") -> None:
+    """``--preset`` (``paper`` or ``tiny``: :data:`ideal_ray.config.STAGE_PRESETS`), the ``shorthands`` (a flag with
+    a value sets its key; one with ``action='store_true'`` sets it to true) and the ``a.b=c`` overrides of the
+    stage config ``cls``; read them back with :func:`stage_config_from_args`."""
+    from ideal_ray.config import STAGE_PRESETS
+
+    parser.add_argument("--preset", default=default_preset, choices=sorted(STAGE_PRESETS[cls]),
+                        help="paper: a GPU cluster at the paper's settings; tiny: the demo's CPU settings")
+    for flag, key, text, *kw in shorthands:
+        extra = dict(kw[0]) if kw else {}
+        if extra.get("action") == "store_true":
+            extra.update(action="store_const", const="true")
+        else:
+            extra.setdefault("metavar", "PATH")
+        parser.add_argument(flag, dest=_dest(key), default=None, help=f"{text} (the override {key}=...)", **extra)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"overrides of the {cls.__name__} fields, e.g. " + ", ".join(_examples(cls)))
+
+
+def _dest(key: str) -> str:
+    return "set_" + key.replace(".", "__")
+
+
+def _examples(cls: type) -> List[str]:
+    """A few ``key=value`` overrides of ``cls`` with their default values (top-level fields first)."""
+    import dataclasses
+
+    from ideal_ray.config.overrides import _show
+
+    def fields(node, prefix=""):
+        subs = []
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if dataclasses.is_dataclass(v):
+                subs.append((v, f"{prefix}{f.name}."))
+            elif f.name != "preset" and v not in ("", None, ()):
+                yield f"{prefix}{f.name}={_show(v)}"
+        for v, p in subs:
+            yield from fields(v, p)
+
+    return list(fields(cls()))[:3]
+
+
+def stage_config_from_args(cls: type, args: argparse.Namespace, shorthands: Sequence[tuple]):
+    """The stage config of a job's arguments (:func:`add_stage_args`): the preset, then the shorthand flags given,
+    then the overrides, validated; its output paths must be durable (:func:`require_durable_paths`) and its input
+    paths must exist (:func:`require_existing`). A wrong value exits (code 2) with one sentence, naming the flag
+    the user typed where there was one; nothing is imported or created."""
+    from ideal_ray.config import get_key, load_stage_config
+
+    given = {key: (flag, getattr(args, _dest(key))) for flag, key, *_ in shorthands
+             if getattr(args, _dest(key)) is not None}
+    overrides = [f"{key}={value}" for key, (_, value) in given.items()] + list(args.overrides)
     try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes '{text}' must be comma-separated integers like 0,1,2 or 'all'.")
+        cfg = load_stage_config(cls, args.preset, overrides, complete=False)
+    except ConfigError as e:
+        refuse(f"config error: {e}")
+    flags = {key: flag for key, (flag, _) in given.items()}
+    name = lambda key: flags.get(key, key)  # noqa: E731
+    short = {key: flag for flag, key, *_ in shorthands}
+    for key in getattr(cls, "REQUIRED", ()):
+        if not get_key(cfg, key):
+            how = f"{short[key]} PATH (or {key}=PATH)" if key in short else f"{key}=PATH"
+            refuse(f"config error: {key} is not set; pass {how}.")
+    require_durable_paths(**{name(k): get_key(cfg, k) for k in getattr(cls, "OUTPUTS", ())})
+    require_existing(**{name(k): get_key(cfg, k) for k in getattr(cls, "INPUTS", ())})
+    return cfg
+
+
+def take_overrides(overrides: Sequence[str], first_keys: Sequence[str],
+                   strip: bool = False) -> Tuple[List[str], List[str]]:
+    """Split ``a.b=c`` overrides by their first key: (those whose first key is in ``first_keys``, the rest), each
+    in the order given; with ``strip`` the first key is removed from the taken ones (``ar.dist.num_workers=2`` ->
+    ``dist.num_workers=2``). A job whose command line carries overrides for several configs routes them so."""
+    taken, rest = [], []
+    for item in overrides:
+        first, _, tail = item.partition(".")
+        first = first.split("=", 1)[0]
+        if first in first_keys:
+            taken.append(tail if strip and tail else item)
+        else:
+            rest.append(item)
+    return taken, rest
 
 
 def ray_job() -> Optional[dict]:
@@ -160,16 +248,6 @@ def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) 
         if not os.access(existing, os.W_OK | os.X_OK):
             refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} is not writable by "
                    f"this user; pass a folder you can write to as {key}.")
-
-
-def add_checkpoint_args(parser, gpt: bool = False) -> None:
-    """``--tokenizer`` (and with ``gpt``, ``--gpt``): the checkpoint flags of the jobs that load models, each taking
-    our export or an official file (:mod:`ideal_ray.checkpoint`); check them with :func:`check_checkpoints`."""
-    if gpt:
-        parser.add_argument("--gpt", required=True, help="GPT: our export (gpt_step<N>.pt of jobs/train_ar.py), a "
-                                                         "LlamaGen c2i file or the authors' release GPT checkpoint")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer: our export (tokenizer_step<N>.pt of "
-                                                           "jobs/train_tokenizer.py) or the authors' release file")
 
 
 def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None, classes=None) -> dict:

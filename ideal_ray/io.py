@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Union
 
 from ideal_ray.errors import InputError
 
@@ -109,10 +109,13 @@ def atomic_write_json(path: str, obj: Any, overwrite: bool = True, **dump: Any) 
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = (),
-                 same: Callable[[Any, Any], bool] = lambda a, b: a == b) -> List[str]:
+                 same: Callable[[Any, Any], bool] = lambda a, b: a == b,
+                 defaults: Optional[Mapping[str, Any]] = None) -> List[str]:
     """The keys whose values differ between two flat settings dicts (sorted; a key in one only counts), less those
-    starting with a prefix in ``ignore``."""
+    starting with a prefix in ``ignore``. ``defaults``: a key the old record lacks counts as unchanged when its new
+    value is this default (a setting added since the old record was written, at the value the old code had)."""
     skip = tuple(ignore)
+    old = {**{k: v for k, v in (defaults or {}).items() if k not in old and k in new}, **old}
     return sorted(k for k in set(old) | set(new)
                   if not (skip and k.startswith(skip)) and not same(old.get(k), new.get(k)))
 

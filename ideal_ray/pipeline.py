@@ -7,18 +7,21 @@ on its own (Ray Train checkpoints, finished token shards). A changed configurati
 by the training stages themselves (``check_or_record_config``).
 
 :func:`run_stages` is the generic runner (a list of :class:`Stage`); :func:`tokenizer_to_eval_stages` builds the
-real chain from a tokenizer config, with the settings that follow its scale from :func:`pipeline_defaults`;
+real chain from a tokenizer config and the chain's settings (:func:`pipeline_config`: the ``PipelineConfig`` preset
+of the tokenizer preset's scale, with overrides);
 :func:`run_pipeline` runs it in the run folder and :func:`pipeline_report` tells what it did. ``jobs/pipeline.py``
 is the CLI; ``jobs/demo.py`` runs the same chain on the synthetic set.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ideal_ray.io import atomic_write_json
 
@@ -108,43 +111,64 @@ def _extraction_complete(out: Dict[str, Any]) -> bool:
         return False
 
 
-def _driver_device() -> str:
-    """The generation metrics run in the driver process: its GPU if it has one, else the CPU."""
-    import torch
+def pipeline_config(tok_cfg, overrides: Sequence[str] = ()):
+    """The chain's settings for ``tok_cfg``: the :class:`~ideal_ray.config.PipelineConfig` preset of its scale
+    (``tiny``: the demo's CPU run on the synthetic set; anything else ``paper``: a GPU cluster at the paper's
+    settings) with ``a.b=c`` overrides (``extract.views=llamagen``, ``sampling.sample.per_class=50``, ...)."""
+    from ideal_ray.config import PipelineConfig, load_stage_config
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    scale = "tiny" if tok_cfg.preset.split("+")[0] == "tiny" else "paper"
+    return load_stage_config(PipelineConfig, scale, overrides, complete=False)
 
 
-def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", ar_overrides: Optional[List[str]] = None,
-                             views: str = "llamagen", sample_cfg=None, device: str = "auto",
-                             eval_images: Optional[int] = None, probe_train_images: int = 0,
-                             sweep_cfg_scales: Optional[List[float]] = None, sweep_per_class: int = 4,
-                             reference: Optional[str] = None, fid_cache: Optional[str] = None,
-                             classifier_per_class: Optional[int] = None, classifier_kind: str = "probe",
-                             tracking_uri: Optional[str] = None, log: Callable[[str], None] = print) -> List[Stage]:
-    """The chain for one tokenizer config: train it, extract its codes (``views``), train ``ar_preset`` on them,
-    sample ``sample_cfg.per_class`` images per class, evaluate reconstruction and generation against ``reference``
-    (an ADM reference npz or an image folder; default the val folder of ``tok_cfg.data.root``), then sweep the CFG
-    scale over ``sweep_cfg_scales`` on Ray Tune (``sweep_per_class`` images per class a trial; no sweep stage when
-    the list is empty or None). Every stage writes under ``run_dir`` and logs to ``tracking_uri``; the reference
-    statistics are computed once into ``fid_cache`` (default ``<run_dir>/fid_refs``; on a cluster, a shared folder)
-    and read by the evaluation and every sweep trial. The samples' class accuracy (evaluation and every sweep trial)
-    comes from a classifier of ``classifier_kind`` (``ideal_ray.eval.class_accuracy``: ``probe`` or ``cnn``) fitted on
-    ``classifier_per_class`` real images per class (default 50, 0 = all) of the train split of ``tok_cfg.data.root``,
-    the data set the GPT's classes come from; it is cached beside the reference statistics. The AR config is built (and checked) here, before any stage
-    runs."""
-    from ideal_ray.config import SampleConfig, load_ar_config
+def _filled(cfg, tracking_uri: Optional[str], **values: Any):
+    """A copy of a stage config logging to the chain's ``tracking_uri``, with each of its fields named in
+    ``values`` (``data__root`` for ``data.root``) that is empty set to the value given (a path one stage hands the
+    next, or the chain's default)."""
+    out = copy.deepcopy(cfg)
+    out.tracking_uri = tracking_uri
+    for key, value in values.items():
+        *parents, name = key.split("__")
+        node = out
+        for part in parents:
+            node = getattr(node, part)
+        if getattr(node, name) in ("", None):
+            setattr(node, name, value)
+    return out
 
-    sample_cfg = sample_cfg or SampleConfig()
-    cpu = device == "cpu"
-    reference = reference or os.path.join(tok_cfg.data.root, "val")
-    fid_cache = fid_cache or os.path.join(run_dir, "fid_refs")
+
+def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: Optional[str] = None,
+                             log: Callable[[str], None] = print) -> List[Stage]:
+    """The chain for one tokenizer config: train it, extract its codes, train the ``pcfg.ar_preset`` GPT on them,
+    sample, evaluate reconstruction and generation, then sweep the CFG scale on Ray Tune (no sweep stage when
+    ``pcfg.sweep.cfg_scales`` is empty). ``pcfg``: a :class:`~ideal_ray.config.PipelineConfig` (default
+    :func:`pipeline_config`); the chain fills in the paths one stage hands the next and, where ``pcfg`` leaves them
+    empty, the run folder's outputs, the tokenizer's ``data.root`` as every stage's data set (and the classifier's:
+    the data set the GPT's classes come from), ``<data.root>/val`` as the FID reference and ``<run_dir>/fid_refs``
+    as the reference statistics' cache (computed once, read by the evaluation and every sweep trial; on a cluster
+    a shared folder). Every stage writes under ``run_dir`` and logs to ``tracking_uri``. The AR config is built
+    (and checked) here, before any stage runs."""
+    from ideal_ray.config import load_ar_config
+
+    pcfg = pcfg or pipeline_config(tok_cfg)
+    root = tok_cfg.data.root
+    gen_cfg = _filled(pcfg.gen, tracking_uri, out=os.path.join(run_dir, "eval-gen"),
+                      reference=os.path.join(root, "val"), fid__cache_dir=os.path.join(run_dir, "fid_refs"),
+                      classifier__data=root)
     shards = os.path.join(run_dir, "tokens")
+    extract_cfg = _filled(pcfg.extract, tracking_uri, out=shards, data__root=root)
     q = tok_cfg.model
-    ar_cfg = load_ar_config(ar_preset, [f"data.shards={shards}", f"model.vocab_size={q.quantizer.codebook_size}",
-                                        f"model.grid={q.vfm.grid}", f"name={tok_cfg.name}-ar",
-                                        f"output_dir={tok_cfg.output_dir}",
-                                        f"dist.storage_path={tok_cfg.dist.storage_path}"] + list(ar_overrides or []))
+    # the tiny GPT learns the synthetic set's classes (the data set its classes come from)
+    classes = [f"model.num_classes={tok_cfg.data.synthetic_classes}"] if pcfg.ar_preset == "ar-tiny" else []
+    ar_cfg = load_ar_config(pcfg.ar_preset, [f"data.shards={shards}", f"model.vocab_size={q.quantizer.codebook_size}",
+                                             f"model.grid={q.vfm.grid}", f"name={tok_cfg.name}-ar",
+                                             f"output_dir={tok_cfg.output_dir}",
+                                             f"dist.storage_path={tok_cfg.dist.storage_path}", *classes,
+                                             *pcfg.ar_overrides])
+
+    def exports(state):
+        return state["stages"]["tokenizer"]["outputs"]["export"], state["stages"].get("ar", {}).get(
+            "outputs", {}).get("export")
 
     def on_ray(run):
         """Every stage runs on one Ray cluster: the first stage that runs (a resumed pipeline may start anywhere)
@@ -168,9 +192,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
     def extract(state):
         from ideal_ray.pipelines.extract_ray import extract_tokens_ray
 
-        s = extract_tokens_ray(state["stages"]["tokenizer"]["outputs"]["export"], tok_cfg.data.root, shards,
-                               views=views, device=device, num_encoders=1 if cpu else None,
-                               decode_actors=2 if cpu else None, tracking_uri=tracking_uri)
+        s = extract_tokens_ray(dataclasses.replace(extract_cfg, tokenizer=exports(state)[0]))
         return {"shards": shards, "images": s["images"], "rows": s["rows"], "skipped": len(s["skipped"]),
                 "images_per_s": s["images_per_s"]}
 
@@ -184,37 +206,32 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
     def sample(state):
         from ideal_ray.pipelines.sample_ray import sample_images_ray
 
-        out = os.path.join(run_dir, "samples")
-        s = sample_images_ray(state["stages"]["ar"]["outputs"]["export"],
-                              state["stages"]["tokenizer"]["outputs"]["export"], sample_cfg, None, out,
-                              device=device, num_samplers=1 if cpu else None, tracking_uri=tracking_uri, log=log)
+        tok, gpt = exports(state)
+        cfg = _filled(pcfg.sampling, tracking_uri, gpt=gpt, tokenizer=tok, out=os.path.join(run_dir, "samples"))
+        s = sample_images_ray(cfg, log=log)
         return {"samples": s["samples"], "grid": s["grid"], "num_images": s["num_images"],
                 "images_per_s": s["images_per_s"]}
 
     def evaluate(state):
         from ideal_ray.pipelines.evaluate import evaluate_gen, evaluate_recon
 
-        rec = evaluate_recon(state["stages"]["tokenizer"]["outputs"]["export"], tok_cfg.data.root,
-                             os.path.join(run_dir, "eval-recon"), split="val", num_images=eval_images,
-                             device=device, num_actors=1 if cpu else None, probe_train_images=probe_train_images,
-                             tracking_uri=tracking_uri, log_fn=log)
-        gen = evaluate_gen(state["stages"]["sample"]["outputs"]["samples"], reference,
-                           os.path.join(run_dir, "eval-gen"), device=_driver_device(), cache_dir=fid_cache,
-                           classifier_data=tok_cfg.data.root, classifier_per_class=classifier_per_class,
-                           classifier_kind=classifier_kind, tracking_uri=tracking_uri, log_fn=log)
-        return {"recon": os.path.join(rec["out_dir"], "result.json"), "gen": os.path.join(gen["out_dir"], "result.json"),
+        recon_cfg = _filled(pcfg.recon, tracking_uri, tokenizer=exports(state)[0], data__root=root,
+                            out=os.path.join(run_dir, "eval-recon"))
+        rec = evaluate_recon(recon_cfg, log_fn=log)
+        gen = evaluate_gen(dataclasses.replace(gen_cfg, samples=state["stages"]["sample"]["outputs"]["samples"]),
+                           log_fn=log)
+        return {"recon": os.path.join(rec["out_dir"], "result.json"),
+                "gen": os.path.join(gen["out_dir"], "result.json"),
                 "rfid": rec["rfid"], "psnr": rec["psnr"], "usage": rec["usage"], "gfid": gen["gfid"],
                 **{k: gen[k] for k in ("class_accuracy", "class_chance", "class_accuracy_real") if k in gen}}
 
     def sweep(state):
         from ideal_ray.tune.cfg_sweep import sweep_cfg
 
-        s = sweep_cfg(state["stages"]["ar"]["outputs"]["export"], state["stages"]["tokenizer"]["outputs"]["export"],
-                      reference, "cfg", os.path.join(run_dir, "sweeps"), list(sweep_cfg_scales),
-                      per_class=sweep_per_class, batch_size=sample_cfg.batch_size, seed=sample_cfg.seed,
-                      out_size=sample_cfg.out_size, gpus_per_trial=0 if cpu else None, cache_dir=fid_cache,
-                      classifier_data=tok_cfg.data.root, classifier_per_class=classifier_per_class,
-                      classifier_kind=classifier_kind, tracking_uri=tracking_uri, verbose=0, log=log)
+        tok, gpt = exports(state)
+        cfg = _filled(pcfg.sweep, tracking_uri, gpt=gpt, tokenizer=tok, reference=gen_cfg.reference,
+                      fid__cache_dir=gen_cfg.fid.cache_dir, classifier__data=gen_cfg.classifier.data)
+        s = sweep_cfg(dataclasses.replace(cfg, storage_path=os.path.join(run_dir, "sweeps"), verbose=0), log=log)
         if s["errored"] or s["unfinished"] or s["best"] is None:
             raise RuntimeError(f"the CFG sweep did not finish ({s['errored']} trial(s) failed, {s['unfinished']} "
                                f"unfinished: {s['errors'][:1]}); rerun to resume it.")
@@ -234,46 +251,23 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, *, ar_preset: str = "ar-B", 
         Stage("sample", on_ray(sample), _files_exist("samples", "grid")),
         Stage("evaluate", on_ray(evaluate), _files_exist("recon", "gen")),
     ]
-    if sweep_cfg_scales:
+    if pcfg.sweep.cfg_scales:
         stages.append(Stage("sweep", on_ray(sweep), _files_exist("best")))
     return stages
 
 
-def pipeline_defaults(tok_cfg) -> Dict[str, Any]:
-    """The chain's settings that follow the scale of the tokenizer preset (keyword arguments of
-    :func:`tokenizer_to_eval_stages`): ``tiny`` is the demo's CPU run on the synthetic set (its class count, 2 views
-    per image, a 2-scale sweep of 4 images per class, class accuracy under a convnet trained on every real train
-    image: the Inception probe cannot tell 32 px shapes apart once blurred, see ``ideal_ray.eval.convnet``), anything
-    else a GPU cluster run at the paper's settings (class accuracy under the Inception probe, 50 real images per
-    class)."""
-    from ideal_ray.config import SampleConfig
-
-    tiny = tok_cfg.preset.split("+")[0] == "tiny"
-    return {"ar_preset": "ar-tiny" if tiny else "ar-B",
-            "ar_overrides": [f"model.num_classes={tok_cfg.data.synthetic_classes}"] if tiny else [],
-            "views": "release" if tiny else "llamagen",
-            "sample_cfg": SampleConfig(cfg_scale=1.75, per_class=8 if tiny else 50, batch_size=40 if tiny else 256),
-            "device": "cpu" if tiny else "auto",
-            "sweep_cfg_scales": [1.0, 1.75] if tiny else [1.0 + 0.25 * i for i in range(9)],
-            "sweep_per_class": 4 if tiny else 50,
-            "classifier_per_class": 0 if tiny else 50,
-            "classifier_kind": "cnn" if tiny else "probe"}
-
-
-def run_pipeline(tok_cfg, settings: Optional[Dict[str, Any]] = None, *, only: Optional[List[str]] = None,
-                 meta: Optional[Dict[str, Any]] = None,
+def run_pipeline(tok_cfg, pcfg=None, *, only: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None,
                  log: Callable[[str], None] = print) -> Tuple[Dict[str, Any], str]:
     """The chain for ``tok_cfg`` in its run folder ``<output_dir>/<name>/``, every stage logging to one MLflow store
-    (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the run folder). ``settings``: keyword arguments of
-    :func:`tokenizer_to_eval_stages` (default :func:`pipeline_defaults`); ``only`` and ``meta`` as in
-    :func:`run_stages`. ``log``: the stages' own lines (in a job console, the log file); each stage's start and
-    result line goes to the console. Returns the final state and the MLflow tracking URI."""
+    (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the run folder). ``pcfg``: the chain's settings (default
+    :func:`pipeline_config`); ``only`` and ``meta`` as in :func:`run_stages`. ``log``: the stages' own lines (in a
+    job console, the log file); each stage's start and result line goes to the console. Returns the final state
+    and the MLflow tracking URI."""
     from ideal_ray.tracking import default_tracking_uri
 
     run_dir = os.path.join(os.path.abspath(tok_cfg.output_dir), tok_cfg.name)
     tracking_uri = default_tracking_uri(run_dir)
-    settings = pipeline_defaults(tok_cfg) if settings is None else settings
-    stages = tokenizer_to_eval_stages(tok_cfg, run_dir, **settings, tracking_uri=tracking_uri, log=log)
+    stages = tokenizer_to_eval_stages(tok_cfg, run_dir, pcfg, tracking_uri=tracking_uri, log=log)
     return run_stages(run_dir, stages, only=only, meta=meta), tracking_uri
 
 

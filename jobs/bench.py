@@ -670,7 +670,7 @@ def _bench_jpegs(n: int, width: int = 500, height: int = 375, quality: int = 90)
 def cmd_extract(args) -> None:
     import numpy as np
 
-    from ideal_ray.data import crops, sources
+    from ideal_ray.data import crops, reader
     from ideal_ray.models.tokenizer import IdealTokenizer
     from ideal_ray.pipelines.extract_common import ViewEncoder
 
@@ -688,7 +688,7 @@ def cmd_extract(args) -> None:
     # CPU side first: one core, decode + squares of real JPEG bytes
     jpegs = _bench_jpegs(args.decode_images)
     t0 = time.perf_counter()
-    decoded = [sources.decode_bytes(b) for b in jpegs]
+    decoded = [reader.decode_bytes(b) for b in jpegs]
     t_decode = (time.perf_counter() - t0) / len(jpegs)
     t0 = time.perf_counter()
     squares = [crops.make_squares(img, views, size) for img in decoded]

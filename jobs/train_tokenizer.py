@@ -31,19 +31,12 @@ from ideal_ray.console import job_console, say  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, default_preset="tiny")
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (dist.num_workers)")
-    parser.add_argument("--gpus", action="store_true", default=None, help="one GPU per worker (dist.use_gpu=true)")
-    parser.add_argument("--cpu", dest="gpus", action="store_false", help="CPU workers (dist.use_gpu=false)")
+    add_config_args(parser, default_preset="tiny", workers=True)
     parser.add_argument("--in-process", action="store_true",
                         help="train in this process as one rank, no Ray (--gpus: on this machine's GPU)")
     args = parser.parse_args(argv)
     if args.in_process and args.num_workers not in (None, 1):
         refuse("config error: --in-process trains one rank in this process; drop --num-workers (or run on Ray).")
-    if args.num_workers is not None:  # the flags are overrides too, validated with the rest
-        args.overrides.append(f"dist.num_workers={args.num_workers}")
-    if args.gpus is not None:
-        args.overrides.append(f"dist.use_gpu={str(args.gpus).lower()}")
     cfg = config_from_args(args, in_process=args.in_process, needs_data=True)
     from ideal_ray.train.ray_trainer import train_tokenizer
 

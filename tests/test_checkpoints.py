@@ -138,7 +138,7 @@ def test_sample_job_takes_official_files(files, tmp_path, capsys):
     """jobs/sample.py with LlamaGen's GPT and the release tokenizer writes the images our exports give."""
     from jobs.sample import main
 
-    common = ["--per-class", "2", "--batch-size", "4", "--out-size", "32", "--seed", "1", "--in-process"]
+    common = ["sample.per_class=2", "sample.batch_size=4", "sample.out_size=32", "sample.seed=1", "--in-process"]
     assert main(["--gpt", files["gpt"], "--tokenizer", files["tokenizer"], "--out", str(tmp_path / "ours")]
                 + common) == 0
     assert main(["--gpt", files["llamagen_bare"], "--tokenizer", files["release_train"],
@@ -156,7 +156,7 @@ def test_extract_job_takes_the_release_tokenizer(files, tmp_path):
 
     root = tmp_path / "data"
     make_synthetic_imagenet(str(root), num_classes=2, train_per_class=3, val_per_class=1, size=40, seed=0)
-    common = ["--data-root", str(root), "--in-process", "--views", "release", "--batch-size", "8"]
+    common = ["--data-root", str(root), "--in-process", "views=release", "batch_size=8"]
     assert main(["--tokenizer", files["tokenizer"], "--out", str(tmp_path / "ours")] + common) == 0
     assert main(["--tokenizer", files["release_export"], "--out", str(tmp_path / "official")] + common) == 0
     def rows(folder):

@@ -89,12 +89,16 @@ def _samples(setup, name, images, **arrays):
     return str(path)
 
 
-def _gen(setup, npz, out, **kw):
+def _gen(setup, npz, out, **classifier):
+    """evaluate_gen on CPU with the classifier settings ``classifier`` (ClassifierConfig fields; data: the set)."""
+    from ideal_ray.config import ClassifierConfig, FIDConfig, GenEvalConfig
     from ideal_ray.pipelines.evaluate import evaluate_gen
 
-    kw.setdefault("classifier_data", setup["root"])
-    return evaluate_gen(npz, setup["val_dir"], str(setup["base"] / out), cache_dir=setup["cache"], tracking_uri="",
-                        log_fn=lambda m: None, **kw)
+    classifier.setdefault("data", setup["root"])
+    cfg = GenEvalConfig(samples=npz, reference=setup["val_dir"], out=str(setup["base"] / out), device="cpu",
+                        fid=FIDConfig(cache_dir=setup["cache"]), classifier=ClassifierConfig(**classifier),
+                        tracking_uri="")
+    return evaluate_gen(cfg, log_fn=lambda m: None)
 
 
 def test_classifier_fitted_on_real_train_images_scores_real_val_far_above_chance(setup):
@@ -115,10 +119,9 @@ def test_classifier_fitted_on_real_train_images_scores_real_val_far_above_chance
 
 
 def test_real_images_with_their_labels_score_high_and_moved_labels_do_not(setup):
-    right = _gen(setup, _samples(setup, "right", setup["val"], labels=setup["labels"]), "g-right",
-                 classifier_per_class=4)
+    right = _gen(setup, _samples(setup, "right", setup["val"], labels=setup["labels"]), "g-right", per_class=4)
     moved = _gen(setup, _samples(setup, "moved", setup["val"], labels=(setup["labels"] + 1) % 3), "g-moved",
-                 classifier_per_class=4)
+                 per_class=4)
     assert right["class_accuracy"] >= 0.9 and right["class_chance"] == pytest.approx(1 / 3)
     assert moved["class_accuracy"] <= 1 / 3  # every label is another class: at most what the classifier gets wrong
     assert right["gfid"] == pytest.approx(moved["gfid"], abs=1e-4)  # the labels change nothing else
@@ -130,7 +133,7 @@ def test_real_images_with_their_labels_score_high_and_moved_labels_do_not(setup)
     assert "real images only" in proto["metric"]
     assert json.load(open(os.path.join(moved["out_dir"], "result.json")))["protocol"]["class_accuracy"][
         "classifier_cache"] == "reused"
-    off = _gen(setup, _samples(setup, "nolabels", setup["val"]), "g-off", classifier_data="")
+    off = _gen(setup, _samples(setup, "nolabels", setup["val"]), "g-off", data="")
     assert "class_accuracy" not in off and off["protocol"]["class_accuracy"].startswith("off")
 
 
@@ -143,33 +146,34 @@ def test_cli_reports_class_accuracy(setup, capsys):
     spec.loader.exec_module(job)
     npz = _samples(setup, "cli", setup["val"], labels=setup["labels"])
     assert job.main(["gen", "--samples", npz, "--reference", setup["val_dir"], "--out", str(setup["base"] / "cli"),
-                     "--classifier-data", setup["root"], "--classifier-per-class", "4", "--cache-dir",
-                     setup["cache"], "--tracking-uri", ""]) == 0
+                     f"classifier.data={setup['root']}", "classifier.per_class=4", f"fid.cache_dir={setup['cache']}",
+                     "tracking_uri=", "device=cpu"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["class_accuracy"] >= 0.9 and shown["class_chance"] == pytest.approx(1 / 3)
 
 
 def test_cnn_classifier_scores_real_images_high_and_moved_labels_low(setup):
     right = _gen(setup, _samples(setup, "cnn-right", setup["val"], labels=setup["labels"]), "g-cnn-right",
-                 classifier_per_class=0, classifier_kind="cnn")
+                 per_class=0, kind="cnn")
     moved = _gen(setup, _samples(setup, "cnn-moved", setup["val"], labels=(setup["labels"] + 1) % 3), "g-cnn-moved",
-                 classifier_per_class=0, classifier_kind="cnn")
+                 per_class=0, kind="cnn")
     assert right["class_accuracy"] >= 0.9 and moved["class_accuracy"] <= 1 / 3
     proto = json.load(open(os.path.join(right["out_dir"], "result.json")))["protocol"]["class_accuracy"]
     assert proto["classifier_kind"] == "cnn" and proto["classifier_cache"] == "computed"
     assert "convnet" in proto["metric"] and proto["real_images"]["num_images"] == 18
     assert json.load(open(os.path.join(moved["out_dir"], "result.json")))["protocol"]["class_accuracy"][
         "classifier_cache"] == "reused"
-    with pytest.raises(ValueError, match="unknown class-accuracy classifier 'svm'"):
-        _gen(setup, _samples(setup, "cnn-bad", setup["val"], labels=setup["labels"]), "b-cnn", classifier_kind="svm")
+    with pytest.raises(ValueError, match="classifier.kind 'svm' is unknown"):  # validate_stage, before any work
+        _gen(setup, _samples(setup, "cnn-bad", setup["val"], labels=setup["labels"]), "b-cnn", kind="svm")
+    assert not os.path.exists(setup["base"] / "b-cnn")
 
 
 def test_bad_input_gets_one_clear_error(setup, tmp_path):
     good = _samples(setup, "bad-good", setup["val"], labels=setup["labels"])
     with pytest.raises(FileNotFoundError, match="class accuracy needs labelled real images"):
-        _gen(setup, good, "b1", classifier_data=str(tmp_path))  # no train split there
+        _gen(setup, good, "b1", data=str(tmp_path))  # no train split there
     with pytest.raises(FileNotFoundError, match="class accuracy needs labelled real images"):
-        _gen(setup, good, "b2", classifier_data=setup["root"], classifier_split="test")
+        _gen(setup, good, "b2", split="test")
     with pytest.raises(ValueError, match="has no labels"):
         _gen(setup, _samples(setup, "bad-nolabels", setup["val"]), "b3")
     with pytest.raises(ValueError, match=r"labels \[3, 7\] outside the 3 classes"):

@@ -195,9 +195,9 @@ def _submit(head, entrypoint, log, env_vars=None, timeout=900):
 
 
 def _pipeline_args(head):
-    return (["jobs/pipeline.py", "--preset", "tiny", "--per-class", "2", "--sweep-per-class", "1", "--eval-images",
-             "8", f"output_dir={head['base'] / 'runs'}", f"data.root={head['base'] / 'data'}"]
-            + PIPELINE_OVERRIDES + [a for s in AR_SETS for a in ("--ar-set", s)])
+    return (["jobs/pipeline.py", "--preset", "tiny", "sampling.sample.per_class=2", "sweep.sample.per_class=1",
+             "recon.num_images=8", f"output_dir={head['base'] / 'runs'}", f"data.root={head['base'] / 'data'}"]
+            + PIPELINE_OVERRIDES + [f"ar.{s}" for s in AR_SETS])
 
 
 def _output(log, since: int) -> str:

@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from ideal_ray.config import (ABLATIONS, ConfigError, TokenizerTrainConfig, apply_overrides, from_dict, load_config,
-                              preset_names)
+from ideal_ray.config import (ABLATIONS, STAGE_PRESETS, ConfigError, TokenizerTrainConfig, apply_overrides, from_dict,
+                              load_config, load_stage_config, preset_names)
 
 
 def test_paper_preset_has_spec_values():
@@ -160,24 +160,34 @@ def _loaders():
     def sample(overrides):
         validate_sample(apply_overrides(SampleConfig(), overrides))
 
+    stages = {cls.__name__: (lambda o, cls=cls: load_stage_config(cls, "tiny", o, complete=False))
+              for cls in STAGE_PRESETS}
     return {"tiny": lambda o: load_config("tiny", o), "paper": lambda o: load_config("paper", o),
-            "ar-tiny": lambda o: load_ar_config("ar-tiny", o), "sample": sample}
+            "ar-tiny": lambda o: load_ar_config("ar-tiny", o), "sample": sample, **stages}
 
 
 def _defaults(stage):
     from ideal_ray.config import SampleConfig, load_ar_config
 
+    if stage in {cls.__name__ for cls in STAGE_PRESETS}:
+        return _loaders()[stage]([])
     return {"tiny": lambda: load_config("tiny"), "paper": lambda: load_config("paper"),
             "ar-tiny": lambda: load_ar_config("ar-tiny"), "sample": SampleConfig}[stage]()
 
 
-@pytest.mark.parametrize("stage", ["tiny", "paper", "ar-tiny", "sample"])
+# float fields at least: the training stages' many, sampling's 4, extraction's skip fraction ...
+MIN_FLOATS = {"tiny": 15, "paper": 15, "ar-tiny": 15, "sample": 4, "ExtractConfig": 1, "SampleJobConfig": 4,
+              "ReconEvalConfig": 0, "GenEvalConfig": 0, "CfgSweepConfig": 6, "AblationSweepConfig": 0,
+              "PipelineConfig": 11}
+
+
+@pytest.mark.parametrize("stage", list(MIN_FLOATS))
 def test_every_float_field_refuses_inf_nan_and_negatives(stage):
     """A property over every float field of each stage's config: inf, -inf and NaN are refused naming the key and
     the value, and so is -1 wherever a negative means nothing (all but the pixel mean)."""
     load = _loaders()[stage]
     fields = list(_float_fields(_defaults(stage)))
-    assert len(fields) >= (4 if stage == "sample" else 15)
+    assert len(fields) >= MIN_FLOATS[stage]
     for key, like in fields:
         for text in ("inf", "-inf", "nan"):
             with pytest.raises(ConfigError) as e:
@@ -277,6 +287,70 @@ def test_sample_config_refusals(fields, fragment):
     _one_sentence(e.value, fragment)
 
 
+# ---- the offline stages' configs: presets, overrides, one sentence per wrong value --------------------------------
+@pytest.mark.parametrize("cls", list(STAGE_PRESETS), ids=lambda c: c.__name__)
+def test_every_offline_stage_has_a_tiny_and_a_paper_preset_the_pipeline_shares(cls):
+    from ideal_ray.config import PIPELINE_STAGES, PipelineConfig
+
+    for scale in ("tiny", "paper"):
+        cfg = load_stage_config(cls, scale, complete=False)
+        assert cfg.preset == scale
+        if cls is not PipelineConfig:  # ... and the chain runs every stage at the preset of its scale
+            key = [k for k, c in PIPELINE_STAGES.items() if c is cls]
+            if key:
+                assert getattr(load_stage_config(PipelineConfig, scale, complete=False), key[0]) == cfg
+    with pytest.raises(ConfigError) as e:
+        load_stage_config(cls, "huge")
+    _one_sentence(e.value, "preset 'huge'; choose one of ['paper', 'tiny']")
+
+
+def test_a_job_without_its_paths_is_told_which_one():
+    from ideal_ray.config import ExtractConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config(ExtractConfig, "tiny", ["tokenizer=t.pt"])
+    _one_sentence(e.value, "data.root is empty; pass data.root=PATH")
+    cfg = load_stage_config(ExtractConfig, "tiny", ["tokenizer=t.pt", "data.root=d", "out=o"])
+    assert (cfg.tokenizer, cfg.data.root, cfg.out, cfg.views) == ("t.pt", "d", "o", "release")
+
+
+@pytest.mark.parametrize("cls, overrides, fragment", [
+    ("ExtractConfig", ["views=tencrop"], "views 'tencrop' is unknown; choose one of ('llamagen', 'release')"),
+    ("ExtractConfig", ["data.format=zip"], "data.format 'zip' is unknown"),
+    ("ExtractConfig", ["run.device=gpu"], "run.device=gpu is not a device"),
+    ("ExtractConfig", ["run.device=cpu", "run.precision=bf16"], "run.precision=bf16 runs on CUDA only"),
+    ("ExtractConfig", ["max_skip_fraction=1.5"], "max_skip_fraction=1.5 must be in [0, 1]"),
+    ("ExtractConfig", ["shard_images=0"], "shard_images=0 must be at least 1"),
+    ("ExtractConfig", ["run.num_actors=0"], "run.num_actors=0 must be at least 1"),
+    ("ExtractConfig", ["data.split="], "data.split is empty"),
+    ("SampleJobConfig", ["sample.top_k=-1"], "sample.top_k=-1 is negative"),
+    ("SampleJobConfig", ["classes=1,1"], "classes=1,1 names a class twice"),
+    ("ReconEvalConfig", ["num_images=0"], "num_images=0 must be at least 1"),
+    ("ReconEvalConfig", ["fid.batch_size=0"], "fid.batch_size=0 must be at least 1"),
+    ("GenEvalConfig", ["classifier.kind=svm"], "classifier.kind 'svm' is unknown; choose one of ('probe', 'cnn')"),
+    ("GenEvalConfig", ["device=tpu"], "device=tpu is not a device"),
+    ("CfgSweepConfig", ["cfg_scales="], "cfg_scales is empty; give the scales to sweep"),
+    ("CfgSweepConfig", ["cfg_intervals=0,1,0.5"], "cfg_intervals=0.0,1.0,0.5 must be start,end pairs"),
+    ("CfgSweepConfig", ["name=a/b"], "name=a/b is not a single folder name"),
+    ("CfgSweepConfig", ["top_ks=5,-1"], "top_ks=5,-1 has a negative value"),
+    ("AblationSweepConfig", ["study=depth"], "study 'depth' is unknown"),
+    ("AblationSweepConfig", ["study=custom"], "study=custom needs variants"),
+    ("AblationSweepConfig", ["study=custom", "variants=fusion-linear+nope"], "has unknown part 'nope'"),
+    ("AblationSweepConfig", ["variants=fusion-linear"], "study 'fusion' has fixed variants"),
+    ("AblationSweepConfig", ["scheduler=pbt"], "scheduler 'pbt' is unknown"),
+    ("AblationSweepConfig", ["train_preset=huge"], "train_preset 'huge' is unknown"),
+    ("PipelineConfig", ["ar_preset=ar-XL"], "ar_preset 'ar-XL' is unknown"),
+    ("PipelineConfig", ["extract.views=x"], "extract.views 'x' is unknown"),
+    ("PipelineConfig", ["sweep.cfg_intervals=1,0"], "sweep.cfg_intervals=1.0,0.0 must be start,end pairs"),
+])
+def test_offline_stage_refusals_name_key_and_value(cls, overrides, fragment):
+    import ideal_ray.config as c
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config(getattr(c, cls), "tiny", overrides, complete=False)
+    _one_sentence(e.value, fragment)
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("optim.lr=abc", "Override optim.lr=abc needs a number, e.g. optim.lr=0.001"),
     ("data.global_batch=1.5", "Override data.global_batch=1.5 needs an integer, e.g. data.global_batch=8"),
@@ -324,6 +398,15 @@ def _tree(root):
     ("train_tokenizer.py", ["--preset", "tiny", "optim.lr=inf"], "optim.lr=inf is not a finite number"),
     ("train_tokenizer.py", ["--in-process", "--preset", "tiny", "name=../.."], "name=../.. is not a single folder"),
     ("train_ar.py", ["optim.lr=inf"], "optim.lr=inf is not a finite number"),
+    ("extract_tokens.py", ["--preset", "tiny", "views=five"], "views 'five' is unknown"),
+    ("extract_tokens.py", ["--data-root", "{tmp}", "--out", "{tmp}/o"],
+     "tokenizer is not set; pass --tokenizer PATH (or tokenizer=PATH)"),
+    ("sample.py", ["sample.top_p=0"], "sample.top_p=0.0 must be in (0, 1]"),
+    ("evaluate.py", ["recon", "num_images=0"], "num_images=0 must be at least 1"),
+    ("evaluate.py", ["gen", "--preset", "tiny", "classifier.kind=svm"], "classifier.kind 'svm' is unknown"),
+    ("sweep_cfg.py", ["cfg_intervals=0,1,0.5"], "cfg_intervals=0.0,1.0,0.5 must be start,end pairs"),
+    ("sweep_ablation.py", ["--study", "custom"], "study=custom needs variants"),
+    ("pipeline.py", ["sweep.top_ks=-1"], "sweep.top_ks=-1 has a negative value"),
 ])
 def test_a_job_refuses_in_one_sentence_before_anything_heavy(tmp_path, job, args, fragment):
     """A real job in a subprocess: exit code 2, one sentence on stderr, no traceback, nothing created (the job runs

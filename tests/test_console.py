@@ -117,8 +117,8 @@ def test_ctrl_c_stops_a_job_with_130_and_where_to_resume(tmp_path):
     gpt, tok = random_sampling_models(str(tmp_path), num_classes=2)
     out = tmp_path / "samples"
     p = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "sample.py"), "--gpt", gpt, "--tokenizer", tok,
-                          "--out", str(out), "--in-process", "--per-class", "5000", "--batch-size", "2",
-                          "--out-size", "8"],
+                          "--out", str(out), "--in-process", "sample.per_class=5000", "sample.batch_size=2",
+                          "sample.out_size=8"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     log = out / "console.log"
     t0 = time.time()
@@ -172,7 +172,7 @@ def test_missing_inputs_are_refused_before_anything_starts(tmp_path):
         "sweep_cfg.py": (["--gpt", gpt, "--tokenizer", tok, "--reference", gone, "--name", "s", "--storage-path", out,
                           "--cfg-scales", "1.0"], f"--reference {gone}"),
         "train_ar.py": ([f"data.shards={gone}", f"output_dir={out}"], f"No token shards at data.shards={gone}"),
-        "sweep_ablation.py": (["--study", "fusion", "--name", "a", "--storage", out, f"data.root={gone}"],
+        "sweep_ablation.py": (["--study", "fusion", "--name", "a", "--storage", out, f"train.data.root={gone}"],
                               f"No ImageNet-layout folder at data.root={gone}"),
     }
     (tmp_path / "work").mkdir()

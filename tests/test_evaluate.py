@@ -9,12 +9,15 @@ the second evaluation of a split reuses the cached reference statistics.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+
+from ideal_ray.config import ConfigError, SourceConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -46,20 +49,29 @@ def ray_local():
     ray.shutdown()
 
 
+def _recon_cfg(setup, out, *overrides, tokenizer=None):
+    """The job's config (``jobs/evaluate.py recon --preset tiny``: one CPU evaluation actor) with ``overrides``."""
+    from ideal_ray.config import ReconEvalConfig, load_stage_config
+
+    base, root, ckpt = setup
+    return load_stage_config(ReconEvalConfig, "tiny", [f"tokenizer={tokenizer or ckpt}", f"data.root={root}",
+                                                        f"out={base / out}", "data.split=val", "run.decode_actors=1",
+                                                        "batch_size=5", f"fid.cache_dir={base / 'cache'}", *overrides])
+
+
 @pytest.fixture(scope="module")
 def recon(setup, ray_local):
     from ideal_ray.pipelines.evaluate import evaluate_recon
 
-    base, root, ckpt = setup
-    return evaluate_recon(ckpt, root, str(base / "rec1"), split="val", device="cpu", decode_actors=1,
-                          batch_size=5, cache_dir=str(base / "cache"),
-                          tracking_uri=f"sqlite:///{base / 'mlflow.db'}", log_fn=lambda m: None)
+    base = setup[0]
+    return evaluate_recon(_recon_cfg(setup, "rec1", f"tracking_uri=sqlite:///{base / 'mlflow.db'}"),
+                          log_fn=lambda m: None)
 
 
 def test_recon_metrics_equal_an_in_process_computation(setup, recon):
     from ideal_ray.checkpoint import load_tokenizer
     from ideal_ray.data.crops import center_crop_arr
-    from ideal_ray.data.ray_pipeline import decode, to_model_input
+    from ideal_ray.data.augment import decode, to_model_input
     from ideal_ray.data.sources import list_images
     from ideal_ray.eval import recon as rc
 
@@ -117,9 +129,8 @@ def test_second_recon_of_the_release_file_reuses_cached_reference_and_refuses_ov
     release = str(base / "0000100.pt")
     torch.save({"ema": release_layout(load_tokenizer(ckpt)), "steps": 100, "args": argparse.Namespace(ema=True)},
                release)
-    again = evaluate_recon(release, root, str(base / "rec2"), split="val", device="cpu", decode_actors=1,
-                           batch_size=5, zero_shot=False, probe_train_images=6, cache_dir=str(base / "cache"),
-                           tracking_uri="", log_fn=lambda m: None)
+    again = evaluate_recon(_recon_cfg(setup, "rec2", "zero_shot=false", "probe_train_images=6", "tracking_uri=",
+                                      tokenizer=release), log_fn=lambda m: None)
     assert again["protocol"]["reference_statistics"] == "reused from the cache"
     for side in ("recon", "vfm"):  # the linear probe on pooled features of the 6 train images, scored on val
         assert 0.0 <= again[f"probe_{side}_top1"] <= 1.0
@@ -127,12 +138,18 @@ def test_second_recon_of_the_release_file_reuses_cached_reference_and_refuses_ov
     assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-6)
     assert (again["psnr"], again["ssim"]) == (recon["psnr"], recon["ssim"])
     with pytest.raises(FileExistsError, match="already holds an evaluation"):
-        evaluate_recon(ckpt, root, recon["out_dir"], split="val", device="cpu", tracking_uri="")
+        evaluate_recon(_recon_cfg(setup, "rec1", "tracking_uri="))
+    with pytest.raises(ConfigError, match="run.in_process=true is not offered"):  # Ray only, said before any work
+        evaluate_recon(_recon_cfg(setup, "rec3", "run.in_process=true"))
+    with pytest.raises(ConfigError, match="data.root is empty"):  # the config is validated first
+        evaluate_recon(dataclasses.replace(_recon_cfg(setup, "rec3"), data=SourceConfig(split="val")))
+    assert not (base / "rec3").exists()
 
 
 def test_gen_known_answers_and_cli(setup, tmp_path):
     import importlib.util
 
+    from ideal_ray.config import FIDConfig, GenEvalConfig
     from ideal_ray.eval.reference import ImageFolderReference
     from ideal_ray.pipelines.evaluate import evaluate_gen
 
@@ -145,8 +162,9 @@ def test_gen_known_answers_and_cli(setup, tmp_path):
         imgs = np.clip(same + rng.normal(0, sigma, same.shape), 0, 255).astype(np.uint8) if sigma else same
         path = tmp_path / f"s{k}.npz"
         np.savez(path, arr_0=imgs, labels=np.zeros(len(imgs), np.int64))
-        results.append(evaluate_gen(str(path), ref_dir, str(tmp_path / f"g{k}"), cache_dir=str(base / "cache"),
-                                    tracking_uri="", log_fn=lambda m: None))
+        cfg = GenEvalConfig(samples=str(path), reference=ref_dir, out=str(tmp_path / f"g{k}"), device="cpu",
+                            fid=FIDConfig(cache_dir=str(base / "cache")), tracking_uri="")
+        results.append(evaluate_gen(cfg, log_fn=lambda m: None))
     assert abs(results[0]["gfid"]) < 1e-3 and results[0]["precision"] == results[0]["recall"] == 1.0
     assert results[0]["gfid"] < results[1]["gfid"] < results[2]["gfid"]
     assert results[1]["protocol"]["reference_statistics"] == "reused from the cache"
@@ -159,3 +177,14 @@ def test_gen_known_answers_and_cli(setup, tmp_path):
         job.main(["gen", "--samples", str(tmp_path / "missing.npz"), "--reference", ref_dir, "--out",
                   str(tmp_path / "x")])
     assert refused.value.code == 2
+    # the job: the first evaluation again through its flags and overrides, the same numbers
+    npz = tmp_path / "s1.npz"
+    assert job.main(["gen", "--samples", str(npz), "--reference", ref_dir, "--out", str(tmp_path / "cli"),
+                     "device=cpu", f"fid.cache_dir={base / 'cache'}", "tracking_uri="]) == 0
+    saved = json.load(open(tmp_path / "cli" / "result.json"))
+    assert saved["gfid"] == pytest.approx(results[1]["gfid"], rel=1e-6)
+    assert saved["protocol"]["reference_statistics"] == "reused from the cache"
+    with pytest.raises(SystemExit) as refused:  # a wrong override names the key
+        job.main(["gen", "--samples", str(npz), "--reference", ref_dir, "--out", str(tmp_path / "y"),
+                  "fid.batch_size=0"])
+    assert refused.value.code == 2 and not (tmp_path / "y").exists()

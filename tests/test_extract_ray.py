@@ -53,24 +53,37 @@ def ray_local():
     ctx.enable_progress_bars = saved
 
 
-def _run(setup, out, **kw):
-    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+# the settings every Ray run here starts from (the tiny preset is on the CPU: run.device=cpu, run.num_actors=1)
+RAY_RUN = ("views=llamagen", "batch_size=40", "shard_images=4", "row_group_images=2", "run.decode_actors=2",
+           "decode_batch=3")
+
+
+def _cfg(setup, out, *overrides: str, data_root=None):
+    """The tiny preset's ExtractConfig of ``setup``'s train split (or ``data_root``'s) into ``out``, with overrides."""
+    from ideal_ray.config import ExtractConfig, load_stage_config
 
     _, root, ckpt, _ = setup
-    root = kw.pop("data_root", root)
-    args = dict(views="llamagen", batch_size=40, device="cpu", shard_images=4, row_group_images=2,
-                num_encoders=1, decode_actors=2, decode_batch=3)
-    args.update(kw)
-    return extract_tokens_ray(ckpt, root, str(out), **args)
+    return load_stage_config(ExtractConfig, "tiny", [f"tokenizer={ckpt}", f"data.root={data_root or root}",
+                                                     f"out={out}", *overrides])
+
+
+def _run(setup, out, *overrides: str, data_root=None, **kw):
+    """The Ray extraction with :data:`RAY_RUN` and ``overrides``; ``kw``: its run_name / experiment."""
+    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+
+    return extract_tokens_ray(_cfg(setup, out, *RAY_RUN, *overrides, data_root=data_root), **kw)
+
+
+def _local(setup, out, *overrides: str, data_root=None):
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    return extract_tokens_local(_cfg(setup, out, *overrides, data_root=data_root))
 
 
 @pytest.fixture(scope="module")
 def local_ref(setup):
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
-
-    base, root, ckpt, _ = setup
-    out = base / "local"
-    extract_tokens_local(ckpt, root, str(out), views="llamagen", batch_size=40, shard_images=4, row_group_images=2)
+    out = setup[0] / "local"
+    _local(setup, out, "views=llamagen", "batch_size=40", "shard_images=4", "row_group_images=2")
     return ar.TokenShardDataset(out)
 
 
@@ -78,7 +91,7 @@ def local_ref(setup):
 def extracted(setup, ray_local):
     base = setup[0]
     out = base / "ray"
-    return out, _run(setup, out, tracking_uri=f"sqlite:///{base / 'mlflow.db'}", run_name="extract-test")
+    return out, _run(setup, out, f"tracking_uri=sqlite:///{base / 'mlflow.db'}", run_name="extract-test")
 
 
 def test_bad_files_skipped_counted_listed_and_good_rows_all_there(setup, extracted, local_ref):
@@ -123,7 +136,7 @@ def test_mlflow_run_records_summary_and_skipped_list(setup, extracted):
 
 def test_resume_after_crash_mid_write_keeps_one_copy_of_every_row(setup, extracted, tmp_path):
     out = tmp_path / "crash"
-    first = _run(setup, out, max_shards=2, tracking_uri="")  # a run that stopped after two shards ...
+    first = _run(setup, out, "max_shards=2", "tracking_uri=")  # a run that stopped after two shards ...
     assert first["stopped_early"] and not first["complete"] and first["shards_written"] == 2
     kept = {k: os.stat(out / tk.shard_name(k)).st_mtime_ns for k in (0, 1)}
     # ... and then crashed mid-write: a half-written temporary file and a shard renamed into place whose manifest
@@ -133,7 +146,7 @@ def test_resume_after_crash_mid_write_keeps_one_copy_of_every_row(setup, extract
     with pytest.raises(ValueError, match="incomplete"):
         ar.TokenShardDataset(out)
 
-    s = _run(setup, out, tracking_uri="")
+    s = _run(setup, out, "tracking_uri=")
     assert s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0
     assert (s["shards_kept"], s["shards_written"]) == (2, s["shards"] - 2)
     assert {k: os.stat(out / tk.shard_name(k)).st_mtime_ns for k in (0, 1)} == kept  # finished shards untouched
@@ -142,20 +155,19 @@ def test_resume_after_crash_mid_write_keeps_one_copy_of_every_row(setup, extract
     ds = ar.TokenShardDataset(out)
     assert ds.image_ids == ref.image_ids and len(set(ds.image_ids)) == len(ds.image_ids)
     np.testing.assert_array_equal(ds.tokens, ref.tokens)
-    again = _run(setup, out, tracking_uri="")  # a finished folder: nothing redone
+    again = _run(setup, out, "tracking_uri=")  # a finished folder: nothing redone
     assert again["shards_written"] == 0 and again["rows"] == s["rows"]
 
 
 def test_release_views_and_webdataset_input(setup, ray_local, tmp_path):
     from ideal_ray.data.convert import folder_to_webdataset
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
 
-    base, root, ckpt, planted = setup
+    root = setup[1]
     wds = tmp_path / "wds"
     folder_to_webdataset(root, "train", str(wds), shards=2)
-    s = _run(setup, tmp_path / "out", views="release", data_root=str(wds), fmt="webdataset", tracking_uri="")
-    ref = extract_tokens_local(ckpt, str(wds), str(tmp_path / "ref"), views="release", batch_size=40,
-                               shard_images=4, row_group_images=2, fmt="webdataset")
+    s = _run(setup, tmp_path / "out", "views=release", "data.format=webdataset", "tracking_uri=", data_root=wds)
+    ref = _local(setup, tmp_path / "ref", "views=release", "batch_size=40", "shard_images=4", "row_group_images=2",
+                 "data.format=webdataset", data_root=wds)
     assert s["verify"]["ok"] and s["num_views"] == 2 and s["images"] == ref["images"]
     np.testing.assert_array_equal(ar.TokenShardDataset(tmp_path / "out").tokens,
                                   ar.TokenShardDataset(tmp_path / "ref").tokens)
@@ -177,12 +189,23 @@ def test_views_from_squares_equal_cpu_views():
 
 
 def test_argument_errors(setup, ray_local, tmp_path):
-    with pytest.raises(ValueError, match="device='tpu'"):
-        _run(setup, tmp_path / "x", device="tpu")
+    import dataclasses
+
+    from ideal_ray.config import ConfigError
+    from ideal_ray.pipelines.extract_ray import extract_tokens_ray
+
+    cfg = _cfg(setup, tmp_path / "x", *RAY_RUN)
+    # refused before anything is read or started (the config's own check, then the Ray run's devices)
+    for bad, said in ((dict(run=dataclasses.replace(cfg.run, device="tpu")), "run.device=tpu is not a device"),
+                      (dict(run=dataclasses.replace(cfg.run, device="cuda:1")), "not a device of a Ray run"),
+                      (dict(decode_batch=0), "decode_batch=0 must be at least 1"),
+                      (dict(run=dataclasses.replace(cfg.run, decode_actors=0)), "run.decode_actors=0"),
+                      (dict(out=""), "out is empty; pass out=PATH")):
+        with pytest.raises(ConfigError, match=said):
+            extract_tokens_ray(dataclasses.replace(cfg, **bad))
     with pytest.raises(RuntimeError, match="no GPUs"):
-        _run(setup, tmp_path / "y", device="cuda")
-    with pytest.raises(ValueError, match="decode_batch=0"):
-        _run(setup, tmp_path / "z", decode_batch=0)
+        _run(setup, tmp_path / "y", "run.device=cuda")
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
 def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
@@ -193,7 +216,8 @@ def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     _, root, ckpt, _ = setup
-    for argv, said in (([str(tmp_path / "nowhere")], "nowhere"), ([root, "--format", "parquet"], "error:")):
+    for argv, said in (([str(tmp_path / "nowhere")], "nowhere"), ([root, "data.format=parquet"], "error:"),
+                       ([root, "views=five"], "config error: views 'five' is unknown")):
         with pytest.raises(SystemExit) as refused:
             job.main(["--tokenizer", ckpt, "--out", str(tmp_path / "o"), "--data-root"] + argv)
         assert refused.value.code == 2 and said in capsys.readouterr().err
@@ -201,18 +225,16 @@ def test_job_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
 
 
 def test_mostly_unreadable_shard_stops_the_run_unwritten(setup, tmp_path):
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
-
-    _, root, ckpt, _ = setup
+    root = setup[1]
     data = tmp_path / "data"
     shutil.copytree(root, data)
     for i in range(12):  # what a vanished mount looks like: listed files that cannot be read
         (data / "train" / "n90000000" / f"n90000000_gone{i:02d}.JPEG").write_bytes(b"")
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="max_skip_fraction"):
-        extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16)
+        _local(setup, out, "views=release", "shard_images=16", data_root=data)
     assert not list(out.glob(tk.SHARD_GLOB))
-    s = extract_tokens_local(ckpt, str(data), str(out), views="release", shard_images=16, max_skip_fraction=1.0)
+    s = _local(setup, out, "views=release", "shard_images=16", "max_skip_fraction=1.0", data_root=data)
     assert s["verify"]["ok"] and len(s["skipped"]) >= 12
 
 
@@ -223,9 +245,8 @@ def test_a_shard_of_only_unreadable_files_is_written_empty_and_both_runs_finish(
     reason; and the AR readers (in memory and random access) read past the empty shard."""
     from ideal_ray.data import sources
     from planted import planted_files
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
 
-    _, root, ckpt, planted = setup
+    _, root, _, planted = setup
     data = tmp_path / "data"
     shutil.copytree(root, data)
     listing = sources.list_images(data, "train")
@@ -241,9 +262,9 @@ def test_a_shard_of_only_unreadable_files_is_written_empty_and_both_runs_finish(
     bad = set(shard1) | {v["id"] for v in planted.values() if not v["good"]}
     good = set(listing.ids) - bad
 
-    args = dict(views="release", shard_images=4, row_group_images=2)
-    local = extract_tokens_local(ckpt, str(data), str(tmp_path / "local"), batch_size=40, **args)
-    on_ray = _run(setup, tmp_path / "ray", data_root=str(data), tracking_uri="", **args)
+    args = ("views=release", "shard_images=4", "row_group_images=2")
+    local = _local(setup, tmp_path / "local", "batch_size=40", *args, data_root=data)
+    on_ray = _run(setup, tmp_path / "ray", *args, "tracking_uri=", data_root=data)
     for s in (local, on_ray):
         out = s["out_dir"]
         assert s["complete"] and s["verify"]["ok"] and s["shards"] == s["shards_written"] == -(-len(listing) // 4)
@@ -294,7 +315,7 @@ def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray
 
     def target():
         try:  # one image per encoder call and per decode task: many tasks, a wide window for the kill
-            result.update(_run(setup, out, batch_size=20, decode_batch=1, tracking_uri=""))
+            result.update(_run(setup, out, "batch_size=20", "decode_batch=1", "tracking_uri="))
         except BaseException as e:  # surfaced below
             errors.append(e)
 

@@ -129,40 +129,51 @@ def test_report_reads_a_state_written_before_the_headline_numbers(tmp_path):
     assert "final loss n/a" in rows["ar"][1] and "gFID per CFG scale: n/a" in rows["sweep"][1]
 
 
-def test_tiny_and_paper_defaults_live_in_one_place_and_the_job_flags_replace_them(tmp_path, monkeypatch, capsys):
+def test_tiny_and_paper_settings_are_presets_and_the_job_overrides_route_by_stage(tmp_path, monkeypatch, capsys):
     import sys
 
     from ideal_ray.config import load_config
     from ideal_ray import pipeline
 
-    tiny = pipeline.pipeline_defaults(load_config("tiny"))
-    paper = pipeline.pipeline_defaults(load_config("paper"))
-    assert (tiny["ar_preset"], tiny["views"], tiny["device"], tiny["sweep_cfg_scales"]) == (
-        "ar-tiny", "release", "cpu", [1.0, 1.75])
-    assert tiny["ar_overrides"] == ["model.num_classes=10"] and tiny["sample_cfg"].per_class == 8
-    assert (paper["ar_preset"], paper["views"], paper["device"], paper["ar_overrides"]) == (
-        "ar-B", "llamagen", "auto", [])
-    assert len(paper["sweep_cfg_scales"]) == 9 and paper["sample_cfg"].per_class == 50
+    tiny = pipeline.pipeline_config(load_config("tiny"))
+    paper = pipeline.pipeline_config(load_config("paper+fusion-none"))  # a variant has the scale of its base
+    assert (tiny.preset, tiny.ar_preset, tiny.extract.views, tiny.extract.run.device, tiny.sweep.cfg_scales) == (
+        "tiny", "ar-tiny", "release", "cpu", (1.0, 1.75))
+    assert tiny.sampling.sample.per_class == 8 and tiny.sampling.run.num_actors == 1
+    assert (paper.preset, paper.ar_preset, paper.extract.views, paper.extract.run.device, paper.ar_overrides) == (
+        "paper", "ar-B", "llamagen", "auto", ())
+    assert len(paper.sweep.cfg_scales) == 9 and paper.sampling.sample.per_class == 50
     # class accuracy: the convnet on every real train image for the synthetic shapes, the Inception probe on 50 per
-    # class for natural images
-    assert (tiny["classifier_kind"], tiny["classifier_per_class"]) == ("cnn", 0)
-    assert (paper["classifier_kind"], paper["classifier_per_class"]) == ("probe", 50)
+    # class for natural images; the sweep's trials score their samples the same way as the evaluation
+    for cfg, kind, per_class in ((tiny, "cnn", 0), (paper, "probe", 50)):
+        assert (cfg.gen.classifier.kind, cfg.gen.classifier.per_class) == (kind, per_class)
+        assert cfg.sweep.classifier == cfg.gen.classifier
+    # the tiny GPT's classes are the synthetic set's
+    stages = pipeline.tokenizer_to_eval_stages(load_config("tiny", ["data.synthetic_classes=7"]), str(tmp_path), tiny)
+    assert [s.name for s in stages] == ["tokenizer", "extract", "ar", "sample", "evaluate", "sweep"]
 
     got = {}
 
-    def fake_run_pipeline(cfg, settings, **kw):
-        got.update(settings)
+    def fake_run_pipeline(cfg, pcfg, **kw):
+        got.update(tok=cfg, pcfg=pcfg)
         return _recorded_run(tmp_path), "sqlite:////x/mlflow.db"
 
     monkeypatch.setattr(pipeline, "run_pipeline", fake_run_pipeline)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
     from pipeline import main  # jobs/pipeline.py
 
-    assert main(["--per-class", "2", "--ar-set", "schedule.steps=40", "--sweep-cfg-scales"]) == 0
-    assert got["sample_cfg"].per_class == 2 and got["sample_cfg"].cfg_scale == 1.75
-    assert got["ar_overrides"] == ["model.num_classes=10", "schedule.steps=40"]
-    assert got["sweep_cfg_scales"] == [] and got["views"] == "release"  # no values: no sweep stage
+    assert main(["sampling.sample.per_class=2", "ar.schedule.steps=40", "ar.optim.betas=0.9,0.95",
+                 "sweep.cfg_scales=", "schedule.steps=7"]) == 0
+    pcfg = got["pcfg"]
+    assert pcfg.sampling.sample.per_class == 2 and pcfg.sampling.sample.cfg_scale == 1.75
+    assert pcfg.ar_overrides == ("schedule.steps=40", "optim.betas=0.9,0.95")  # a value's commas are kept
+    assert pcfg.sweep.cfg_scales == () and pcfg.extract.views == "release"  # no values: no sweep stage
+    assert got["tok"].schedule.steps == 7  # the rest: the tokenizer's
+    assert [s.name for s in pipeline.tokenizer_to_eval_stages(got["tok"], str(tmp_path), pcfg)][-1] == "evaluate"
     assert list(report_rows(capsys.readouterr().out)) == list(_recorded_run(tmp_path)["stages"]) + ["total"]
+    with pytest.raises(SystemExit) as e:  # a wrong stage value: one sentence naming the stage's key, exit code 2
+        main(["sampling.sample.top_p=0"])
+    assert e.value.code == 2 and "sampling.sample.top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_one_local_cluster_is_sized_for_every_training_stage(monkeypatch):

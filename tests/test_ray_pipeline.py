@@ -2,7 +2,8 @@
 
 Pure schedule/augmentation tests need no Ray. The Ray tests share one local 4-logical-CPU Ray instance and one
 tiny synthetic set (18 train images, global batch 4, 2 ranks -> 4 steps per epoch, 2 images dropped each
-epoch); the reference for every row is recomputed in-process with ``load_sample``.
+epoch); the reference for every row is recomputed in-process with ``load_sample`` (a ``ByteReader`` of the
+listing).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from PIL import Image
 
 from ideal_ray.config import DataConfig
+from ideal_ray.data import augment as ag
 from ideal_ray.data import ray_pipeline as rp
+from ideal_ray.data.reader import ByteReader
 from ideal_ray.data.synthetic import make_synthetic_imagenet
 
 SEED = 7
@@ -36,7 +39,7 @@ def test_each_step_is_one_contiguous_global_batch():
     gb, spe = 12, 5
     for world in (1, 2, 3, 4, 6, 12):
         for step in (0, 1, 4, 5, 13):
-            parts = [rp.position_of(step, r, world, gb, spe) for r in range(world)]
+            parts = [ag.position_of(step, r, world, gb, spe) for r in range(world)]
             assert {e for e, _ in parts} == {step // spe}
             got = np.concatenate([p for _, p in parts])
             k = step % spe
@@ -46,9 +49,9 @@ def test_each_step_is_one_contiguous_global_batch():
 def test_row_schedule_matches_position_of():
     lb, gb, spe, start, rank = 3, 6, 4, 9, 1
     rows = np.arange(5 * lb)
-    step, epoch, pos = rp.row_schedule(rows, start, rank, lb, gb, spe)
+    step, epoch, pos = ag.row_schedule(rows, start, rank, lb, gb, spe)
     for t in range(start, start + 5):
-        e, p = rp.position_of(t, rank, gb // lb, gb, spe)
+        e, p = ag.position_of(t, rank, gb // lb, gb, spe)
         sel = step == t
         assert sel.sum() == lb and set(epoch[sel]) == {e}
         np.testing.assert_array_equal(pos[sel], p)
@@ -56,48 +59,48 @@ def test_row_schedule_matches_position_of():
 
 def test_every_image_once_per_epoch_and_epochs_reshuffle():
     n, gb, world = 19, 4, 2
-    spe = rp.schedule_info(n, gb)
+    spe = ag.schedule_info(n, gb)
     assert spe == 4  # drop_last: 3 images left out per epoch
     per_epoch = []
     for e in range(3):
         idx = np.concatenate(
-            [rp.sample_indices(t, r, world, gb, n, SEED) for t in range(e * spe, (e + 1) * spe) for r in range(world)]
+            [ag.sample_indices(t, r, world, gb, n, SEED) for t in range(e * spe, (e + 1) * spe) for r in range(world)]
         )
         assert len(idx) == spe * gb and len(set(idx.tolist())) == len(idx)  # no repeats within an epoch
-        np.testing.assert_array_equal(idx, rp.epoch_permutation(SEED, e, n)[: spe * gb])
+        np.testing.assert_array_equal(idx, ag.epoch_permutation(SEED, e, n)[: spe * gb])
         per_epoch.append(idx)
     assert not np.array_equal(per_epoch[0], per_epoch[1]) and not np.array_equal(per_epoch[1], per_epoch[2])
-    assert sorted(rp.epoch_permutation(SEED, 5, n).tolist()) == list(range(n))
+    assert sorted(ag.epoch_permutation(SEED, 5, n).tolist()) == list(range(n))
     # The global batch of a step does not depend on how many workers share it.
-    one = rp.sample_indices(6, 0, 1, gb, n, SEED)
-    two = np.concatenate([rp.sample_indices(6, r, 2, gb, n, SEED) for r in range(2)])
+    one = ag.sample_indices(6, 0, 1, gb, n, SEED)
+    two = np.concatenate([ag.sample_indices(6, r, 2, gb, n, SEED) for r in range(2)])
     np.testing.assert_array_equal(one, two)
 
 
 def test_schedule_errors():
     with pytest.raises(ValueError, match="does not divide by the 3 workers"):
-        rp.local_batch_size(8, 3)
+        ag.local_batch_size(8, 3)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        rp.schedule_info(3, 4)
+        ag.schedule_info(3, 4)
     with pytest.raises(ValueError, match="rank=2"):
-        rp.position_of(0, 2, 2, 4, 3)
+        ag.position_of(0, 2, 2, 4, 3)
 
 
 # ------------------------------------------------------------------------------------- augmentation
 def test_augment_shape_dtype_and_variation():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # landscape: W=50, H=30
-    outs = [rp.augment(img, rp.sample_rng(SEED, 0, p), 16, 16, 24, 0.5) for p in range(40)]
+    outs = [ag.augment(img, ag.sample_rng(SEED, 0, p), 16, 16, 24, 0.5) for p in range(40)]
     for o in outs:
         assert o.shape == (16, 16, 3) and o.dtype == np.uint8
     assert len({o.tobytes() for o in outs}) >= 30  # crops/sizes/flips vary with the position (few collide)
-    np.testing.assert_array_equal(outs[3], rp.augment(img, rp.sample_rng(SEED, 0, 3), 16, 16, 24, 0.5))
-    assert not np.array_equal(outs[3], rp.augment(img, rp.sample_rng(SEED, 1, 3), 16, 16, 24, 0.5))
+    np.testing.assert_array_equal(outs[3], ag.augment(img, ag.sample_rng(SEED, 0, 3), 16, 16, 24, 0.5))
+    assert not np.array_equal(outs[3], ag.augment(img, ag.sample_rng(SEED, 1, 3), 16, 16, 24, 0.5))
 
     # Draw order (short side, top, left, flip) reproduced by hand: flips happen both ways over 40 positions.
     flips = []
     for p in range(40):
-        r = rp.sample_rng(SEED, 0, p)
+        r = ag.sample_rng(SEED, 0, p)
         short = int(r.integers(16, 25))
         new_w, new_h = round(50 * short / 30), short
         top, left, flip = int(r.integers(0, new_h - 16 + 1)), int(r.integers(0, new_w - 16 + 1)), r.random() < 0.5
@@ -106,26 +109,26 @@ def test_augment_shape_dtype_and_variation():
         np.testing.assert_array_equal(outs[p], ref)
         flips.append(flip)
     assert 0 < sum(flips) < len(flips)
-    no_flip = rp.augment(img, rp.sample_rng(SEED, 0, 0), 16, 30, 30, 0.0)  # resize to exactly 30: no resize
+    no_flip = ag.augment(img, ag.sample_rng(SEED, 0, 0), 16, 30, 30, 0.0)  # resize to exactly 30: no resize
     assert no_flip.shape == (16, 16, 3)
 
 
 def test_check_augmentation_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="random crop must fit"):
-        rp.check_augmentation(_cfg(tmp_path, image_size=32, resize_min=16))
+        ag.check_augmentation(_cfg(tmp_path, image_size=32, resize_min=16))
     with pytest.raises(ValueError, match="hflip_prob"):
-        rp.check_augmentation(_cfg(tmp_path, hflip_prob=1.5))
+        ag.check_augmentation(_cfg(tmp_path, hflip_prob=1.5))
 
 
 def test_to_model_input_range_and_layout():
     x = torch.tensor([0, 255, 128], dtype=torch.uint8).repeat(2, 4, 5, 1)  # (2, 4, 5, 3)
-    y = rp.to_model_input(x)
+    y = ag.to_model_input(x)
     assert y.shape == (2, 3, 4, 5) and y.dtype == torch.float32 and y.is_contiguous()
     assert y[:, 0].eq(-1).all() and y[:, 1].eq(1).all()
     assert torch.allclose(y[:, 2], torch.full_like(y[:, 2], 128 / 127.5 - 1), atol=1e-6)
-    assert rp.to_model_input(x, torch.bfloat16).dtype == torch.bfloat16
+    assert ag.to_model_input(x, torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="uint8"):
-        rp.to_model_input(x.float())
+        ag.to_model_input(x.float())
 
 
 # ------------------------------------------------------------------------------------- listing errors
@@ -195,17 +198,18 @@ def _rows(ds) -> dict[str, np.ndarray]:
     return {c: np.concatenate(v) for c, v in cols.items()}
 
 
-def _expected(cfg, paths, labels, rank, world, start, steps):
+def _expected(cfg, listing, rank, world, start, steps):
     """Reference rows computed in-process from the pure schedule + load_sample."""
-    n, gb = len(paths), cfg.global_batch
-    spe = rp.schedule_info(n, gb)
+    n, gb = len(listing), cfg.global_batch
+    reader = ByteReader(listing)
+    spe = ag.schedule_info(n, gb)
     out = {c: [] for c in ALL}
     for t in range(start, start + steps):
-        e, pos = rp.position_of(t, rank, world, gb, spe)
-        idx = rp.epoch_permutation(SEED, e, n)[pos]
+        e, pos = ag.position_of(t, rank, world, gb, spe)
+        idx = ag.epoch_permutation(SEED, e, n)[pos]
         for p, i in zip(pos, idx):
-            out["image"].append(rp.load_sample(paths[i], cfg, SEED, e, int(p)))
-            out["label"].append(labels[i])
+            out["image"].append(ag.load_sample(reader, int(i), cfg, SEED, e, int(p)))
+            out["label"].append(listing.labels[i])
             out["step"].append(t)
             out["position"].append(p)
             out["index"].append(i)
@@ -222,9 +226,9 @@ def full_rank0(ray_local, synth):
 
 def test_rank_rows_come_in_exact_order(full_rank0, synth):
     cfg = _cfg(synth)
-    paths, labels = rp.list_training_images(synth)
-    assert len(paths) == 18
-    exp = _expected(cfg, paths, labels, 0, WORLD, 0, STEPS)
+    listing = rp.training_listing(cfg)
+    assert len(listing) == 18 and listing.fmt == "folder"
+    exp = _expected(cfg, listing, 0, WORLD, 0, STEPS)
     assert len(full_rank0["step"]) == STEPS * 2
     for c in ALL:
         np.testing.assert_array_equal(full_rank0[c], exp[c], err_msg=c)
@@ -258,15 +262,15 @@ def test_local_batches_are_the_ray_rows(full_rank0, synth):
 def test_iter_torch_batches_through_train_data_config(synth, ray_local):
     """Rank 1 (default columns) through Train's DataConfig, which replaces execution options: one batch = one step."""
     cfg = _cfg(synth)
-    paths, labels = rp.list_training_images(synth)
-    ref = rp.put_images(paths, labels)
+    listing = rp.training_listing(cfg)
+    ref = rp.put_listing(listing)
     dss = rp.rank_datasets(cfg, WORLD, 3, 3, SEED, images=ref, num_actors=2)
     dc = rp.train_data_config()
     assert dc._resolve_execution_options(rp.dataset_name(1)).preserve_order
     its = dc.configure({rp.dataset_name(r): d for r, d in enumerate(dss)}, world_size=WORLD, worker_handles=None,
                        worker_node_ids=None)
     it = its[1][rp.dataset_name(1)]  # every worker sees every rank dataset; rank 1 reads only its own
-    exp = _expected(cfg, paths, labels, 1, WORLD, 3, 3)
+    exp = _expected(cfg, listing, 1, WORLD, 3, 3)
     batches = list(it.iter_torch_batches(batch_size=2, dtypes=rp.TORCH_DTYPES))
     assert len(batches) == 3
     for j, b in enumerate(batches):
@@ -276,7 +280,7 @@ def test_iter_torch_batches_through_train_data_config(synth, ray_local):
         np.testing.assert_array_equal(b["position"].numpy(), exp["position"][2 * j:2 * j + 2])
         np.testing.assert_array_equal(b["label"].numpy(), exp["label"][2 * j:2 * j + 2])
         np.testing.assert_array_equal(b["image"].numpy(), exp["image"][2 * j:2 * j + 2])
-        x = rp.to_model_input(b["image"])  # (2, 3, 16, 16)
+        x = ag.to_model_input(b["image"])  # (2, 3, 16, 16)
         assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     # A finished run resumes with nothing left to read: an empty dataset, not an error.
     empty = rp.rank_dataset(cfg, WORLD, 0, 12, 0, SEED, images=ref)
@@ -297,22 +301,23 @@ def test_bad_file_is_substituted_without_changing_row_count(synth, tmp_path, ray
     bad_dir = sorted((root / "train").iterdir())[1]
     (bad_dir / "zz_corrupt.JPEG").write_bytes(b"this is not a jpeg")
     cfg = _cfg(root)
-    paths, labels = rp.list_training_images(root)
-    n, bad = len(paths), paths.index(str(bad_dir / "zz_corrupt.JPEG"))
+    listing = rp.training_listing(cfg)
+    labels = listing.labels
+    n, bad = len(listing), listing.files.index(str(bad_dir / "zz_corrupt.JPEG"))
     world = 1
     # First step whose batch holds the bad file (it may sit in an epoch's dropped tail: search).
-    step = next(t for t in range(50) if bad in rp.sample_indices(t, 0, world, 4, n, SEED))
+    step = next(t for t in range(50) if bad in ag.sample_indices(t, 0, world, 4, n, SEED))
     rows = _rows(rp.rank_dataset(cfg, world, 0, step, 2, SEED, provenance=True))
     assert len(rows["step"]) == 8  # row count unchanged
     hit = np.flatnonzero(rows["substituted"])
     assert len(hit) == 1
     j = int(hit[0])
-    e, p = step // rp.schedule_info(n, 4), int(rows["position"][j])
-    perm = rp.epoch_permutation(SEED, e, n)
+    e, p = step // ag.schedule_info(n, 4), int(rows["position"][j])
+    perm = ag.epoch_permutation(SEED, e, n)
     assert perm[p] == bad
     sub = int(perm[(p + 1) % n])  # the next image of the permutation stands in (it is a good one)
     assert rows["index"][j] == sub and rows["label"][j] == labels[sub]
-    np.testing.assert_array_equal(rows["image"][j], rp.load_sample(paths[sub], cfg, SEED, e, p))
+    np.testing.assert_array_equal(rows["image"][j], ag.load_sample(ByteReader(listing), sub, cfg, SEED, e, p))
     assert (np.delete(rows["index"], j) != bad).all()
     local = list(rp.local_batches(cfg, world, 0, step, 2, SEED))  # the in-process batches substitute alike
     for c in rp.COLUMNS:
@@ -328,7 +333,7 @@ def test_each_unreadable_file_is_reported_once_and_a_vanished_folder_stops(synth
 
     root = tmp_path / "withbad"
     shutil.copytree(synth, root)
-    paths, _ = rp.list_training_images(root)
+    paths = rp.training_listing(_cfg(root)).files
     (root / paths[3]).write_bytes(b"")
     (root / paths[10]).write_bytes(b"<html>404</html>")
     ledger = SkipLedger()

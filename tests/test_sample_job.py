@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import random_sampling_models
-from ideal_ray.config import SampleConfig
+from ideal_ray.config import ConfigError, RunConfig, SampleConfig, SampleJobConfig
 from ideal_ray.pipelines.sample_local import GRID_COLUMNS, grid_image, sample_images, sample_seed
 
 OUT = 16  # saved image size: small, the resize path is the same
@@ -26,9 +26,14 @@ def _cfg(**kw):
     return SampleConfig(**base)
 
 
-def _run(ckpts, out, classes=None, tracking_uri=None, **kw):
-    return sample_images(ckpts[0], ckpts[1], _cfg(**kw), classes, str(out), log=lambda m: None,
-                         tracking_uri=tracking_uri)
+def _job(ckpts, out, classes=(), tracking_uri="", run=None, **kw):
+    """The SampleJobConfig of a run on CPU; ``tracking_uri`` "" = no MLflow."""
+    return SampleJobConfig(gpt=ckpts[0], tokenizer=ckpts[1], out=str(out), sample=_cfg(**kw), classes=tuple(classes),
+                           run=run or RunConfig(in_process=True, device="cpu"), tracking_uri=tracking_uri)
+
+
+def _run(ckpts, out, classes=(), tracking_uri="", **kw):
+    return sample_images(_job(ckpts, out, classes, tracking_uri, **kw), log=lambda m: None)
 
 
 def test_npz_grid_and_summary(ckpts, tmp_path):
@@ -71,6 +76,17 @@ def test_bad_classes(ckpts, tmp_path):
     assert not (tmp_path / "a" / "samples.npz").exists()
 
 
+def test_config_is_validated_before_any_work(ckpts, tmp_path):
+    """sample_images starts with validate_stage: one sentence naming the key, nothing written."""
+    with pytest.raises(ConfigError, match="classes=1,1 names a class twice"):
+        _run(ckpts, tmp_path / "a", classes=[1, 1])
+    with pytest.raises(ConfigError, match="sample.top_p=0.0 must be in"):
+        _run(ckpts, tmp_path / "a", top_p=0.0)
+    with pytest.raises(ConfigError, match="out is empty"):
+        sample_images(_job(ckpts, ""), log=lambda m: None)
+    assert not (tmp_path / "a").exists()
+
+
 def test_grid_image_layout():
     imgs = np.stack([np.full((2, 2, 3), k, np.uint8) for k in range(6)])
     g = grid_image(imgs, 2, 3, pad=1)
@@ -94,22 +110,48 @@ def test_mlflow_logs_grid(ckpts, tmp_path):
     assert arts == ["samples/grid.png"]
 
 
-def test_cli(ckpts, tmp_path, capsys):
+def test_default_tracking_store_is_beside_the_samples(ckpts, tmp_path, monkeypatch):
+    """tracking_uri None: $MLFLOW_TRACKING_URI, else <out>/mlflow.db."""
+    from ideal_ray.tracking import find_runs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = _run(ckpts, tmp_path / "a", classes=[1], per_class=1, tracking_uri=None)
+    (run,) = find_runs(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "ideal-sample")
+    assert run["run_id"] == s["mlflow_run_id"] and run["params"]["classes"] == "1"
+
+
+def test_cli(ckpts, tmp_path, capsys, monkeypatch):
     import json
     import sys
+
+    from ideal_ray.tracking import find_runs
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from jobs.sample import main
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "cli"
-    rc = main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--classes", "1,2",
-               "--per-class", "2", "--batch-size", "4", "--out-size", str(OUT), "--seed", "3", "--in-process"])
+    settings = ["classes=1,2", "sample.per_class=2", "sample.batch_size=4", f"sample.out_size={OUT}", "sample.seed=3",
+                "sample.cfg_scale=2.0", "sample.top_k=50", "run.device=cpu"]
+    rc = main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process", "--mlflow", *settings])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["num_images"] == 4
+    assert summary["num_images"] == 4 and summary["device"] == "cpu"
+    (run,) = find_runs(f"sqlite:///{out / 'mlflow.db'}", "ideal-sample")  # --mlflow: the default store
+    assert run["run_id"] == summary["mlflow_run_id"] and run["params"]["sample.per_class"] == "2"
+    ref = _run(ckpts, tmp_path / "ref", classes=[1, 2], per_class=2, seed=3)  # the overrides are these settings
+    with np.load(summary["samples"]) as a, np.load(ref["samples"]) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     with pytest.raises(SystemExit) as refused:  # the samples are there: refused, exit code 2, one sentence
-        main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process"])
+        main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(out), "--in-process", "run.device=cpu"])
     assert refused.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a wrong value: refused before anything, naming the key
+        main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(tmp_path / "bad"), "sample.cfg_scale=-1"])
+    assert refused.value.code == 2 and "sample.cfg_scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # the old flags are overrides now
+        main(["--gpt", ckpts[0], "--tokenizer", ckpts[1], "--out", str(tmp_path / "bad"), "--per-class", "2"])
+    assert refused.value.code == 2
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
@@ -123,9 +165,12 @@ def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path):
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ref = _run(ckpts, tmp_path / "local", classes=[0, 2, 3], batch_size=3)
-        s = sample_images_ray(ckpts[0], ckpts[1], _cfg(batch_size=3), [0, 2, 3], str(tmp_path / "ray"),
-                              device="cpu", num_samplers=2, log=lambda m: None,
-                              tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        s = sample_images_ray(_job(ckpts, tmp_path / "ray", [0, 2, 3], f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   run=RunConfig(device="cpu", num_actors=2), batch_size=3), log=lambda m: None)
+        with pytest.raises(FileExistsError, match="refusing to overwrite"):
+            sample_images_ray(_job(ckpts, tmp_path / "ray", run=RunConfig(device="cpu")), log=lambda m: None)
+        with pytest.raises(ValueError, match="run.device=cuda:1 is not one of auto, cpu, cuda"):
+            sample_images_ray(_job(ckpts, tmp_path / "other", run=RunConfig(device="cuda:1")), log=lambda m: None)
     finally:
         ray.shutdown()
     assert (s["num_images"], s["num_samplers"], s["batch_size"]) == (9, 2, 3)
@@ -133,5 +178,4 @@ def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path):
     np.testing.assert_array_equal(a["labels"], b["labels"])
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     assert Image.open(s["grid"]).size == Image.open(ref["grid"]).size and s["mlflow_run_id"]
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        sample_images_ray(ckpts[0], ckpts[1], _cfg(), None, str(tmp_path / "ray"), device="cpu")
+    assert not (tmp_path / "other").exists()

@@ -9,19 +9,9 @@ import pytest
 from PIL import ImageFile
 
 from ideal_ray.data.convert import folder_to_flat, folder_to_parquet, folder_to_webdataset
-from ideal_ray.data.folder import ImageFolderDataset, open_rgb
-from ideal_ray.data.sources import (
-    DECODE_ERRORS,
-    FORMATS,
-    BadImageError,
-    ByteReader,
-    Listing,
-    decode_bytes,
-    detect_format,
-    list_images,
-    load_rgb,
-    skip_reason,
-)
+from ideal_ray.data.folder import DECODE_ERRORS, BadImageError, ImageFolderDataset, open_rgb, skip_reason
+from ideal_ray.data.reader import ByteReader, decode_bytes, load_rgb
+from ideal_ray.data.sources import FORMATS, Listing, detect_format, list_images
 from ideal_ray.data.synthetic import make_synthetic_imagenet
 from planted import plant_bad_files
 
@@ -295,7 +285,7 @@ def test_format_detection_errors(roots, tmp_path):
     shutil.copytree(roots["webdataset"] / "train", root / "train")
     for p in (roots["parquet_struct"] / "train").iterdir():
         shutil.copy(p, root / "train")
-    with pytest.raises(ValueError, match="cannot tell the format .* parquet .* webdataset .* pass fmt="):
+    with pytest.raises(ValueError, match="cannot tell the format .* parquet .* webdataset .* pass data.format="):
         list_images(root, "train")
     assert list_images(root, "train", fmt="webdataset", class_index=roots["folder"]).fmt == "webdataset"
 

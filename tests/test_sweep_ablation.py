@@ -1,11 +1,14 @@
-"""Ablation sweeps (ideal_ray.tune.ablation, jobs/sweep_ablation.py) on real local Ray, Ray Train + DeepSpeed and
-MLflow SQLite, tiny preset.
+"""Ablation sweeps (ideal_ray.tune.ablation and its trial, ideal_ray.tune.ablation_trial; jobs/sweep_ablation.py) on
+real local Ray, Ray Train + DeepSpeed and MLflow SQLite, tiny preset; a sweep's settings are an
+``AblationSweepConfig``.
 
-Planning properties are checked without Ray. The slow test runs a 2-trial fusion ablation through the CLI, interrupts
-it (SIGINT, as Ctrl-C) once the first trial has finished, resumes it in-process, then reruns the finished sweep:
-the first trial is never trained or evaluated again, each trial has exactly one child run under the one parent.
-~2.5 minutes on 2 cores.
+Planning properties and the job's settings are checked without Ray. The slow test runs a 2-trial fusion ablation
+through the CLI, interrupts it (SIGINT, as Ctrl-C) once the first trial has finished, resumes it in-process with the
+same settings as a config, then reruns the finished sweep: the first trial is never trained or evaluated again, each
+trial has exactly one child run under the one parent, and a changed setting is refused. ~2.5 minutes on 2 cores.
 """
+import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -14,12 +17,19 @@ import time
 
 import pytest
 
-from ideal_ray.config import ConfigError
+from ideal_ray.config import AblationSweepConfig, ConfigError, load_stage_config
 from ideal_ray.io import SettingsChangedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["fusion-attention", "fusion-none"]
 TINY = ["schedule.log_every=1", "schedule.ckpt_every=2", "schedule.vis_every=100", "data.loader_workers=1"]
+
+
+def sweep_config(name: str, storage: str, train=(), preset: str = "tiny", **settings) -> AblationSweepConfig:
+    """The ``preset`` sweep config with ``settings``; ``train``: every trial's training overrides (given whole, as the
+    job passes its ``train.`` overrides). Not validated here: plan_sweep and sweep_ablation validate it."""
+    return dataclasses.replace(load_stage_config(AblationSweepConfig, preset), name=name, storage_path=storage,
+                               train_overrides=tuple(train), **settings)
 
 
 def test_each_trial_differs_from_the_base_only_by_its_variant_and_runs_in_its_own_folder(data_root, tmp_path,
@@ -28,7 +38,7 @@ def test_each_trial_differs_from_the_base_only_by_its_variant_and_runs_in_its_ow
 
     monkeypatch.chdir(tmp_path)
     relative_root = os.path.relpath(data_root, tmp_path)
-    plan = plan_sweep("tiny", "fusion", "fus", "sweeps", overrides=[f"data.root={relative_root}", *TINY], steps=3)
+    plan = plan_sweep(sweep_config("fus", "sweeps", [f"data.root={relative_root}", *TINY], study="fusion", steps=3))
     cfgs = {v: plan.trial_config(v) for v in plan.variants}
     assert list(cfgs) == ["fusion-attention", "fusion-linear", "fusion-none"]
     for v, cfg in cfgs.items():
@@ -43,10 +53,11 @@ def test_each_trial_differs_from_the_base_only_by_its_variant_and_runs_in_its_ow
     assert plan.probe_train_images == 0
     assert not os.path.exists(plan.path)  # planning writes nothing
 
-    probe = plan_sweep("tiny", "custom", "lp", "sweeps", variants=["layer-probe"], overrides=[f"data.root={data_root}"])
+    probe = plan_sweep(sweep_config("lp", "sweeps", [f"data.root={data_root}"], study="custom",
+                                    variants=("layer-probe",)))
     assert probe.trial_config("layer-probe").model.vfm.single_layer and probe.probe_train_images > 0
     with pytest.raises(ConfigError, match="eval_images=100 must be in \\[2, 8\\]"):
-        plan_sweep("tiny", "fusion", "x", "sweeps", overrides=[f"data.root={data_root}"], eval_images=100)
+        plan_sweep(sweep_config("x", "sweeps", [f"data.root={data_root}"], study="fusion", eval_images=100))
 
 
 def test_bad_sweeps_are_refused_before_anything_starts(data_root, tmp_path, offline):
@@ -56,18 +67,74 @@ def test_bad_sweeps_are_refused_before_anything_starts(data_root, tmp_path, offl
 
     root = [f"data.root={data_root}"]
     with pytest.raises(ConfigError, match="vit_large_patch14_dinov2.*model.safetensors"):
-        sweep_ablation("paper", "custom", "dino", str(tmp_path), variants=["backbone-dinov2"], overrides=root)
+        sweep_ablation(sweep_config("dino", str(tmp_path), root, preset="paper", study="custom",
+                                    variants=("backbone-dinov2",)))
     with pytest.raises(ConfigError, match="model.fusion.mode, which ablation variant 'fusion-attention' varies"):
-        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=[*root, "model.fusion.mode=none"])
+        plan_sweep(sweep_config("x", str(tmp_path), [*root, "model.fusion.mode=none"], study="fusion"))
     with pytest.raises(ConfigError, match="study 'layer' names 24-block"):
-        plan_sweep("tiny", "layer", "x", str(tmp_path), overrides=root)
+        plan_sweep(sweep_config("x", str(tmp_path), root, study="layer"))
     with pytest.raises(ConfigError, match="asha_metric 'rfid' must be a training metric"):
-        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=root, scheduler="asha", asha_metric="rfid")
+        plan_sweep(sweep_config("x", str(tmp_path), root, study="fusion", scheduler="asha", asha_metric="rfid"))
     with pytest.raises(ConfigError, match="evaluation cannot run on this machine: No local weights for the FID"):
-        plan_sweep("tiny", "fusion", "x", str(tmp_path), overrides=root)
+        plan_sweep(sweep_config("x", str(tmp_path), root, study="fusion"))
     with pytest.raises(ConfigError, match="unknown part 'fusion-bogus'"):
-        plan_sweep("tiny", "custom", "x", str(tmp_path), variants=["fusion-bogus"], overrides=root)
+        plan_sweep(sweep_config("x", str(tmp_path), root, study="custom", variants=("fusion-bogus",)))
     assert not ray.is_initialized() and os.listdir(tmp_path) == []  # nothing written, no Ray started
+
+
+def _job():
+    """jobs/sweep_ablation.py as a module (its main(argv), its _sweep)."""
+    spec = importlib.util.spec_from_file_location("sweep_ablation_job", os.path.join(REPO, "jobs", "sweep_ablation.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_the_job_reads_the_sweep_settings_and_gives_train_overrides_whole_to_every_trial(data_root, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from ideal_ray.tune.ablation import plan_sweep
+
+    job = _job()
+    seen = []
+    monkeypatch.setattr(job, "_sweep", lambda cfg: seen.append(cfg) or 0)  # the settings, no Ray
+    storage = str(tmp_path / "sweeps")
+    argv = ["--study", "custom", "--name", "mix", "--storage", storage, "--steps", "4",
+            "variants=fusion-linear,fusion-linear+shallow-align-off", "scheduler=asha", "asha_mode=max",
+            "grace_period=2", "reduction_factor=2", "workers_per_trial=2", "eval_images=4",
+            f"train.data.root={data_root}", "train.optim.betas=0.5,0.9"]
+    assert job.main(argv) == 0
+    (cfg,) = seen
+    assert cfg.preset == cfg.train_preset == "tiny"  # the job's default preset
+    assert (cfg.study, cfg.variants, cfg.name, cfg.storage_path) == (
+        "custom", ("fusion-linear", "fusion-linear+shallow-align-off"), "mix", storage)
+    assert (cfg.steps, cfg.scheduler, cfg.asha_metric, cfg.asha_mode, cfg.grace_period, cfg.reduction_factor,
+            cfg.workers_per_trial, cfg.eval_images) == (4, "asha", "train_rec_mse", "max", 2, 2, 2, 4)
+    assert cfg.train_overrides == (f"data.root={data_root}", "optim.betas=0.5,0.9")  # whole: its comma kept
+    plan = plan_sweep(cfg)
+    for v in cfg.variants:
+        trial = plan.trial_config(v)
+        assert trial.optim.betas == (0.5, 0.9) and trial.data.root == data_root and trial.schedule.steps == 4
+        assert trial.dist.num_workers == 2
+    assert (plan.asha_mode, plan.grace_period, plan.reduction_factor) == ("max", 2, 2)
+
+    assert job.main(["--preset", "paper", "--name", "p", "--storage", storage, f"train.data.root={data_root}"]) == 0
+    assert seen[-1].train_preset == "paper" and seen[-1].study == "fusion"
+
+    refused = {  # one sentence each (exit code 2), before anything is written
+        "data.root=/x": "data.root is a setting of the trials' training config, not of the sweep; pass it as "
+                        "train.data.root=/x.",
+        "train.data.root=" + str(tmp_path / "gone"): "the trials' training config (the train.* overrides): No "
+                                                     "ImageNet-layout folder at data.root=" + str(tmp_path / "gone"),
+        "variants=fusion-linear": "study 'fusion' has fixed variants",
+        "scheduler=hyperband": "scheduler 'hyperband' is unknown",
+    }
+    capsys.readouterr()
+    for override, said in refused.items():
+        with pytest.raises(SystemExit) as e:
+            job.main(["--name", "bad", "--storage", storage, f"train.data.root={data_root}", override])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and err.count("\n") == 1, (override, err)
+    assert not os.path.exists(os.path.join(storage, "bad")) and len(seen) == 2
 
 
 # ------------------------------------------------------------------------------------------- the real sweep
@@ -110,7 +177,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
     storage, sweep = str(tmp_path / "sweeps"), str(tmp_path / "sweeps" / "abl")
     overrides = [f"data.root={data_root}", *TINY]
     cli = [sys.executable, os.path.join(REPO, "jobs", "sweep_ablation.py"), "--preset", "tiny", "--study", "custom",
-           "--variants", ",".join(VARIANTS), "--name", "abl", "--storage", storage, "--steps", "2", *overrides]
+           "--name", "abl", "--storage", storage, "--steps", "2", "variants=" + ",".join(VARIANTS),
+           *[f"train.{o}" for o in overrides]]
     proc = subprocess.Popen(cli, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -118,7 +186,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
         # idle cores and several times that on a loaded machine; the guard only catches a hang (>10x the normal time)
         deadline = time.time() + 1800
         while not _finished_trial(sweep, VARIANTS[0]):
-            assert proc.poll() is None, f"the sweep ended before its first trial finished:\n{proc.stdout.read()[-3000:]}"
+            assert proc.poll() is None, (f"the sweep ended before its first trial finished:\n"
+                                         f"{proc.stdout.read()[-3000:]}")
             assert time.time() < deadline, (f"hang: trial {VARIANTS[0]}'s evaluation did not appear under {sweep} in "
                                             f"30 minutes")
             time.sleep(1)
@@ -136,7 +205,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
                                    "tags.`ideal.sweep` != ''")
     assert parent.info.status == "KILLED"
 
-    resumed = sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=2)
+    cfg = sweep_config("abl", storage, overrides, study="custom", variants=tuple(VARIANTS), steps=2)  # the CLI's
+    resumed = sweep_ablation(cfg)
     assert not resumed["interrupted"]
     assert [t["variant"] for t in resumed["trials"]] == VARIANTS
     for t in resumed["trials"]:
@@ -156,9 +226,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
     assert [m.value for m in client.get_metric_history(first_child["run_id"], "step")] == [1.0, 2.0]
 
     both = [_outputs(sweep, v) for v in VARIANTS]
-    again = sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=2)
+    again = sweep_ablation(cfg)
     assert [_outputs(sweep, v) for v in VARIANTS] == both  # a finished sweep reruns nothing
     assert [t["metrics"]["rfid"] for t in again["trials"]] == [t["metrics"]["rfid"] for t in resumed["trials"]]
     assert len(child_runs(again["tracking_uri"], again["parent_run_id"])) == 2
     with pytest.raises(SettingsChangedError, match="already exists .* with a different steps"):
-        sweep_ablation("tiny", "custom", "abl", storage, variants=VARIANTS, overrides=overrides, steps=3)
+        sweep_ablation(dataclasses.replace(cfg, steps=3))

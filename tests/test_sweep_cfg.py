@@ -8,6 +8,7 @@ FINISHED child runs under one parent; jobs/compare.py must then list both trials
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,9 +40,21 @@ def setup(tmp_path_factory, fid_inception):
             "storage": str(d / "sweeps"), "cache": str(d / "refs")}
 
 
-def _kwargs(setup):
-    return dict(per_class=3, batch_size=6, out_size=32, cache_dir=setup["cache"], max_concurrent_trials=1,
-                classifier_data=setup["data"])
+def _overrides(setup):
+    """Every run's settings beyond the paths: 3 images per class, CPU trials one at a time, class accuracy."""
+    return ["sample.per_class=3", "sample.batch_size=6", "sample.out_size=32", f"fid.cache_dir={setup['cache']}",
+            "max_concurrent_trials=1", f"classifier.data={setup['data']}", "gpus_per_trial=0", "verbose=0"]
+
+
+def _cfg(setup, name, storage, scales=SCALES, gpt=None, tok=None, **fields):
+    """The sweep's CfgSweepConfig as jobs/sweep_cfg.py builds it (preset paper, the same overrides), then ``fields``
+    replaced (values the config would refuse reach sweep_cfg this way)."""
+    from ideal_ray.config import CfgSweepConfig, load_stage_config
+
+    cfg = load_stage_config(CfgSweepConfig, "paper", [
+        f"gpt={gpt or setup['gpt']}", f"tokenizer={tok or setup['tok']}", f"reference={setup['ref']}", f"name={name}",
+        f"storage_path={storage}", f"cfg_scales={','.join(scales)}", *_overrides(setup)])
+    return dataclasses.replace(cfg, **fields)
 
 
 def _client(uri):
@@ -60,13 +73,9 @@ def _children(uri, parent):
 def interrupted(setup):
     """Run the job in a subprocess; SIGINT it once trial 1's child run is FINISHED and trial 2's is RUNNING."""
     name = "cfg"
-    kw = _kwargs(setup)
     cmd = [sys.executable, os.path.join(REPO, "jobs", "sweep_cfg.py"), "--gpt", setup["gpt"], "--tokenizer",
            setup["tok"], "--reference", setup["ref"], "--name", name, "--storage-path", setup["storage"],
-           "--cfg-scales", *SCALES, "--per-class", str(kw["per_class"]), "--batch-size", str(kw["batch_size"]),
-           "--out-size", str(kw["out_size"]), "--cache-dir", kw["cache_dir"], "--max-concurrent-trials", "1",
-           "--classifier-data", kw["classifier_data"],
-           "--gpus-per-trial", "0", "--quiet"]
+           "--cfg-scales", ",".join(SCALES), *_overrides(setup)]
     path = os.path.join(setup["storage"], name)
     uri = f"sqlite:///{path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI="")
@@ -121,9 +130,8 @@ def resumed(setup, interrupted, ray_local):
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    out = sweep_cfg(setup["gpt"], setup["tok"], setup["ref"], interrupted["name"], setup["storage"],
-                    [float(s) for s in SCALES], gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0,
-                    log=lambda m: None, **_kwargs(setup))
+    out = sweep_cfg(_cfg(setup, interrupted["name"], setup["storage"], tracking_uri=interrupted["uri"]),
+                    log=lambda m: None)
     # Ray's MLflow logger sets $MLFLOW_TRACKING_URI in this process; the sweep must not leak it to later runs
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
     return out
@@ -135,7 +143,11 @@ def test_interrupt_leaves_a_resumable_sweep(interrupted):
     parent = _client(interrupted["uri"]).get_run(interrupted["parent"])
     assert parent.info.status == "KILLED"
     with open(os.path.join(interrupted["path"], "sweep.json")) as f:
-        assert json.load(f)["grid"] == {"cfg_scale": [1.0, 2.0]}
+        settings = json.load(f)
+    assert settings["grid"] == {"cfg_scale": [1.0, 2.0]}
+    # the fixed sampling settings: the overrides given, the rest at SampleConfig's defaults (not recorded)
+    assert settings["sample"] == {"per_class": 3, "batch_size": 6, "seed": 0, "out_size": 32, "top_p": 1.0}
+    assert settings["classifier"]["per_class"] == 50 and settings["classes"] is None
 
 
 def test_restore_finishes_the_sweep_without_rerunning_finished_trials(interrupted, resumed):
@@ -203,9 +215,8 @@ def test_official_checkpoints_sweep_to_the_same_result(setup, interrupted, resum
     gpt, tok = str(tmp_path / "c2i.pt"), str(tmp_path / "ideal_tokenizer.pth")
     torch.save({"model": to_llamagen_state_dict(load_gpt(setup["gpt"]).state_dict())}, gpt)
     torch.save({"model": release_layout(load_tokenizer(setup["tok"]))}, tok)
-    out = sweep_cfg(gpt, tok, setup["ref"], "official", str(tmp_path), [float(SCALES[1])], gpus_per_trial=0,
-                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0, log=lambda m: None,
-                    **_kwargs(setup))
+    out = sweep_cfg(_cfg(setup, "official", str(tmp_path), SCALES[1:], gpt=gpt, tok=tok,
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), log=lambda m: None)
     assert (out["finished"], out["errored"]) == (1, 0)
     ours = next(c for c in _children(interrupted["uri"], interrupted["parent"])
                 if c["params"]["cfg_scale"] == SCALES[1])
@@ -217,26 +228,62 @@ def test_official_checkpoints_sweep_to_the_same_result(setup, interrupted, resum
 
 
 def test_changed_settings_and_bad_input_are_refused_before_ray_work(setup, interrupted, resumed):
+    from ideal_ray.config import ConfigError
     from ideal_ray.tune.cfg_sweep import sweep_cfg
 
-    def run(name=interrupted["name"], scales=(1.0, 2.0), gpt=setup["gpt"], **kw):
-        args = dict(_kwargs(setup), gpus_per_trial=0, tracking_uri=interrupted["uri"], verbose=0, log=lambda m: None)
-        args.update(kw)
-        return sweep_cfg(gpt, setup["tok"], setup["ref"], name, setup["storage"], list(scales), **args)
+    def run(name=interrupted["name"], scales=SCALES, **fields):
+        return sweep_cfg(_cfg(setup, name, setup["storage"], scales, tracking_uri=interrupted["uri"], **fields),
+                         log=lambda m: None)
 
+    base = _cfg(setup, "other", setup["storage"])
     with pytest.raises(SettingsChangedError, match="already exists at .* with a different grid"):
-        run(scales=(1.0, 3.0))
-    with pytest.raises(ValueError, match="non-empty list"):
-        run(name="other", scales=())
+        run(scales=("1.0", "3.0"))
+    with pytest.raises(SettingsChangedError, match="already exists at .* with a different sample"):
+        run(sample=dataclasses.replace(base.sample, temperature=0.9))  # a fixed sampling setting changed
+    with pytest.raises(ConfigError, match="cfg_scales is empty"):  # sweep_cfg validates its config first
+        run(name="other", cfg_scales=())
     with pytest.raises(ValueError, match="lists a value twice"):
-        run(name="other", scales=(1.5, 1.5))
-    with pytest.raises(ValueError, match="temperature"):
-        run(name="other", temperatures=[-1.0])
+        run(name="other", scales=("1.5", "1.5"))
+    with pytest.raises(ConfigError, match="temperature"):
+        run(name="other", temperatures=(-1.0,))
+    with pytest.raises(ConfigError, match="cfg_intervals=0.5 must be start,end pairs"):
+        run(name="other", cfg_intervals=(0.5,))
+    with pytest.raises(ConfigError, match="precision=bf16 runs on CUDA only"):  # the trials sample on CPU
+        run(name="other", precision="bf16")
     with pytest.raises(CheckpointError, match="No GPT file at .*missing.pt"):
         run(name="other", gpt=str(setup["dir"] / "missing.pt"))
     with pytest.raises(ValueError, match="outside"):
-        run(name="other", classes=[5])
+        run(name="other", classes=(5,))
     with pytest.raises(FileNotFoundError, match="class accuracy needs labelled real images"):
-        run(name="other", classifier_split="test")
+        run(name="other", classifier=dataclasses.replace(base.classifier, split="test"))
     assert not os.path.exists(os.path.join(setup["storage"], "other"))
     assert len(_children(interrupted["uri"], interrupted["parent"])) == 2
+
+
+def test_fixed_sample_and_the_swept_grid(setup):
+    """Every trial keeps cfg.sample's values but the swept ones; sweep.json records a non-swept value only when it
+    is not SampleConfig's default (so sweeps at the defaults keep their record)."""
+    from ray import tune
+
+    from ideal_ray.tune.cfg_sweep import fixed_sample, param_space
+
+    cfg = _cfg(setup, "x", setup["storage"], sample=dataclasses.replace(
+        _cfg(setup, "x", setup["storage"]).sample, temperature=0.9, top_k=7, cfg_interval=(0.5, 1.0)))
+    assert fixed_sample(cfg) == {"per_class": 3, "batch_size": 6, "seed": 0, "out_size": 32, "top_p": 1.0,
+                                 "temperature": 0.9, "top_k": 7, "cfg_interval": (0.5, 1.0)}
+    swept = dataclasses.replace(cfg, top_ks=(0, 100), cfg_intervals=(0.0, 1.0, 0.5, 1.0))
+    assert "top_k" not in fixed_sample(swept) and "cfg_interval" not in fixed_sample(swept)
+    space = param_space([1.0], [(0.0, 1.0), (0.5, 1.0)], None, [0, 100])
+    assert space["cfg_interval"] == tune.grid_search([[0.0, 1.0], [0.5, 1.0]])
+    assert space["top_k"] == tune.grid_search([0, 100]) and "temperature" not in space
+
+
+def test_job_cfg_scales_take_ranges(capsys):
+    sys.path.insert(0, REPO)
+    from jobs.sweep_cfg import main, scales
+
+    assert scales("1.0:2.0:0.25") == "1,1.25,1.5,1.75,2"
+    assert scales("1.0, 1.75,0.1:0.3:0.1") == "1,1.75,0.1,0.2,0.3"
+    with pytest.raises(SystemExit) as refused:
+        main(["--cfg-scales", "3:1:0.5"])
+    assert refused.value.code == 2 and "needs STEP > 0 and STOP >= START" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from PIL import Image
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
-from ideal_ray.data.ray_pipeline import decode, to_model_input
+from ideal_ray.data.augment import decode, to_model_input
 
 S = 32  # the tiny tokenizer's image size
 
@@ -210,15 +210,22 @@ def tiny_setup(tmp_path_factory):
     return base, str(base / "data"), ckpt, tok
 
 
+def _extract(ckpt, root, out, *overrides: str) -> dict:
+    """The in-process extraction of ``root``'s train split with ``ckpt`` into ``out``: the tiny preset (CPU) with
+    ``a.b=c`` overrides."""
+    from ideal_ray.config import ExtractConfig, load_stage_config
+    from ideal_ray.pipelines.extract_local import extract_tokens_local
+
+    return extract_tokens_local(load_stage_config(ExtractConfig, "tiny", [f"tokenizer={ckpt}", f"data.root={root}",
+                                                                          f"out={out}", *overrides]))
+
+
 @pytest.fixture(scope="module")
 def extracted(tiny_setup):
     """LlamaGen 20-view extraction in 3 shards (3 + 3 + 2 images), one image's 20 views per encoder call."""
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
-
     base, root, ckpt, _ = tiny_setup
     out = str(base / "llamagen")
-    summary = extract_tokens_local(ckpt, root, out, views="llamagen", batch_size=20, shard_images=3,
-                                   row_group_images=2)
+    summary = _extract(ckpt, root, out, "views=llamagen", "batch_size=20", "shard_images=3", "row_group_images=2")
     return out, summary
 
 
@@ -247,39 +254,55 @@ def test_extraction_rows_and_tokens_equal_direct_encoding(tiny_setup, extracted)
 
 
 def test_release_views_extraction(tiny_setup):
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
-
     base, root, ckpt, tok = tiny_setup
-    s = extract_tokens_local(ckpt, root, str(base / "release"), views="release", batch_size=2, shard_images=5)
+    s = _extract(ckpt, root, base / "release", "views=release", "batch_size=2", "shard_images=5")
     assert (s["images"], s["rows"], s["num_views"], s["shards"]) == (8, 16, 2, 2)
     ds = ar.TokenShardDataset(base / "release")
     for i in (0, 7):
         np.testing.assert_array_equal(ds.tokens[i], _direct_codes(tok, root, ds.image_ids[i], "release"))
     with pytest.raises(FileExistsError, match="other parameters"):  # same folder, other view set: refused
-        extract_tokens_local(ckpt, root, str(base / "release"), views="llamagen", shard_images=5)
+        _extract(ckpt, root, base / "release", "views=llamagen", "shard_images=5")
     os.makedirs(base / "foreign")
     (base / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        extract_tokens_local(ckpt, root, str(base / "foreign"), views="release")
+        _extract(ckpt, root, base / "foreign", "views=release")
     assert os.listdir(base / "foreign") == ["notes.txt"]  # not even a lock file left in someone else's folder
 
 
 def test_undecodable_file_is_skipped_and_listed(tiny_setup, tmp_path):
-    from ideal_ray.pipelines.extract_local import extract_tokens_local
-
     _, root, ckpt, _ = tiny_setup
     data = tmp_path / "data"
     shutil.copytree(root, data)
     (data / "train" / "n90000001" / "n90000001_00bad.JPEG").write_bytes(b"")  # zero bytes, listed first of its class
-    s = extract_tokens_local(ckpt, str(data), str(tmp_path / "out"), views="release", batch_size=2, shard_images=4)
+    s = _extract(ckpt, data, tmp_path / "out", "views=release", "batch_size=2", "shard_images=4")
     assert (s["images"], s["rows"]) == (8, 16) and s["verify"]["ok"]
     assert [x["image_id"] for x in s["skipped"]] == ["train/n90000001/n90000001_00bad.JPEG"]
     assert tk.read_manifest(tmp_path / "out")["num_skipped"] == 1
 
 
-def test_resume_redoes_only_the_lost_shard(tiny_setup, extracted, tmp_path):
+def test_extraction_refuses_a_wrong_or_missing_setting_first(tiny_setup, tmp_path):
+    """An in-process caller's config is validated before anything is read or made: the ConfigError sentence."""
+    import dataclasses
+
+    from ideal_ray.config import ConfigError, ExtractConfig, RunConfig, SourceConfig
     from ideal_ray.pipelines.extract_local import extract_tokens_local
 
+    _, root, ckpt, _ = tiny_setup
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="out is empty; pass out=PATH"):
+        extract_tokens_local(ExtractConfig(tokenizer=ckpt, data=SourceConfig(root=root)))
+    good = ExtractConfig(tokenizer=ckpt, data=SourceConfig(root=root), out=str(out))
+    for bad, said in ((dict(tokenizer=""), "tokenizer is empty; pass tokenizer=PATH"),
+                      (dict(views="five"), "views 'five' is unknown"),
+                      (dict(shard_images=0), "shard_images=0 must be at least 1"),
+                      (dict(run=RunConfig(device="tpu")), "run.device=tpu is not a device"),
+                      (dict(data=SourceConfig(root=root, format="zip")), "data.format 'zip' is unknown")):
+        with pytest.raises(ConfigError, match=said):
+            extract_tokens_local(dataclasses.replace(good, **bad))
+    assert not os.path.exists(out)  # refused before the output folder was made
+
+
+def test_resume_redoes_only_the_lost_shard(tiny_setup, extracted, tmp_path):
     _, root, ckpt, _ = tiny_setup
     out = str(tmp_path / "copy")
     shutil.copytree(extracted[0], out)
@@ -296,14 +319,14 @@ def test_resume_redoes_only_the_lost_shard(tiny_setup, extracted, tmp_path):
     with pytest.raises(ValueError, match="incomplete"):
         ar.TokenShardDataset(out)
 
-    s = extract_tokens_local(ckpt, root, out, views="llamagen", batch_size=20, shard_images=3, row_group_images=2)
+    llamagen = ("views=llamagen", "batch_size=20", "shard_images=3", "row_group_images=2")  # as `extracted`
+    s = _extract(ckpt, root, out, *llamagen)
     assert (s["shards_written"], s["shards_kept"], s["rows"]) == (2, 1, 160) and s["verify"]["ok"]
     assert os.stat(os.path.join(out, tk.shard_name(0))).st_mtime_ns == kept  # finished shard untouched
     assert not [f for f in os.listdir(out) if f.endswith(tk.TMP_SUFFIX)]
     for f, data in original.items():  # redone shards are byte-identical: exactly one copy of every row
         assert open(os.path.join(out, f), "rb").read() == data, f
-    again = extract_tokens_local(ckpt, root, out, views="llamagen", batch_size=20, shard_images=3,
-                                 row_group_images=2)
+    again = _extract(ckpt, root, out, *llamagen)
     assert (again["shards_written"], again["shards_kept"]) == (0, 3)
 
 

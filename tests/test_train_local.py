@@ -270,8 +270,8 @@ def test_a_mistyped_tiny_data_root_is_refused_not_filled_with_invented_images(tm
     asked = load_config("tiny", [f"data.root={typo}", "data.make_synthetic=true", "data.synthetic_classes=2",
                                  "data.synthetic_train_per_class=4", "data.synthetic_val_per_class=1",
                                  "data.synthetic_size=40"])
-    paths, labels = prepare_data(asked)
-    assert len(paths) == 8 and sorted(set(int(k) for k in labels)) == [0, 1]
+    listing = prepare_data(asked)
+    assert len(listing) == 8 and listing.fmt == "folder" and sorted(set(int(k) for k in listing.labels)) == [0, 1]
 
 
 def test_jobs_report_config_errors_in_one_line(capsys):

@@ -186,12 +186,12 @@ def _with_bad_files(data_root, folder, kinds, count):
     ``kinds`` in turn; returns (root, {image id: reason})."""
     import shutil
 
-    from ideal_ray.data.ray_pipeline import list_training_images
+    from ideal_ray.data.sources import list_images
     from planted import planted_files
 
     root = os.path.join(folder, "data")
     shutil.copytree(data_root, root)
-    paths, _ = list_training_images(root)
+    paths = list_images(root).files  # the training listing's order (a folder: the image files)
     planted = planted_files()
     reasons = {"zero_bytes": "empty file (0 bytes)", "not_an_image": "not an image (unrecognised format)",
                "truncated_jpeg": "truncated image (JPEG, 14 bytes not processed)",

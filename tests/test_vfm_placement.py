@@ -18,6 +18,7 @@ import torch
 
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.io import SettingsChangedError
+from ideal_ray.data import augment as ag
 from ideal_ray.data import ray_pipeline as rp
 from ideal_ray.train.tokenizer_stage import vfm_stage
 from ideal_ray.train.tokenizer_step import TokenizerSystem
@@ -125,16 +126,26 @@ def test_local_cluster_counts_the_vfm_actors():
 
 
 def test_a_rerun_may_switch_placement_but_not_the_experiment(tmp_path):
-    from ideal_ray.train.ray_trainer import CONFIG_FILE, check_or_record_config
+    from ideal_ray.train.ray_trainer import RUN_RECORD_FILE, check_or_record_config
 
     common = [f"dist.storage_path={tmp_path}", "name=switch"]
     assert check_or_record_config(load_config("tiny", common)) is False
     assert check_or_record_config(load_config("tiny", common + ["dist.vfm_placement=data",
                                                                 "dist.vfm_actors=2"])) is True
-    with open(tmp_path / "switch" / CONFIG_FILE) as f:
+    with open(tmp_path / "switch" / RUN_RECORD_FILE) as f:
         assert json.load(f)["dist.vfm_placement"] == "data"  # the run folder records the latest placement
     with pytest.raises(SettingsChangedError, match="with a different model.fusion.mode"):
         check_or_record_config(load_config("tiny", common + ["model.fusion.mode=linear"]))
+    # a run recorded before a setting existed resumes at that setting's default (what the old code did) ...
+    path = tmp_path / "switch" / RUN_RECORD_FILE
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("data.format", "data.labels_file")}))
+    assert check_or_record_config(load_config("tiny", common + ["dist.vfm_placement=data", "dist.vfm_actors=2"]))
+    # ... and not at another value
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "data.format"}))
+    with pytest.raises(SettingsChangedError, match="with a different data.format"):
+        check_or_record_config(load_config("tiny", common + ["dist.vfm_placement=data", "dist.vfm_actors=2",
+                                                             "data.format=parquet"]))
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -161,7 +172,7 @@ def test_actor_features_are_the_trainers_own(ray_cluster, data_root, system):
         for col in rp.COLUMNS:  # the data order and the images are exactly today's
             assert torch.equal(p[col], a[col]) and torch.equal(p[col], b[col]), col
         assert a["shallow"].dtype == torch.float32 and b["shallow"].dtype == torch.uint16
-        shallow, deep = vfm.trunk_features(rp.to_model_input(p["image"]))  # (4, 64, 64) each
+        shallow, deep = vfm.trunk_features(ag.to_model_input(p["image"]))  # (4, 64, 64) each
         got_shallow, got_deep = rp.trunk_features_from_batch(a, stage, cpu)
         torch.testing.assert_close(got_shallow, shallow, rtol=0, atol=1e-6)
         torch.testing.assert_close(got_deep, deep, rtol=0, atol=1e-6)

@@ -76,8 +76,8 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"Override key '{key}' goes below a plain value at '{'.'.join(parts[:i])}'.")
             hints = typing.get_type_hints(type(node))
-            if part not in hints:
-                names = [f.name for f in dataclasses.fields(node)]
+            names = [f.name for f in dataclasses.fields(node)]
+            if part not in names:  # (a ClassVar is in the hints but no field)
                 where = ".".join(parts[:i]) or "the config"
                 close = difflib.get_close_matches(part, names, n=1)
                 hint = f"; the closest is {'.'.join(parts[:i] + close[:1])}" if close else ""

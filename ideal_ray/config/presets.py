@@ -4,14 +4,16 @@ training images come from (:func:`check_data_root`)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, TypeVar
 
 from ideal_ray.config.overrides import apply_overrides
-from ideal_ray.config.schema import (ARTrainConfig, ConfigError, DataConfig, DiscriminatorConfig, DistributedConfig,
-                                     FeatureDecoderConfig, FusionConfig, GPTConfig, GPT_SIZES, LossConfig, OptimConfig,
-                                     PixelDecoderConfig, QuantizerConfig, ScheduleConfig, TokenizerConfig,
-                                     TokenizerTrainConfig, VFMConfig)
-from ideal_ray.config.validation import validate, validate_ar
+from ideal_ray.config.schema import (AblationSweepConfig, ARTrainConfig, CfgSweepConfig, ConfigError, DataConfig,
+                                     DiscriminatorConfig, DistributedConfig, ExtractConfig, FeatureDecoderConfig,
+                                     FusionConfig, GenEvalConfig, GPTConfig, GPT_SIZES, LossConfig, OptimConfig,
+                                     PipelineConfig, PixelDecoderConfig, QuantizerConfig, ReconEvalConfig,
+                                     SampleJobConfig,
+                                     ScheduleConfig, TokenizerConfig, TokenizerTrainConfig, VFMConfig)
+from ideal_ray.config.validation import validate, validate_ar, validate_stage
 
 
 def gpt_config(size: str, **overrides: Any) -> GPTConfig:
@@ -168,18 +170,88 @@ def load_config(preset: str = "tiny", overrides: Sequence[str] = ()) -> Tokenize
     return cfg
 
 
+# The paper's ablation studies (Table 7a-c, Table 1) as lists of ABLATIONS variants.
+STUDIES: Dict[str, Tuple[str, ...]] = {
+    "fusion": ("fusion-attention", "fusion-linear", "fusion-none"),  # Table 7a
+    "shallow-align": ("shallow-align-on", "shallow-align-off"),  # Table 7b
+    "backbone": ("backbone-siglip2", "backbone-dinov2", "backbone-dinov3"),  # Table 7c
+    "layer": tuple(f"layer-{n}" for n in (8, 12, 16, 20, 24)),  # Table 1
+}
+
+
+# ------------------------------------------------------------------------------ the offline stages' presets
+# Each offline stage has the presets ``paper`` (a GPU cluster at the paper's settings: the dataclass defaults plus
+# these overrides) and ``tiny`` (the demo's CPU run on the synthetic set). The pipeline picks the preset of the
+# tokenizer preset's scale for every stage.
+_CPU_POOL = ("run.device=cpu", "run.num_actors=1")
+STAGE_PRESETS: Dict[type, Dict[str, Tuple[str, ...]]] = {
+    ExtractConfig: {"paper": (),
+                    "tiny": ("views=release", *_CPU_POOL, "run.decode_actors=2")},
+    SampleJobConfig: {"paper": ("sample.per_class=50", "sample.batch_size=256"),
+                      "tiny": ("sample.per_class=8", "sample.batch_size=40", *_CPU_POOL)},
+    ReconEvalConfig: {"paper": (),
+                      "tiny": _CPU_POOL},
+    # the tiny set's 32 px shapes are told apart by a convnet on the pixels, not by the Inception probe once
+    # blurred (ideal_ray.eval.convnet); it trains on every real train image
+    GenEvalConfig: {"paper": ("classifier.per_class=50",),
+                    "tiny": ("classifier.kind=cnn", "classifier.per_class=0")},
+    CfgSweepConfig: {"paper": ("sample.per_class=50", "sample.batch_size=256", "classifier.per_class=50"),
+                     "tiny": ("cfg_scales=1.0,1.75", "sample.per_class=4", "sample.batch_size=40", "gpus_per_trial=0",
+                              "classifier.kind=cnn", "classifier.per_class=0")},
+    AblationSweepConfig: {"paper": ("train_preset=paper",),
+                          "tiny": ("train_preset=tiny",)},
+}
+# the chain (ideal_ray.pipeline): every stage at the same scale, and the AR preset of that scale
+PIPELINE_STAGES: Dict[str, type] = {"extract": ExtractConfig, "sampling": SampleJobConfig, "recon": ReconEvalConfig,
+                                    "gen": GenEvalConfig, "sweep": CfgSweepConfig}
+STAGE_PRESETS[PipelineConfig] = {
+    scale: (f"ar_preset={'ar-tiny' if scale == 'tiny' else 'ar-B'}",
+            *(o for key, cls in PIPELINE_STAGES.items() for o in (f"{key}.preset={scale}",
+                                                                  *(f"{key}.{x}" for x in STAGE_PRESETS[cls][scale]))))
+    for scale in ("paper", "tiny")}
+STAGE_NAMES: Dict[type, str] = {PipelineConfig: "pipeline", ExtractConfig: "extraction", SampleJobConfig: "sampling",
+                                ReconEvalConfig: "reconstruction evaluation", GenEvalConfig: "generation evaluation",
+                                CfgSweepConfig: "CFG sweep", AblationSweepConfig: "ablation sweep"}
+C = TypeVar("C")
+
+
+def load_stage_config(cls: Type[C], preset: str = "paper", overrides: Sequence[str] = (),
+                      complete: bool = True) -> C:
+    """An offline stage's config (``cls``: :data:`STAGE_PRESETS`' keys) from its preset (``paper`` or ``tiny``)
+    with ``a.b=c`` overrides on top, validated; with ``complete`` its required paths must be set too."""
+    presets = STAGE_PRESETS[cls]
+    if preset not in presets:
+        raise ConfigError(f"Unknown {STAGE_NAMES[cls]} preset '{preset}'; choose one of {sorted(presets)}.")
+    cfg = apply_overrides(cls(preset=preset), presets[preset])
+    cfg = apply_overrides(cfg, overrides)
+    validate_stage(cfg, complete=complete)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------- data
 def check_data_root(cfg: TokenizerTrainConfig) -> bool:
-    """Whether the training images are there: True when ``data.root`` holds a ``train`` folder, False when the
-    synthetic set is to be made there (only where asked: the tiny preset's own root ``data/synthetic``, the demo's,
-    or ``data.make_synthetic=true``); any other missing root is a ConfigError (a typo must not train on invented
-    data). A file-system check, no imports: jobs run it before anything heavy."""
+    """Whether the training images are there: True when ``data.root`` holds a training split in a format the listing
+    reads (``ideal_ray.data.sources.detect_format``'s rules: a ``train`` folder of class folders, of images (flat,
+    labels from ``data.labels_file`` or a labels file in the root), of ``*.parquet`` or ``*.tar`` shards; or a
+    ``train.parquet`` file), False when the synthetic set is to be made there (only where asked: the tiny preset's
+    own root ``data/synthetic``, the demo's, or ``data.make_synthetic=true``); any other missing root is a
+    ConfigError (a typo must not train on invented data). A file-system check, no imports: jobs run it before
+    anything heavy; what the split holds is checked when it is listed."""
     d = cfg.data
-    if os.path.isdir(os.path.join(d.root, "train")):
+    root = os.path.expanduser(d.root)
+    split = os.path.join(root, "train")
+    if os.path.isdir(split) or (d.format in ("auto", "parquet") and os.path.isfile(split + ".parquet")):
+        if d.labels_file and not os.path.isfile(os.path.expanduser(d.labels_file)):
+            raise ConfigError(f"data.labels_file={d.labels_file} does not exist; point it at the flat training "
+                              f"folder's labels (LOC_train_solution.csv or '<file> <label>' lines), or clear it.")
         return True
     is_tiny = cfg.preset.split("+")[0] == "tiny"
-    if d.make_synthetic or (is_tiny and os.path.abspath(d.root) == os.path.abspath(tiny().data.root)):
+    if d.make_synthetic or (is_tiny and os.path.abspath(root) == os.path.abspath(tiny().data.root)):
         return False
     hint = ("; or pass data.make_synthetic=true to generate the synthetic set there" if is_tiny
             else "; point data.root at your ImageNet copy")
+    if os.path.isdir(root):  # the root is there, its training split is not
+        raise ConfigError(f"No training split at data.root={d.root}: expected {d.root}/train/ holding class folders "
+                          f"(<wnid>/*.JPEG), images (with data.labels_file), *.parquet or *.tar shards, or "
+                          f"{d.root}/train.parquet{hint}.")
     raise ConfigError(f"No ImageNet-layout folder at data.root={d.root} (expected {d.root}/train/<wnid>/*.JPEG){hint}.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from ideal_ray.errors import InputError
 
@@ -178,8 +178,10 @@ class OptimConfig:
 class DataConfig:
     """Where images come from and how they are augmented."""
 
-    root: str = "data/imagenet"  # ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+    root: str = "data/imagenet"  # ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG (or any format below)
     class_index: str = ""  # "" = <root>/class_index.json
+    format: str = "auto"  # auto | folder | flat | parquet | webdataset (ideal_ray.data.sources, as extraction)
+    labels_file: str = ""  # labels of a flat folder: LOC_train_solution.csv, or "name label" lines
     image_size: int = 384  # random crop size
     resize_min: int = 384  # shorter side resized to U[resize_min, resize_max]
     resize_max: int = 480
@@ -355,6 +357,223 @@ class ARTrainConfig(StageConfig):
     # compiled GPT blocks: GPT-B 838 vs 468 seq/s at batch 64 on one H200 (README "Performance")
     perf: PerfConfig = field(default_factory=lambda: PerfConfig(compile=True))
     output_dir: str = "runs"
+
+
+# ------------------------------------------------------------------- the offline stages (jobs over datasets)
+@dataclass
+class SourceConfig:
+    """A split of a labelled image set, in any format ``ideal_ray.data.sources`` reads."""
+
+    root: str = ""  # data set root: <split>/<wnid>/* folders, a flat folder, Parquet shards or WebDataset tars
+    split: str = "train"
+    format: str = "auto"  # auto | folder | flat | parquet | webdataset
+    labels_file: str = ""  # labels of a flat folder: LOC_val_solution.csv, or "name label" lines
+    class_index: str = ""  # "" = <root>/class_index.json
+
+
+@dataclass
+class RunConfig:
+    """Where an offline stage's model runs: a Ray actor pool over the cluster (default) or this process."""
+
+    in_process: bool = False  # no Ray: decode and run the model in this process, on ``device``
+    device: str = "auto"  # Ray: auto (GPUs if the cluster has them) | cuda | cpu; in process: cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    num_actors: Optional[int] = None  # model actors (encoders, samplers, evaluators); None = every GPU, or 1
+    decode_actors: Optional[int] = None  # CPU decode actors; None = the stage's default
+
+
+@dataclass
+class FIDConfig:
+    """The FID Inception network and the cache of reference statistics (``ideal_ray.eval.fid``)."""
+
+    inception_weights: str = ""  # torch-fidelity's file; "" = $TORCH_HOME/hub/checkpoints or the converted file
+    cache_dir: str = ""  # "" = $IDEAL_RAY_FID_REFS or ~/.cache/ideal_ray/fid_refs
+    batch_size: int = 50
+
+
+@dataclass
+class ClassifierConfig:
+    """Class accuracy of generated samples (``ideal_ray.eval.class_accuracy``): a classifier fitted once on real
+    images of the data set the classes come from, cached beside the reference statistics."""
+
+    data: str = ""  # root of that labelled data set; "" = no class accuracy
+    split: str = "train"
+    per_class: Optional[int] = None  # real images per class it is fitted on; None = 50, 0 = all
+    kind: str = "probe"  # probe: linear classifier on Inception features | cnn: a small convnet on the pixels
+
+
+@dataclass
+class ExtractConfig(StageConfig):
+    """Token extraction (``jobs/extract_tokens.py``): a split encoded into token shards for the AR stage."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("tokenizer", "data.root", "out")  # paths a run cannot go without
+    # inputs checked for existence by the jobs (the checkpoint files are checked by their own loader's sentences)
+    INPUTS: ClassVar[Tuple[str, ...]] = ("data.root", "data.labels_file", "data.class_index")
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+
+    preset: str = "paper"
+    tokenizer: str = ""  # our export or the authors' release tokenizer file
+    out: str = ""  # folder of tokens-*.parquet + manifest.json (+ skipped.tsv)
+    data: SourceConfig = field(default_factory=SourceConfig)
+    views: str = "llamagen"  # llamagen: ten-crop at 1.1x and 1.05x (20 views, the paper) | release: crop + flip
+    image_size: Optional[int] = None  # crop size; None = the tokenizer's
+    batch_size: Optional[int] = None  # views per encoder forward; None = 512 on GPU, 64 on CPU
+    shard_images: int = 4096  # images per Parquet shard
+    row_group_images: int = 4  # images per Parquet row group
+    max_shards: Optional[int] = None  # stop after writing this many shards
+    max_skip_fraction: float = 0.05  # stop when more than this fraction of a shard's images (and > 10) is unreadable
+    verify: bool = True  # re-read every shard at the end
+    run: RunConfig = field(default_factory=RunConfig)
+    decode_batch: int = 8  # images per Ray decode task
+    num_workers: int = 0  # decode worker processes of an in-process run
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI or <out>/mlflow.db; "" = no MLflow
+
+
+@dataclass
+class SampleJobConfig(StageConfig):
+    """Sampling (``jobs/sample.py``): class-conditional images from a GPT + tokenizer, ADM npz + grid."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("gpt", "tokenizer", "out")  # paths a run cannot go without
+    INPUTS: ClassVar[Tuple[str, ...]] = ()  # (the checkpoint files are checked by their own loader's sentences)
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+
+    preset: str = "paper"
+    gpt: str = ""  # our export, a LlamaGen c2i file or the authors' release GPT checkpoint
+    tokenizer: str = ""
+    out: str = ""  # folder of samples.npz and grid.png (must not hold them)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    classes: Tuple[int, ...] = ()  # class ids; () = every class of the GPT
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking_uri: Optional[str] = ""  # "" = no MLflow; None = $MLFLOW_TRACKING_URI or <out>/mlflow.db
+
+
+@dataclass
+class ReconEvalConfig(StageConfig):
+    """Reconstruction metrics of a tokenizer (``jobs/evaluate.py recon``): rFID/sFID/precision/recall (+ rIS),
+    PSNR, SSIM, codebook usage and entropy, zero-shot and linear-probe accuracy."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("tokenizer", "data.root", "out")  # paths a run cannot go without
+    INPUTS: ClassVar[Tuple[str, ...]] = ("data.root", "data.labels_file", "data.class_index", "fid.inception_weights")
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+
+    preset: str = "paper"
+    tokenizer: str = ""
+    out: str = ""  # folder of result.json, per_class.csv and grid.png (must not hold a result.json)
+    data: SourceConfig = field(default_factory=lambda: SourceConfig(split="val"))
+    num_images: Optional[int] = None  # an evenly spaced subset; None = the whole split
+    batch_size: int = 32  # images per actor call
+    run: RunConfig = field(default_factory=lambda: RunConfig(decode_actors=2))
+    zero_shot: bool = True  # zero-shot top-1/5 (backbones with a text tower)
+    probe_train_images: int = 0  # linear probe trained on this many evenly spaced probe_split images; 0 = off
+    probe_split: str = "train"
+    grid: bool = True  # grid.png of real over reconstructed images
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI or <out>/mlflow.db; "" = no MLflow
+
+
+@dataclass
+class GenEvalConfig(StageConfig):
+    """Generation metrics of an ADM samples npz (``jobs/evaluate.py gen``): gFID/sFID/precision/recall (+ IS) and
+    the class accuracy of the samples."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("samples", "reference", "out")  # paths a run cannot go without
+    INPUTS: ClassVar[Tuple[str, ...]] = ("samples", "reference", "classifier.data", "fid.inception_weights")
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+
+    preset: str = "paper"
+    samples: str = ""  # samples.npz of jobs/sample.py (arr_0 uint8 N x H x W x 3)
+    reference: str = ""  # ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or a folder of reference images
+    out: str = ""  # folder of result.json (must not hold one)
+    device: str = "auto"  # this process: auto (its GPU if it has one) | cpu | cuda | cuda:N
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI or <out>/mlflow.db; "" = no MLflow
+
+
+@dataclass
+class CfgSweepConfig(StageConfig):
+    """A CFG sweep on Ray Tune (``jobs/sweep_cfg.py``): one trial per combination of the swept values, each
+    sampling ``sample.per_class`` images per class and scoring them (gFID ... + class accuracy)."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ("gpt", "tokenizer", "reference")  # paths a run cannot go without
+    INPUTS: ClassVar[Tuple[str, ...]] = ("reference", "classifier.data", "fid.inception_weights")
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("storage_path", "fid.cache_dir")
+
+    preset: str = "paper"
+    name: str = "cfg"  # the sweep's folder under storage_path; a rerun of the same name resumes it
+    storage_path: str = "runs/sweeps"
+    gpt: str = ""
+    tokenizer: str = ""
+    reference: str = ""  # ADM reference npz or a folder of reference images
+    cfg_scales: Tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0)
+    cfg_intervals: Tuple[float, ...] = ()  # start,end pairs to sweep, flattened (0,1,0.5,1); () = sample.cfg_interval
+    temperatures: Tuple[float, ...] = ()  # () = sample.temperature
+    top_ks: Tuple[int, ...] = ()  # () = sample.top_k
+    sample: SampleConfig = field(default_factory=SampleConfig)  # every trial's settings but the swept ones
+    classes: Tuple[int, ...] = ()  # () = every class of the GPT
+    precision: str = "auto"  # GPT dtype: auto (bf16 on CUDA) | bf16 | fp32
+    gpus_per_trial: Optional[float] = None  # GPU share per trial (fractions share a GPU); None = 1 with GPUs, else 0
+    cpus_per_trial: float = 1.0
+    max_concurrent_trials: Optional[int] = None
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI or <storage_path>/<name>/mlflow.db
+    experiment: str = "ideal-sweep-cfg"
+    verbose: int = 1  # 0 = no Tune progress table, no trial logs
+
+
+@dataclass
+class AblationSweepConfig(StageConfig):
+    """The paper's ablations on Ray Tune (``jobs/sweep_ablation.py``): each trial trains the tokenizer preset
+    ``train_preset+variant`` for a step budget and evaluates it."""
+
+    REQUIRED: ClassVar[Tuple[str, ...]] = ()  # paths a run cannot go without
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("storage_path", "fid_cache_dir")
+    INPUTS: ClassVar[Tuple[str, ...]] = ("inception_weights",)
+
+    preset: str = "paper"
+    name: str = "ablation"  # the sweep's folder under storage_path; a rerun of the same name resumes it
+    storage_path: str = "runs/sweeps"
+    train_preset: str = "paper"  # every trial's base tokenizer preset
+    train_overrides: Tuple[str, ...] = ()  # a.b=c overrides of every trial's training config (train.a.b=c on the CLI)
+    study: str = "fusion"  # fusion | shallow-align | backbone | layer | custom
+    variants: Tuple[str, ...] = ()  # the custom study's variants (v or v1+v2 of config.ABLATIONS)
+    steps: Optional[int] = None  # every trial's step budget; None = the preset's schedule
+    scheduler: str = "grid"  # grid | asha
+    asha_metric: str = "train_rec_mse"
+    asha_mode: str = "min"
+    grace_period: Optional[int] = None  # ASHA grace (steps); None = budget // reduction_factor**2, >= log_every
+    reduction_factor: int = 3
+    workers_per_trial: int = 1  # Ray Train workers per trial
+    gpus_per_worker: int = 0
+    max_concurrent_trials: Optional[int] = None  # None = as many as the cluster holds
+    max_failures: int = 0  # retries of a failed trial
+    eval_images: Optional[int] = None  # evenly spaced val images; None = all
+    eval_batch_size: int = 32
+    decode_actors: int = 1
+    probe_train_images: Optional[int] = None  # None = 10000 for single-layer variants, else 0
+    zero_shot: bool = False
+    inception_weights: str = ""
+    fid_cache_dir: str = ""
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI or <storage_path>/<name>/mlflow.db
+
+
+@dataclass
+class PipelineConfig(StageConfig):
+    """The chain's settings beside the tokenizer config (``jobs/pipeline.py``): the AR preset and overrides, and
+    each offline stage's config. The paths one stage hands the next (exports, shards, samples) and the run folder's
+    outputs are filled in by the chain; ``gen.reference`` (default ``<data.root>/val``), ``gen.fid.cache_dir``
+    (default ``<run>/fid_refs``) and the data roots (default the tokenizer's ``data.root``) may be set here.
+    ``sweep.cfg_scales`` empty: no sweep stage."""
+
+    preset: str = "paper"
+    ar_preset: str = "ar-B"
+    ar_overrides: Tuple[str, ...] = ()  # a.b=c overrides of the AR config (ar.a.b=c on the pipeline's command line)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sampling: SampleJobConfig = field(default_factory=SampleJobConfig)
+    recon: ReconEvalConfig = field(default_factory=ReconEvalConfig)
+    gen: GenEvalConfig = field(default_factory=GenEvalConfig)
+    sweep: CfgSweepConfig = field(default_factory=CfgSweepConfig)
 
 
 # ------------------------------------------------------------------------------------------- helpers

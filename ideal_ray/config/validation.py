@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional, Tuple
 
 from ideal_ray.config.overrides import _show
-from ideal_ray.config.schema import (ARTrainConfig, ConfigError, DistributedConfig, OptimConfig, PerfConfig,
-                                     SampleConfig, TokenizerConfig, TokenizerTrainConfig)
+from ideal_ray.config.schema import (AblationSweepConfig, ARTrainConfig, CfgSweepConfig, ClassifierConfig, ConfigError,
+                                     DistributedConfig, ExtractConfig, FIDConfig, GenEvalConfig, OptimConfig,
+                                     PerfConfig, PipelineConfig, ReconEvalConfig, RunConfig, SampleConfig,
+                                     SampleJobConfig,
+                                     SourceConfig, TokenizerConfig, TokenizerTrainConfig)
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -218,6 +221,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _check(d.tap_readout in TAP_READOUTS,
            f"discriminator.tap_readout '{d.tap_readout}' is unknown; choose one of {TAP_READOUTS}.")
     _non_empty("data.root", dc.root, "the image folder, e.g. data.root=/datasets/imagenet")
+    _check(dc.format in SOURCE_FORMATS, f"data.format '{dc.format}' is unknown; choose one of {SOURCE_FORMATS}.")
     _at_least_one("data.image_size", dc.image_size)
     _check(dc.resize_min >= dc.image_size,
            f"data.resize_min {dc.resize_min} is smaller than the crop data.image_size {dc.image_size}.")
@@ -258,18 +262,208 @@ def validate_ar(cfg: ARTrainConfig) -> None:
            f"no VFM); leave dist.vfm_placement=trainer.")
 
 
-def validate_sample(cfg: SampleConfig) -> None:
-    """Sampling settings (``ideal_ray.sampling``, the sampling jobs and the CFG sweep): one sentence for the first
-    wrong value, keys as the jobs' flags name them (``cfg_scale`` is ``--cfg-scale``)."""
-    _require_finite(cfg)
-    _non_negative("cfg_scale", cfg.cfg_scale, " (1.0 = no guidance)")
+def validate_sample(cfg: SampleConfig, prefix: str = "") -> None:
+    """Sampling settings (``ideal_ray.sampling``, the sampling job and the CFG sweep): one sentence for the first
+    wrong value; ``prefix``: where they sit in a stage config (``sample.``)."""
+    p = prefix
+    _require_finite(cfg, p)
+    _non_negative(f"{p}cfg_scale", cfg.cfg_scale, " (1.0 = no guidance)")
     _check(len(cfg.cfg_interval) == 2 and 0.0 <= cfg.cfg_interval[0] <= cfg.cfg_interval[1] <= 1.0,
-           f"cfg_interval={_show(cfg.cfg_interval)} must be start,end with 0 <= start <= end <= 1 (fractions of the "
-           f"token sequence).")
+           f"{p}cfg_interval={_show(cfg.cfg_interval)} must be start,end with 0 <= start <= end <= 1 (fractions of "
+           f"the token sequence).")
     _check(cfg.temperature >= 0,
-           f"temperature={cfg.temperature} is negative; use 0 for greedy decoding or a positive value.")
-    _check(cfg.top_k >= 0, f"top_k={cfg.top_k} is negative; use 0 to turn top-k filtering off.")
-    _check(0.0 < cfg.top_p <= 1.0, f"top_p={cfg.top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off.")
+           f"{p}temperature={cfg.temperature} is negative; use 0 for greedy decoding or a positive value.")
+    _check(cfg.top_k >= 0, f"{p}top_k={cfg.top_k} is negative; use 0 to turn top-k filtering off.")
+    _check(0.0 < cfg.top_p <= 1.0, f"{p}top_p={cfg.top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off.")
     for k in ("per_class", "batch_size", "out_size"):
+        _at_least_one(f"{p}{k}", getattr(cfg, k))
+    _non_negative(f"{p}seed", cfg.seed)
+
+
+# ------------------------------------------------------------------------------------ the offline stages
+SOURCE_FORMATS = ("auto", "folder", "flat", "parquet", "webdataset")  # data/sources.py FORMATS, and auto
+VIEWS = ("llamagen", "release")
+RUN_PRECISIONS = ("auto", "bf16", "fp32")
+CLASSIFIER_KINDS = ("probe", "cnn")  # ideal_ray.eval.class_accuracy.CLASSIFIER_KINDS (that module loads torch)
+SCHEDULERS = ("grid", "asha")
+
+
+def _optional_at_least_one(key: str, v: Optional[int], note: str = "") -> None:
+    if v is not None:
+        _at_least_one(key, v, note)
+
+
+def _device(key: str, v: str, choices: Tuple[str, ...] = ("auto", "cpu", "cuda")) -> None:
+    ok = v in choices or (v.startswith("cuda:") and v[5:].isdigit())
+    _check(ok, f"{key}={v} is not a device; use one of {', '.join(choices)} or cuda:N.")
+
+
+def _classes(key: str, classes: Tuple[int, ...]) -> None:
+    _check(all(c >= 0 for c in classes), f"{key}={_show(classes)} has a negative class id.")
+    _check(len(set(classes)) == len(classes), f"{key}={_show(classes)} names a class twice; list each once.")
+
+
+def _folder_name(key: str, v: str) -> None:
+    _non_empty(key, v, f"a folder name, e.g. {key}=my-sweep")
+    _check(v not in (".", "..") and not any(c in v for c in "/\\\0"),
+           f"{key}={v} is not a single folder name; pass a plain name like {key}=my-sweep.")
+
+
+def _validate_source(d: SourceConfig, p: str = "data.") -> None:
+    _check(d.format in SOURCE_FORMATS, f"{p}format '{d.format}' is unknown; choose one of {SOURCE_FORMATS}.")
+    _non_empty(f"{p}split", d.split, f"the split to read, e.g. {p}split=train")
+
+
+def _validate_run(r: RunConfig, p: str = "run.") -> None:
+    _device(f"{p}device", r.device)
+    _check(r.precision in RUN_PRECISIONS, f"{p}precision '{r.precision}' is unknown; choose one of {RUN_PRECISIONS}.")
+    _check(not (r.precision == "bf16" and r.device == "cpu"),
+           f"{p}precision=bf16 runs on CUDA only; use {p}precision=auto or fp32 with {p}device=cpu.")
+    _optional_at_least_one(f"{p}num_actors", r.num_actors)
+    _optional_at_least_one(f"{p}decode_actors", r.decode_actors)
+
+
+def _validate_fid(f: FIDConfig, p: str = "fid.") -> None:
+    _at_least_one(f"{p}batch_size", f.batch_size)
+
+
+def _validate_classifier(c: ClassifierConfig, p: str = "classifier.") -> None:
+    _check(c.kind in CLASSIFIER_KINDS, f"{p}kind '{c.kind}' is unknown; choose one of {CLASSIFIER_KINDS}.")
+    if c.per_class is not None:
+        _non_negative(f"{p}per_class", c.per_class, " (0 = every image of the split)")
+
+
+def validate_extract(cfg: ExtractConfig) -> None:
+    _require_finite(cfg)
+    _validate_source(cfg.data)
+    _check(cfg.views in VIEWS, f"views '{cfg.views}' is unknown; choose one of {VIEWS}.")
+    _optional_at_least_one("image_size", cfg.image_size, " (leave it unset for the tokenizer's own size)")
+    _optional_at_least_one("batch_size", cfg.batch_size)
+    for k in ("shard_images", "row_group_images", "decode_batch"):
         _at_least_one(k, getattr(cfg, k))
-    _non_negative("seed", cfg.seed)
+    _optional_at_least_one("max_shards", cfg.max_shards)
+    _fraction("max_skip_fraction", cfg.max_skip_fraction)
+    _non_negative("num_workers", cfg.num_workers)
+    _validate_run(cfg.run)
+
+
+def validate_sample_job(cfg: SampleJobConfig) -> None:
+    _require_finite(cfg)
+    validate_sample(cfg.sample, "sample.")
+    _classes("classes", cfg.classes)
+    _validate_run(cfg.run)
+
+
+def validate_recon_eval(cfg: ReconEvalConfig) -> None:
+    _require_finite(cfg)
+    _validate_source(cfg.data)
+    _optional_at_least_one("num_images", cfg.num_images, " (leave it unset for the whole split)")
+    _at_least_one("batch_size", cfg.batch_size)
+    _non_negative("probe_train_images", cfg.probe_train_images, " (0 turns the linear probe off)")
+    _non_empty("probe_split", cfg.probe_split, "the linear probe's training split, e.g. probe_split=train")
+    _validate_run(cfg.run)
+    _validate_fid(cfg.fid)
+
+
+def validate_gen_eval(cfg: GenEvalConfig) -> None:
+    _require_finite(cfg)
+    _device("device", cfg.device)
+    _validate_fid(cfg.fid)
+    _validate_classifier(cfg.classifier)
+
+
+def validate_cfg_sweep(cfg: CfgSweepConfig) -> None:
+    _require_finite(cfg)
+    _folder_name("name", cfg.name)
+    _non_empty("storage_path", cfg.storage_path, "the sweeps' folder, e.g. storage_path=runs/sweeps")
+    _check(bool(cfg.cfg_scales), "cfg_scales is empty; give the scales to sweep, e.g. cfg_scales=1.0,1.75,2.5.")
+    _check(all(s >= 0 for s in cfg.cfg_scales), f"cfg_scales={_show(cfg.cfg_scales)} has a negative scale.")
+    iv = cfg.cfg_intervals
+    _check(len(iv) % 2 == 0 and all(0.0 <= iv[i] <= iv[i + 1] <= 1.0 for i in range(0, len(iv), 2)),
+           f"cfg_intervals={_show(iv)} must be start,end pairs with 0 <= start <= end <= 1, e.g. "
+           f"cfg_intervals=0,1,0.5,1.")
+    _check(all(t >= 0 for t in cfg.temperatures), f"temperatures={_show(cfg.temperatures)} has a negative value.")
+    _check(all(k >= 0 for k in cfg.top_ks), f"top_ks={_show(cfg.top_ks)} has a negative value (0 = off).")
+    validate_sample(cfg.sample, "sample.")
+    _classes("classes", cfg.classes)
+    _check(cfg.precision in RUN_PRECISIONS, f"precision '{cfg.precision}' is unknown; choose one of {RUN_PRECISIONS}.")
+    if cfg.gpus_per_trial is not None:
+        _non_negative("gpus_per_trial", cfg.gpus_per_trial)
+    _positive("cpus_per_trial", cfg.cpus_per_trial)
+    _optional_at_least_one("max_concurrent_trials", cfg.max_concurrent_trials)
+    _validate_fid(cfg.fid)
+    _validate_classifier(cfg.classifier)
+    _non_negative("verbose", cfg.verbose)
+
+
+def validate_ablation_sweep(cfg: AblationSweepConfig) -> None:
+    from ideal_ray.config.presets import ABLATIONS, PRESETS, STUDIES
+
+    _require_finite(cfg)
+    _folder_name("name", cfg.name)
+    _non_empty("storage_path", cfg.storage_path, "the sweeps' folder, e.g. storage_path=runs/sweeps")
+    _check(cfg.train_preset in PRESETS,
+           f"train_preset '{cfg.train_preset}' is unknown; choose one of {sorted(PRESETS)}.")
+    studies = sorted(STUDIES) + ["custom"]
+    _check(cfg.study in studies, f"study '{cfg.study}' is unknown; choose one of {studies}.")
+    if cfg.study == "custom":
+        _check(bool(cfg.variants), "study=custom needs variants, e.g. variants=fusion-linear,shallow-align-off.")
+        _check(len(set(cfg.variants)) == len(cfg.variants),
+               f"variants={_show(cfg.variants)} names one variant twice; list each once.")
+        for v in cfg.variants:
+            for part in v.split("+"):
+                _check(part in ABLATIONS, f"variant '{v}' has unknown part '{part}'; choose from {sorted(ABLATIONS)}.")
+    else:
+        _check(not cfg.variants, f"study '{cfg.study}' has fixed variants {list(STUDIES[cfg.study])}; give variants "
+               f"only with study=custom.")
+    _optional_at_least_one("steps", cfg.steps, " (leave it unset for the preset's schedule)")
+    _check(cfg.scheduler in SCHEDULERS, f"scheduler '{cfg.scheduler}' is unknown; choose one of {SCHEDULERS}.")
+    _check(cfg.asha_mode in ("min", "max"), f"asha_mode '{cfg.asha_mode}' must be min or max.")
+    _non_empty("asha_metric", cfg.asha_metric, "the training metric ASHA compares, e.g. asha_metric=train_rec_mse")
+    _optional_at_least_one("grace_period", cfg.grace_period)
+    _check(cfg.reduction_factor >= 2, f"reduction_factor={cfg.reduction_factor} must be at least 2.")
+    _at_least_one("workers_per_trial", cfg.workers_per_trial)
+    _non_negative("gpus_per_worker", cfg.gpus_per_worker)
+    _optional_at_least_one("max_concurrent_trials", cfg.max_concurrent_trials)
+    _non_negative("max_failures", cfg.max_failures)
+    _optional_at_least_one("eval_images", cfg.eval_images, " (leave it unset for the whole val split)")
+    _at_least_one("eval_batch_size", cfg.eval_batch_size)
+    _at_least_one("decode_actors", cfg.decode_actors)
+    if cfg.probe_train_images is not None:
+        _non_negative("probe_train_images", cfg.probe_train_images, " (0 turns the linear probe off)")
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    from ideal_ray.config.presets import AR_PRESETS, PIPELINE_STAGES
+
+    _check(cfg.ar_preset in AR_PRESETS, f"ar_preset '{cfg.ar_preset}' is unknown; choose one of {sorted(AR_PRESETS)}.")
+    for key in PIPELINE_STAGES:
+        sub = getattr(cfg, key)
+        if key == "sweep" and not sub.cfg_scales:
+            continue  # no sweep stage
+        try:
+            STAGE_VALIDATORS[type(sub)](sub)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e}") from None
+
+
+STAGE_VALIDATORS = {PipelineConfig: validate_pipeline, ExtractConfig: validate_extract,
+                    SampleJobConfig: validate_sample_job,
+                    ReconEvalConfig: validate_recon_eval, GenEvalConfig: validate_gen_eval,
+                    CfgSweepConfig: validate_cfg_sweep, AblationSweepConfig: validate_ablation_sweep}
+
+
+def validate_stage(cfg: Any, complete: bool = True) -> None:
+    """One offline stage's config (:data:`STAGE_VALIDATORS`); with ``complete``, also every path the stage needs
+    (its ``REQUIRED`` fields) is set: a job checks that, the pipeline fills them in when the earlier stages ran."""
+    STAGE_VALIDATORS[type(cfg)](cfg)
+    if complete:
+        for key in getattr(cfg, "REQUIRED", ()):
+            _non_empty(key, get_key(cfg, key), f"{key}=PATH")
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``data.root``) of a config."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

@@ -1,6 +1,6 @@
 """The AR stage's readers of token shards (the format: ``ideal_ray.data.tokens``).
 
-Readers for the AR stage, both "one random view per image per epoch" with the schedule of ``ray_pipeline``
+Readers for the AR stage, both "one random view per image per epoch" with the schedule of ``augment``
 (epoch permutation of the IMAGES, drop-last steps, contiguous per-rank slices); the view of image ``i`` in epoch
 ``e`` comes from a generator seeded by ``(seed, e, i)`` only (:func:`view_of`), so it does not depend on the world
 size, the batch or a restart:
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ideal_ray.data.ray_pipeline import (
+from ideal_ray.data.augment import (
     PermutationCache,
     epoch_permutation,
     local_batch_size,

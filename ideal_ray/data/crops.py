@@ -19,7 +19,7 @@ centre boxes follow torchvision's ``five_crop``: the centre offset is ``int(roun
 round, half to even), and the flipped five are cut from the flipped square, not mirrored boxes of the unflipped one.
 
 Every function takes an RGB PIL image and returns uint8 arrays ``(V, S, S, 3)``: the encoder's input in [0, 255],
-converted to [-1, 1] on the device (``ray_pipeline.to_model_input``) like LlamaGen's ToTensor + Normalize(0.5, 0.5).
+converted to [-1, 1] on the device (``augment.to_model_input``) like LlamaGen's ToTensor + Normalize(0.5, 0.5).
 
 Split for pipelines (:func:`make_squares` on the CPU, :func:`views_from_squares` on the device): the views of a set
 are pure slices and mirror images of one ADM square per scale, so a decode worker ships only the squares (ten-crop at

@@ -48,7 +48,6 @@ DECODE_FORMATS: tuple[str, ...] = tuple(
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError
 )
-_DECODE_ERRORS = DECODE_ERRORS  # the name ray_pipeline imports
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PNG 16-bit grayscale (older Pillow: "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -335,7 +334,7 @@ class ImageFolderDataset:
             path, label = self.samples[i]
             try:
                 img = self.load_image(i)
-            except _DECODE_ERRORS as e:
+            except DECODE_ERRORS as e:
                 self._bad.add(i)
                 self.skipped.append(path)
                 log.warning("skipping undecodable image %s (%s)", path, skip_reason(e))

@@ -1,4 +1,4 @@
-"""One listing and one random-access byte reader for every image source format.
+"""One listing of a split for every image source format (reading its items: :mod:`ideal_ray.data.reader`).
 
 Formats (``FORMATS``), all under ``root/<split>``:
 
@@ -17,11 +17,7 @@ Labels always go through one class index (:func:`folder.resolve_class_index`: th
 
 A :class:`Listing` is built once on the driver (it reads no image bytes: parquet metadata and id/label
 columns, tar headers) and travels through the object store as :meth:`Listing.pack` (numpy arrays only). Any
-process then reads item ``i`` with a :class:`ByteReader`: one ``open`` for a plain file, one seek + read for a
-tar member, one cached row group for parquet. :func:`load_rgb` reads and decodes (:func:`decode_bytes`) an item
-into a fully decoded RGB image or raises a ``BadImageError`` whose text names the problem ("empty file (0 bytes)",
-"truncated image (...)", "not an image (unrecognised format)", "unreadable: ..."); the caller skips and counts
-those, listing them with :func:`skip_reason`.
+process then reads item ``i`` with a :class:`~ideal_ray.data.reader.ByteReader` of it.
 
 Layout problems (missing split, unknown wnid, an image without a label, a label without an image, ...) raise one
 clear error at listing time, before any image is decoded.
@@ -31,25 +27,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import posixpath
 import tarfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ideal_ray.data.folder import (DECODE_ERRORS, IMAGE_EXTENSIONS, BadImageError, list_image_folder, open_rgb,
-                                  resolve_class_index, skip_reason)
+from ideal_ray.data.folder import IMAGE_EXTENSIONS, list_image_folder, resolve_class_index
 
-__all__ = [
-    "FORMATS", "DECODE_ERRORS", "BadImageError", "Listing", "list_images", "detect_format", "ByteReader",
-    "decode_bytes", "load_rgb", "skip_reason",
-]
+__all__ = ["FORMATS", "Listing", "list_images", "detect_format"]
 
 FORMATS = ("folder", "flat", "parquet", "webdataset")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -181,7 +170,7 @@ def detect_format(root: str | os.PathLike, split: str = "train") -> str:
             f"split folder {split_dir} is empty: no class folders, images, .parquet or .tar files found."
         )
     what = ", ".join(f"{found[k]} {k} file(s)" for k in kinds) + (f", {subdirs} sub-folder(s)" if subdirs else "")
-    raise ValueError(f"cannot tell the format of {split_dir}: it holds {what}; pass fmt= one of {FORMATS}.")
+    raise ValueError(f"cannot tell the format of {split_dir}: it holds {what}; pass data.format= one of {FORMATS}.")
 
 
 def list_images(
@@ -201,7 +190,7 @@ def list_images(
         fmt = detect_format(root_path, split)
     if str(labels_file) and fmt != "flat":
         raise ValueError(f"labels_file={labels_file!s} applies only to the flat format, but {root_path / split} "
-                         f"is read as {fmt!r}; drop labels_file or pass fmt='flat'.")
+                         f"is read as {fmt!r}; drop data.labels_file or pass data.format=flat.")
     if fmt == "folder":
         return _list_folder(root_path, split, class_index)
     if fmt == "flat":
@@ -563,140 +552,3 @@ def _list_webdataset(root: Path, split: str, class_index: str | os.PathLike) -> 
         file_index=np.array(file_index, dtype=np.int32), offset=np.array(offsets, dtype=np.int64),
         size=np.array(sizes, dtype=np.int64), classes=classes, class_names=class_names,
     )
-
-
-# ------------------------------------------------------------------------------------------------ reading
-class ByteReader:
-    """Random access to the encoded bytes of a listing's items, for one process (not thread-safe).
-
-    Containers open lazily and the last ``max_open`` stay open; parquet reads the whole row group holding the
-    row (image column only) and keeps the last ``max_row_groups``, so reading in listing order decodes every
-    row group once.
-    """
-
-    def __init__(self, listing: Listing | dict, max_open: int = 8, max_row_groups: int = 2) -> None:
-        packed = listing.pack() if isinstance(listing, Listing) else listing
-        self.root = os.fsdecode(packed["root"].item())
-        self.fmt = packed["fmt"].item().decode()
-        if self.fmt not in FORMATS:
-            raise ValueError(f"packed listing has format {self.fmt!r}; expected one of {FORMATS}.")
-        self.image_column = packed["image_column"].item().decode()
-        self._files: np.ndarray = packed["files"]  # (F,) bytes, relative to root
-        self._file_index: np.ndarray = packed["file_index"]  # (N,) int32
-        self._offset: np.ndarray = packed["offset"]  # (N,) int64
-        self._size: np.ndarray = packed["size"]  # (N,) int64
-        self._max_open, self._max_groups = max(1, max_open), max(1, max_row_groups)
-        self._handles: OrderedDict[int, Any] = OrderedDict()  # file number -> open file / ParquetFile
-        self._group_starts: dict[int, np.ndarray] = {}  # file number -> first row of each row group
-        self._groups: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (file, group) -> binary array
-
-    def __len__(self) -> int:
-        return len(self._file_index)
-
-    def path(self, i: int) -> str:
-        """The file that holds item ``i`` (the image itself for folder/flat)."""
-        return os.path.join(self.root, os.fsdecode(bytes(self._files[self._file_index[i]])))
-
-    def read(self, i: int) -> bytes:
-        """The encoded image bytes of item ``i``; an ``OSError`` when its file is missing or unreadable."""
-        n = len(self)
-        if not 0 <= i < n:
-            raise IndexError(f"item {i} is out of range for a listing of {n} images.")
-        k = int(self._file_index[i])
-        if self.fmt in ("folder", "flat"):
-            with open(self.path(i), "rb") as f:
-                return f.read()
-        if self.fmt == "webdataset":
-            return self._read_member(k, int(self._offset[i]), int(self._size[i]))
-        return self._read_row(k, int(self._offset[i]))
-
-    def _handle(self, k: int, opener: Callable[[str], Any]) -> Any:
-        h = self._handles.get(k)
-        if h is None:
-            h = opener(self.path_of_file(k))
-            self._handles[k] = h
-            while len(self._handles) > self._max_open:
-                self._handles.popitem(last=False)[1].close()
-        else:
-            self._handles.move_to_end(k)
-        return h
-
-    def path_of_file(self, k: int) -> str:
-        """Absolute path of container ``k`` (``Listing.files[k]``)."""
-        return os.path.join(self.root, os.fsdecode(bytes(self._files[k])))
-
-    def _read_member(self, k: int, offset: int, size: int) -> bytes:
-        f = self._handle(k, lambda p: open(p, "rb"))
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"shard {self.path_of_file(k)} ends {size - len(data)} bytes into the member at offset "
-                          f"{offset}; the tar is truncated, re-copy it.")
-        return data
-
-    def _read_row(self, k: int, row: int) -> bytes:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        path = self.path_of_file(k)
-        try:
-            pf = self._handle(k, pq.ParquetFile)
-            starts = self._group_starts.get(k)
-            if starts is None:
-                md = pf.metadata
-                sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-                starts = self._group_starts[k] = np.cumsum([0] + sizes)
-            g = int(np.searchsorted(starts, row, side="right")) - 1
-            values = self._groups.get((k, g))
-            if values is None:
-                values = self._load_group(pf, g)
-                self._groups[(k, g)] = values
-                while len(self._groups) > self._max_groups:
-                    self._groups.popitem(last=False)
-            else:
-                self._groups.move_to_end((k, g))
-            value = values[row - int(starts[g])]
-        except pa.ArrowException as e:
-            if isinstance(e, OSError):
-                raise
-            raise OSError(f"parquet file {path} row {row} cannot be read ({type(e).__name__}: {e}).") from e
-        except IndexError as e:
-            raise OSError(f"parquet file {path} has no row {row}; it changed since it was listed.") from e
-        return value.as_py() or b""  # a null image reads as no bytes: it fails to decode and is counted
-
-    def _load_group(self, pf, g: int):
-        """The image column of row group ``g`` as a binary array (struct columns: their ``bytes`` field)."""
-        import pyarrow as pa
-
-        if pa.types.is_struct(pf.schema_arrow.field(self.image_column).type):
-            col = pf.read_row_group(g, columns=[f"{self.image_column}.bytes"]).column(0).combine_chunks()
-            return col.flatten()[0]  # flatten applies the struct's nulls to its bytes
-        return pf.read_row_group(g, columns=[self.image_column]).column(0).combine_chunks()
-
-    def close(self) -> None:
-        """Close every open container (the reader reopens them on the next read)."""
-        while self._handles:
-            self._handles.popitem()[1].close()
-        self._groups.clear()
-
-    def __enter__(self) -> "ByteReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def decode_bytes(data: bytes) -> Image.Image:
-    """Encoded bytes -> fully loaded RGB image; raises :class:`~ideal_ray.data.folder.BadImageError` naming the
-    problem (a truncated file never decodes)."""
-    return open_rgb(io.BytesIO(data))
-
-
-def load_rgb(reader: ByteReader, i: int) -> Image.Image:
-    """Item ``i`` of ``reader`` as a fully loaded RGB image; raises :class:`~ideal_ray.data.folder.BadImageError`
-    (one of ``DECODE_ERRORS``) naming the problem when it cannot be read or decoded."""
-    try:
-        data = reader.read(i)
-    except OSError as e:
-        raise BadImageError(f"unreadable: {e.strerror or e}") from e
-    return decode_bytes(data)

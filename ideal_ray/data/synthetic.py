@@ -368,21 +368,17 @@ def _generate(root: Path, params: dict) -> None:
     index = {str(c): [wnids[c], class_name(c)] for c in range(n)}
     _atomic_write(root / CLASS_INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
 
-    for c, wnid in enumerate(wnids):
-        d = root / "train" / wnid
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n_train):
-            img = render_image(c, size, _image_rng(seed, "train", c, i))
-            _atomic_write(d / f"{wnid}_{i}.JPEG", _encode_jpeg(img))
-
     # Val numbers are shuffled across classes like the real ILSVRC2012 val set (1-based, 8 digits).
     numbers = np.random.default_rng([seed, 2]).permutation(n * n_val) + 1
-    for c, wnid in enumerate(wnids):
-        d = root / "val" / wnid
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n_val):
-            img = render_image(c, size, _image_rng(seed, "val", c, i))
-            _atomic_write(d / f"ILSVRC2012_val_{int(numbers[c * n_val + i]):08d}.JPEG", _encode_jpeg(img))
+    file_name = {"train": lambda c, i: f"{wnids[c]}_{i}.JPEG",
+                 "val": lambda c, i: f"ILSVRC2012_val_{int(numbers[c * n_val + i]):08d}.JPEG"}
+    for split, per_class in (("train", n_train), ("val", n_val)):
+        for c, wnid in enumerate(wnids):
+            d = root / split / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = render_image(c, size, _image_rng(seed, split, c, i))
+                _atomic_write(d / file_name[split](c, i), _encode_jpeg(img))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

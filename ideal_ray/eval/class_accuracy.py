@@ -38,6 +38,7 @@ import numpy as np
 from ideal_ray.data import sources
 from ideal_ray.data.crops import center_crop_arr
 from ideal_ray.data.folder import DECODE_ERRORS
+from ideal_ray.data.reader import ByteReader, decode_bytes
 from ideal_ray.eval.fid import features
 from ideal_ray.eval.inception import FidInception
 from ideal_ray.eval.probe import LinearClassifier, fit_linear_classifier
@@ -110,12 +111,12 @@ def _images(listing: sources.Listing, indices: np.ndarray, size: int, batch_size
             skipped: List[str], kept: List[int], workers: int = 4) -> Iterator[np.ndarray]:
     """uint8 (B, size, size, 3) batches of the selected items (bytes read here, decoded on ``workers`` threads);
     undecodable items go to ``skipped``, the decoded ones' indices to ``kept``."""
-    reader = sources.ByteReader(listing)
+    reader = ByteReader(listing)
 
     def decode(i_data):
         i, data = i_data
         try:
-            return np.asarray(center_crop_arr(sources.decode_bytes(data), size))
+            return np.asarray(center_crop_arr(decode_bytes(data), size))
         except DECODE_ERRORS as err:
             log.warning("class-accuracy classifier: skipping %s: %s", listing.ids[i], err)
             return None

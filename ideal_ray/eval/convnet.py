@@ -47,7 +47,7 @@ def build_convnet(num_classes: int, width: int = WIDTH) -> nn.Sequential:
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the pipeline's own conversion."""
-    from ideal_ray.data.ray_pipeline import to_model_input
+    from ideal_ray.data.augment import to_model_input
 
     return to_model_input(torch.from_numpy(np.ascontiguousarray(images)))
 

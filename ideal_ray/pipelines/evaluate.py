@@ -2,7 +2,7 @@
 
 ``evaluate_recon`` -- the tokenizer on a validation split::
 
-    range(images) -> map_batches(_CenterCrop)  CPU actor pool: read + decode (sources.ByteReader), ADM center crop
+    range(images) -> map_batches(_CenterCrop)  CPU actor pool: read + decode (reader.ByteReader), ADM center crop
                                                to the tokenizer's size -> uint8 (S, S, 3); bad files: ok=False
                   -> map_batches(_ReconEval)   one actor per GPU: encode -> decode -> uint8; both resized to 256
                                                (PIL bicubic); per image PSNR, SSIM, the codes, Inception features
@@ -18,8 +18,10 @@ The reference statistics of the real crops are keyed by (listing hash, crop, siz
 
 ``evaluate_gen`` -- samples (an ADM-format npz, e.g. from ``jobs/sample.py``) against a reference (ADM's
 ``VIRTUAL_imagenet256_labeled.npz`` or an image folder): gFID, sFID, IS (when available), ADM precision/recall, and
-with ``classifier_data`` the class accuracy of the samples under a classifier fitted on real images of that data set
+with ``classifier.data`` the class accuracy of the samples under a classifier fitted on real images of that data set
 (``ideal_ray.eval.class_accuracy``).
+
+Their settings are a ``ReconEvalConfig`` / ``GenEvalConfig`` (``ideal_ray.config``).
 
 Every result holds a ``protocol`` dict saying how each number was made (reference and its hash, image counts,
 resize rule, evaluator and weights hash) and is logged to MLflow (params, metrics, ``result.json``, tables).
@@ -38,7 +40,10 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from ideal_ray.config import ConfigError, GenEvalConfig, ReconEvalConfig, validate_stage
 from ideal_ray.data import sources
+from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
+from ideal_ray.data.reader import ByteReader, load_rgb
 from ideal_ray.eval import recon as rc
 from ideal_ray.io import atomic_write
 from ideal_ray.tracking import run_tracker
@@ -54,7 +59,7 @@ class _CenterCrop:
     """CPU stage: rows ``{id}`` (position in ``indices``) -> ``index, label, ok, error, image (S, S, 3)``."""
 
     def __init__(self, packed: dict, indices: np.ndarray, image_size: int):
-        self.reader = sources.ByteReader(packed)
+        self.reader = ByteReader(packed)
         self.labels = np.asarray(packed["labels"], dtype=np.int64)  # (N,)
         self.indices, self.size = indices, int(image_size)
 
@@ -68,9 +73,9 @@ class _CenterCrop:
         error = np.full(n, "", dtype=object)
         for j, i in enumerate(index.tolist()):
             try:
-                images[j] = np.asarray(center_crop_arr(sources.load_rgb(self.reader, i), self.size))
-            except sources.DECODE_ERRORS as e:
-                ok[j], error[j] = False, sources.skip_reason(e)
+                images[j] = np.asarray(center_crop_arr(load_rgb(self.reader, i), self.size))
+            except DECODE_ERRORS as e:
+                ok[j], error[j] = False, skip_reason(e)
         return {"index": index, "label": self.labels[index], "ok": ok, "error": error, "image": images}
 
 
@@ -110,7 +115,7 @@ class _ReconEval:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
 
-        from ideal_ray.data.ray_pipeline import to_model_input
+        from ideal_ray.data.augment import to_model_input
 
         ok = np.asarray(batch["ok"], dtype=bool)
         real = np.ascontiguousarray(np.asarray(batch["image"])[ok])  # (b, S, S, 3) uint8
@@ -166,6 +171,15 @@ def _local_device(device: str) -> str:
     return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
 
 
+def _driver_device(device: str) -> str:
+    """The device of work done in this process (``GenEvalConfig.device``): ``auto`` is its GPU when it has one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _check_out_dir(out_dir: str) -> str:
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(os.path.join(out_dir, "result.json")):
@@ -185,21 +199,19 @@ def _finite(d: Dict[str, Any]) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- reconstruction
-def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: str = "val", fmt: str = "auto",
-                   labels_file: str = "", class_index: str = "", num_images: Optional[int] = None,
-                   batch_size: int = 32, device: str = "auto", num_actors: Optional[int] = None,
-                   decode_actors: int = 2, precision: Optional[str] = None, zero_shot: bool = True,
-                   probe_train_images: int = 0, probe_split: str = "train", grid: bool = True,
-                   inception_weights: str = "", cache_dir: str = "", tracking_uri: Optional[str] = None,
-                   run_name: Optional[str] = None, log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Reconstruction metrics of the tokenizer at ``tokenizer_ckpt`` on ``split`` of ``data_root``.
+def evaluate_recon(cfg: ReconEvalConfig, *, run_name: Optional[str] = None,
+                   log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Reconstruction metrics of the tokenizer ``cfg.tokenizer`` on the split ``cfg.data`` (a ``ReconEvalConfig``).
 
     ``num_images``: evaluate an evenly spaced subset of the listing (None: all, e.g. ImageNet val's 50k);
     ``probe_train_images`` > 0 adds the linear probe (the paper's layer study): pooled reconstructed (and frozen-VFM)
     deep features of that many evenly spaced ``probe_split`` images train a logistic regression scored on the
     evaluated images; ``grid=False`` skips the reconstruction grid (one more actor pass; sweeps leave it out).
-    Every other argument as in the module notes. Writes ``result.json``, ``per_class.csv`` and ``grid.png`` to
-    ``out_dir`` and one MLflow run (experiment ``ideal-eval``). Returns the result dict.
+    ``run``: the Ray pool (``device`` auto / cpu / cuda, ``num_actors`` evaluation actors, ``decode_actors``,
+    ``precision`` auto = bf16 on GPU); ``fid``: the Inception weights and the reference statistics' cache;
+    ``tracking_uri``: "" = no MLflow, None = ``$MLFLOW_TRACKING_URI`` or ``<out>/mlflow.db``. Writes
+    ``result.json``, ``per_class.csv`` and ``grid.png`` to ``cfg.out`` and one MLflow run (experiment
+    ``ideal-eval``, named ``run_name`` or ``recon-<out folder>``). Returns the result dict.
     """
     import ray
 
@@ -211,11 +223,24 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     from ideal_ray.cluster import actor_cpus, actor_device, init_ray
     from ideal_ray.pipelines.sample_local import grid_image
 
-    if batch_size < 1 or decode_actors < 1:
-        raise ValueError(f"batch_size={batch_size} and decode_actors={decode_actors} must be at least 1.")
+    validate_stage(cfg)
+    if cfg.run.in_process:
+        raise ConfigError("run.in_process=true is not offered by the reconstruction evaluation (it runs on Ray actor "
+                          "pools); leave it false, with run.device=cpu for CPU actors.")
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device={cfg.run.device} is not one of auto, cpu, cuda (the evaluation actors take "
+                          f"one GPU each).")
+    data, fid = cfg.data, cfg.fid
+    data_root, split, fmt, class_index = data.root, data.split, data.format, data.class_index
+    num_images, batch_size, zero_shot, grid = cfg.num_images, cfg.batch_size, cfg.zero_shot, cfg.grid
+    probe_train_images, probe_split = cfg.probe_train_images, cfg.probe_split
+    device, num_actors, decode_actors = cfg.run.device, cfg.run.num_actors, cfg.run.decode_actors or 2
+    precision = None if cfg.run.precision == "auto" else cfg.run.precision
+    inception_weights, cache_dir = fid.inception_weights, fid.cache_dir
     t0 = time.perf_counter()
-    tokenizer_ckpt = os.path.abspath(tokenizer_ckpt)
-    listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt, labels_file=labels_file)
+    tokenizer_ckpt = os.path.abspath(cfg.tokenizer)
+    listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt,
+                                  labels_file=data.labels_file)
     n_all = len(listing)
     n = n_all if num_images is None else int(num_images)
     if not 2 <= n <= n_all:
@@ -231,7 +256,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
     del tok
     extractor = load_inception(inception_weights, device="cpu")  # fails fast without weights; the evaluator's id
     evaluator = extractor.protocol()
-    out_dir = _check_out_dir(out_dir)
+    out_dir = _check_out_dir(cfg.out)
 
     identity = {"kind": "recon-real", "name": f"{os.path.basename(listing.root.rstrip('/'))}-{split}-{size}-256",
                 "path": listing.root, "split": split,
@@ -273,8 +298,6 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         order = np.argsort(got["index"], kind="stable")
         return {k: v[order] for k, v in got.items()}
 
-    if probe_train_images < 0:
-        raise ValueError(f"probe_train_images={probe_train_images} must be >= 0 (0 = no linear probe).")
     rows = run(indices, cached is None, False, class_names, pooled=probe_train_images > 0)
     skipped = sorted(set(indices.tolist()) - set(rows["index"].tolist()))
     skipped_ids = [listing.ids[i] for i in skipped]
@@ -348,7 +371,7 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
         artifacts.append("grid.png")
     atomic_write(os.path.join(out_dir, "per_class.csv"), _per_class_csv(rows["label"], class_names, per_class))
     atomic_write(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
-    with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
+    with run_tracker(cfg.tracking_uri, out_dir, EXPERIMENT, run_name or f"recon-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "recon", "tokenizer": tokenizer_ckpt, "data_root": listing.root, "split": split,
                        "num_images": len(indices), "device": device, "precision": precision,
                        "evaluator_weights": evaluator["weights_file"]})
@@ -361,27 +384,31 @@ def evaluate_recon(tokenizer_ckpt: str, data_root: str, out_dir: str, *, split: 
 
 
 # ------------------------------------------------------------------------------------- generation
-def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: int = 50, device: str = "cpu",
-                 inception_weights: str = "", cache_dir: str = "", classifier_data: str = "",
-                 classifier_split: str = "train", classifier_per_class: Optional[int] = None,
-                 classifier_kind: str = "probe", tracking_uri: Optional[str] = None, run_name: Optional[str] = None,
+def evaluate_gen(cfg: GenEvalConfig, *, run_name: Optional[str] = None,
                  log_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """gFID, sFID, IS (when the Inception weights have logits) and ADM precision/recall of the samples in
-    ``samples_npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3)) against ``reference`` (an ADM reference npz such as
-    ``VIRTUAL_imagenet256_labeled.npz``, or a folder of images: ADM center crop + resize to the samples' size).
+    ``cfg.samples`` (ADM format: ``arr_0`` uint8 (N, H, W, 3)) against ``cfg.reference`` (an ADM reference npz such as
+    ``VIRTUAL_imagenet256_labeled.npz``, or a folder of images: ADM center crop + resize to the samples' size), in
+    this process on ``cfg.device`` (auto = its GPU when it has one, else cpu), ``cfg.fid.batch_size`` images per
+    Inception batch.
 
-    ``classifier_data`` (a data set root; '' = off) adds the class accuracy (``ideal_ray.eval.class_accuracy``): a
-    classifier of ``classifier_kind`` (``probe``: linear on Inception features; ``cnn``: a convnet trained on the
-    pixels) fitted on ``classifier_per_class`` real images of each class of its ``classifier_split`` (default 50,
-    0 = all) scores the samples against their ``labels`` (the npz must hold them): ``class_accuracy``, ``class_chance``
-    (1 / classes), ``class_accuracy_real`` (the classifier's held-out top-1 on real images).
-    Writes ``result.json`` (+ MLflow). The reference statistics and the classifier are cached; the samples'
-    features are not."""
+    ``cfg.classifier.data`` (a data set root; '' = off) adds the class accuracy (``ideal_ray.eval.class_accuracy``):
+    a classifier of ``classifier.kind`` (``probe``: linear on Inception features; ``cnn``: a convnet trained on the
+    pixels) fitted on ``classifier.per_class`` real images of each class of its ``classifier.split`` (default 50,
+    0 = all) scores the samples against their ``labels`` (the npz must hold them): ``class_accuracy``,
+    ``class_chance`` (1 / classes), ``class_accuracy_real`` (the classifier's held-out top-1 on real images).
+    Writes ``result.json`` to ``cfg.out`` and one MLflow run (``cfg.tracking_uri``: "" = none, None =
+    ``$MLFLOW_TRACKING_URI`` or ``<out>/mlflow.db``; named ``run_name`` or ``gen-<out folder>``). The reference
+    statistics and the classifier are cached (``cfg.fid.cache_dir``); the samples' features are not."""
     from ideal_ray.eval import class_accuracy as ca
     from ideal_ray.eval import reference as ref_mod
     from ideal_ray.eval.fid import compare, features
     from ideal_ray.eval.inception import load_inception
 
+    validate_stage(cfg)
+    samples_npz, reference, fid, c = cfg.samples, cfg.reference, cfg.fid, cfg.classifier
+    batch_size, inception_weights, cache_dir = fid.batch_size, fid.inception_weights, fid.cache_dir
+    device = _driver_device(cfg.device)
     t0 = time.perf_counter()
     if not os.path.isfile(samples_npz):
         raise FileNotFoundError(f"samples file {samples_npz} does not exist; make one with jobs/sample.py.")
@@ -400,14 +427,14 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
         raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
                                 f"or a folder of reference images.")
     cls_data = None
-    if classifier_data:  # checked before any image is read: the split exists, the samples' labels fit its classes
-        cls_data = ca.classifier_data(classifier_data, classifier_split, classifier_per_class, kind=classifier_kind)
+    if c.data:  # checked before any image is read: the split exists, the samples' labels fit its classes
+        cls_data = ca.classifier_data(c.data, c.split, c.per_class, kind=c.kind)
         if sample_labels is None:
             raise ValueError(f"{samples_npz} has no labels; class accuracy needs the class of each sample "
                              f"(jobs/sample.py writes them next to arr_0).")
         sample_labels = ca.check_sample_labels(sample_labels, len(images), cls_data.num_classes, samples_npz,
                                                cls_data.where)
-    out_dir = _check_out_dir(out_dir)
+    out_dir = _check_out_dir(cfg.out)
     extractor = load_inception(inception_weights, device=device)
     ref = ref_mod.reference_stats(source, extractor, cache_dir, batch_size=batch_size)
     clf = None if cls_data is None else ca.real_classifier(cls_data, images.shape[1], extractor, cache_dir,
@@ -434,7 +461,7 @@ def evaluate_gen(samples_npz: str, reference: str, out_dir: str, *, batch_size: 
         "metric": clf.metric_note, **clf.protocol, "classifier_cache": "reused" if clf.from_cache else "computed"}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
-    with run_tracker(tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
+    with run_tracker(cfg.tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
         tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
                        "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"],
                        "classifier_data": cls_data.where if cls_data is not None else "",

@@ -9,6 +9,9 @@ the same manifest parameters, so either can resume what the other started.
 * :class:`ShardPlan` -- the output folder: lock, manifest parameters (a folder made with other parameters is
   refused, a folder without a manifest is never written into), crash leftovers removed, the shards still to do,
   one call per finished shard (written atomically, then recorded), the final verification.
+* :class:`Extraction` -- one run's settings from its :class:`~ideal_ray.config.ExtractConfig`: the listing, the
+  tokenizer, crop size, batch size and precision on the device, the manifest parameters, the plan, the shards this
+  run writes (``max_shards``) and the summary at the end.
 
 Shard ``k`` holds the listed images ``[k * shard_images, (k + 1) * shard_images)`` that decoded, each with all its
 views in view order; the undecodable ones are listed in the shard's manifest entry (``skipped``), and a shard none
@@ -32,9 +35,10 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
 
-from ideal_ray.data import crops
+from ideal_ray.config import ExtractConfig, SourceConfig
+from ideal_ray.data import crops, sources
 from ideal_ray.data import tokens as tk
-from ideal_ray.data.ray_pipeline import to_model_input
+from ideal_ray.data.augment import to_model_input
 from ideal_ray.data.skipped import MAX_SKIP_FRACTION, SKIPPED_FILE, skip_fraction_error, too_many_skipped, write_skipped
 
 log = logging.getLogger(__name__)
@@ -301,10 +305,71 @@ def extraction_params(tokenizer_ckpt: str, tokenizer, listing, views: str, image
     }
 
 
-def check_sizes(batch_size: int, shard_images: int, row_group_images: int) -> None:
-    if batch_size < 1 or shard_images < 1 or row_group_images < 1:
-        raise ValueError(f"batch_size={batch_size}, shard_images={shard_images} and row_group_images="
-                         f"{row_group_images} must all be at least 1.")
+def list_split(data: SourceConfig):
+    """The listing of ``data`` (:func:`ideal_ray.data.sources.list_images`): ids, labels and where each image is."""
+    return sources.list_images(data.root, split=data.split, class_index=data.class_index, fmt=data.format,
+                               labels_file=data.labels_file)
+
+
+class Extraction:
+    """One extraction's settings resolved from its :class:`~ideal_ray.config.ExtractConfig`, the same way for the
+    in-process and the Ray run (so either resumes the other's folder):
+
+    * on construction: the tokenizer file (absolute), the split's listing, the tokenizer model (on
+      ``tokenizer_device``) and the crop size (``image_size``, default the tokenizer's);
+    * :meth:`settle` once the device is known: the batch size (``batch_size``, default 512 views on a GPU, 64 on the
+      CPU), the precision (``run.precision=auto``: bf16 on a GPU, fp32 on the CPU) and the manifest parameters;
+    * :meth:`plan`: the output folder's :class:`ShardPlan`; :meth:`shards`: the shards this run writes (all still
+      to do, or the first ``max_shards``); :meth:`result`: finish (complete + verify) or stop early, the summary.
+
+    The config is expected valid (:func:`ideal_ray.config.validate_stage`, which both entry points call first).
+    """
+
+    def __init__(self, cfg: ExtractConfig, tokenizer_device: str = "cpu"):
+        from ideal_ray.checkpoint import load_tokenizer
+
+        self.cfg = cfg
+        self.t0 = time.perf_counter()
+        self.tokenizer_path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+        self.listing = list_split(cfg.data)
+        self.tok = load_tokenizer(self.tokenizer_path, device=str(tokenizer_device))
+        self.size = int(cfg.image_size) if cfg.image_size is not None else int(self.tok.cfg.image_size)
+        if self.size != self.tok.cfg.image_size:
+            log.warning("extracting at image_size=%d, the tokenizer was trained at %d", self.size,
+                        self.tok.cfg.image_size)
+        self.batch_size: int | None = None
+        self.precision: str | None = None
+        self.params: dict | None = None
+
+    def settle(self, gpu: bool) -> dict:
+        """Batch size, precision and manifest parameters for an encoder on a GPU (``gpu``) or the CPU."""
+        cfg = self.cfg
+        self.batch_size = int(cfg.batch_size) if cfg.batch_size is not None else (512 if gpu else 64)
+        precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if gpu else "fp32")
+        self.precision = check_precision(precision)
+        self.params = extraction_params(self.tokenizer_path, self.tok, self.listing, cfg.views, self.size,
+                                        cfg.data.split, cfg.shard_images, cfg.row_group_images, self.precision)
+        return self.params
+
+    def plan(self) -> ShardPlan:
+        """The output folder ``out`` (enter it: lock, manifest, crash leftovers removed, the shards to do)."""
+        if self.params is None:
+            raise RuntimeError("Extraction.settle() comes before Extraction.plan().")
+        extra = {"tokenizer_path": self.tokenizer_path, "data_root": self.listing.root, "format_in": self.listing.fmt}
+        return ShardPlan(self.cfg.out, self.params, len(self.listing), extra, self.cfg.max_skip_fraction)
+
+    def shards(self, plan: ShardPlan) -> list[int]:
+        """The shards this run writes: every one still to do, or the first ``max_shards`` of them."""
+        m = self.cfg.max_shards
+        return plan.todo if m is None else plan.todo[:max(0, int(m))]
+
+    def result(self, plan: ShardPlan, shards: list[int], written_images: int) -> dict:
+        """After ``shards`` were written: a run that wrote every shard still to do completes the manifest (and
+        verifies with ``verify``); one stopped by ``max_shards`` leaves the rest to a rerun (``stopped_early``)."""
+        if len(shards) < len(plan.todo):
+            plan.todo = shards
+            return summary(plan, self.t0, written_images, None, stopped_early=True)
+        return summary(plan, self.t0, written_images, plan.finish(self.cfg.verify))
 
 
 def summary(plan: ShardPlan, t0: float, written_images: int, check: dict | None, **extra) -> dict:

@@ -12,7 +12,10 @@ writes the same folder with the same manifest parameters, so either resumes the 
    write the shard atomically, then record it in the manifest;
 4. mark the manifest complete and run :func:`~ideal_ray.data.tokens.verify_shards`.
 
-Resume: a rerun with the same arguments keeps every shard the manifest records (file present, size as recorded),
+The settings are one :class:`~ideal_ray.config.ExtractConfig`, resolved as the Ray run resolves them
+(:class:`~ideal_ray.pipelines.extract_common.Extraction`).
+
+Resume: a rerun with the same settings keeps every shard the manifest records (file present, size as recorded),
 deletes leftover ``.tmp`` files and shards the manifest does not know (a crash between the rename and the manifest
 update) and redoes the rest. A folder holding tokens of other parameters (tokenizer file hash, view set, image
 size, listing, shard size) is refused rather than mixed. One extraction per folder at a time (a lock file).
@@ -21,23 +24,16 @@ size, listing, shard size) is refused rather than mixed. One extraction per fold
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
 import torch
 
+from ideal_ray.config import ExtractConfig, validate_stage
 from ideal_ray.data import crops
-from ideal_ray.data import sources
-from ideal_ray.pipelines.extract_common import (
-    MAX_SKIP_FRACTION,
-    ShardPlan,
-    ViewEncoder,
-    check_precision,
-    check_sizes,
-    extraction_params,
-    summary,
-)
+from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
+from ideal_ray.data.reader import ByteReader, load_rgb
+from ideal_ray.pipelines.extract_common import Extraction, ViewEncoder
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +50,12 @@ class _ImageSquares(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         if self._reader is None:  # opened lazily: once per loader worker process
-            self._reader = sources.ByteReader(self.packed)
+            self._reader = ByteReader(self.packed)
         i = int(self.indices[j])
         try:
-            return i, crops.make_squares(sources.load_rgb(self._reader, i), self.views, self.size), ""
-        except sources.DECODE_ERRORS as e:
-            return i, None, sources.skip_reason(e)
+            return i, crops.make_squares(load_rgb(self._reader, i), self.views, self.size), ""
+        except DECODE_ERRORS as e:
+            return i, None, skip_reason(e)
 
 
 def _identity(x):
@@ -101,70 +97,44 @@ def _encode_shard(encoder: ViewEncoder, listing, packed: dict, a: int, b: int, i
     return [listing.ids[i] for i in kept], listing.labels[kept], toks, skipped
 
 
-def extract_tokens_local(
-    tokenizer_ckpt: str,
-    data_root: str,
-    out_dir: str,
-    views: str = "llamagen",
-    image_size: int | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-    *,
-    split: str = "train",
-    class_index: str = "",
-    fmt: str = "auto",
-    labels_file: str = "",
-    shard_images: int = 4096,
-    row_group_images: int = 4,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    verify: bool = True,
-    max_shards: int | None = None,
-    max_skip_fraction: float = MAX_SKIP_FRACTION,
-) -> dict:
-    """Encode every ``split`` image's views with the tokenizer at ``tokenizer_ckpt`` into shards under ``out_dir``.
+def local_device(device: str) -> torch.device:
+    """``run.device`` of an in-process run: ``auto`` is this process's GPU when it has one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
-    ``views``: ``"llamagen"`` (20 views) or ``"release"`` (2); ``image_size`` defaults to the tokenizer's
-    ``cfg.image_size``; ``batch_size`` counts views per encoder forward; ``fmt``/``labels_file`` pick the input format
-    (see :mod:`ideal_ray.data.sources`); ``num_workers`` > 0 decodes in DataLoader worker processes; ``precision``
-    ``"bf16"`` runs the encoder under autocast (the release's default on GPU), ``"fp32"`` is exact; ``max_shards``
-    stops after writing that many shards (the rest stay to do; a rerun continues); a shard with more than
-    ``max_skip_fraction`` of its images (and more than 10) unreadable stops the run unwritten. Returns a summary (images, rows,
-    shards written/kept, skipped files, images/s, the verification summary).
+
+def extract_tokens_local(cfg: ExtractConfig) -> dict:
+    """Encode every ``data.split`` image's views with the tokenizer ``cfg.tokenizer`` into shards under ``cfg.out``,
+    in this process (``cfg``: :class:`~ideal_ray.config.ExtractConfig`; ``run.in_process`` is not consulted).
+
+    ``views``: ``llamagen`` (20 views) or ``release`` (2); ``image_size`` defaults to the tokenizer's; ``batch_size``
+    counts views per encoder forward (default 512 on a GPU, 64 on the CPU); ``data.format``/``data.labels_file`` pick
+    the input format (see :mod:`ideal_ray.data.sources`); ``num_workers`` > 0 decodes in DataLoader worker processes;
+    ``run.device``: ``auto`` (this process's GPU if it has one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    ``run.precision``: ``bf16`` runs the encoder under autocast, ``fp32`` is exact, ``auto`` is bf16 on a GPU and
+    fp32 on the CPU; ``max_shards`` stops after writing that many shards (the rest stay to do; a rerun continues); a
+    shard with more than ``max_skip_fraction`` of its images (and more than 10) unreadable stops the run unwritten.
+    A config with a wrong or missing value is refused first (:class:`~ideal_ray.config.ConfigError`). Returns a
+    summary (images, rows, shards written/kept, skipped files, images/s, the verification summary).
     """
-    from ideal_ray.checkpoint import load_tokenizer
-
-    crops.check_views(views)
-    check_sizes(batch_size, shard_images, row_group_images)
-    check_precision(precision)
-    t0 = time.perf_counter()
-    tokenizer_ckpt = os.path.abspath(os.path.expanduser(tokenizer_ckpt))
-    listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt, labels_file=labels_file)
-    dev = torch.device(device)
-    tok = load_tokenizer(tokenizer_ckpt, device=str(dev))
-    size = int(image_size) if image_size is not None else int(tok.cfg.image_size)
-    if size != tok.cfg.image_size:
-        log.warning("extracting at image_size=%d, the tokenizer was trained at %d", size, tok.cfg.image_size)
-    params = extraction_params(tokenizer_ckpt, tok, listing, views, size, split, shard_images, row_group_images,
-                               precision)
-    extra = {"tokenizer_path": tokenizer_ckpt, "data_root": listing.root, "format_in": listing.fmt}
-    packed = listing.pack()
-    encoder = ViewEncoder(tok, views, size, dev, precision, max_views=batch_size)
+    validate_stage(cfg)
+    dev = local_device(cfg.run.device)
+    ex = Extraction(cfg, tokenizer_device=str(dev))
+    ex.settle(gpu=dev.type == "cuda")
+    packed = ex.listing.pack()
+    encoder = ViewEncoder(ex.tok, cfg.views, ex.size, dev, ex.precision, max_views=ex.batch_size)
     written = 0
-    with ShardPlan(out_dir, params, len(listing), extra, max_skip_fraction) as plan:
-        todo = plan.todo if max_shards is None else plan.todo[:max(0, int(max_shards))]
-        for n_done, k in enumerate(todo, 1):
+    with ex.plan() as plan:
+        shards = ex.shards(plan)
+        for n_done, k in enumerate(shards, 1):
             t_shard = time.perf_counter()
             a, b = plan.images(k)
-            ids, labels, toks, skipped = _encode_shard(encoder, listing, packed, a, b, size, num_workers)
+            ids, labels, toks, skipped = _encode_shard(encoder, ex.listing, packed, a, b, ex.size, cfg.num_workers)
             entry = plan.write(k, ids, labels, toks, skipped)
             written += entry["images"]
             dt = time.perf_counter() - t_shard
             log.info("shard %s: %d images x %d views in %.1fs (%.1f images/s); %d/%d shards this run",
                      entry["file"], entry["images"], plan.num_views, dt, entry["images"] / max(dt, 1e-9), n_done,
-                     len(todo))
-        if len(todo) < len(plan.todo):
-            plan.todo = todo
-            return summary(plan, t0, written, None, stopped_early=True)
-        check = plan.finish(verify)
-    return summary(plan, t0, written, check)
+                     len(shards))
+        return ex.result(plan, shards, written)

@@ -4,10 +4,10 @@ The pipeline (one streaming Ray dataset over the images of the shards still to d
 
     range(images to do)
       -> map_batches(_DecodeSquares)  CPU actor pool (autoscaling 1..decode_actors): read the bytes (folder file,
-                                      Parquet row or tar member, via ``sources.ByteReader``), decode to RGB (CMYK,
+                                      Parquet row or tar member, via ``reader.ByteReader``), decode to RGB (CMYK,
                                       gray, 16-bit, alpha converted), the view set's ADM squares (``make_squares``);
                                       an undecodable file becomes a row with ok=False and its error text
-      -> map_batches(_EncodeViews)    one actor per GPU (``num_gpus=1``; on a CPU cluster ``num_encoders`` actors):
+      -> map_batches(_EncodeViews)    one actor per GPU (``num_gpus=1``; on a CPU cluster ``run.num_actors`` actors):
                                       the tokenizer's encoder (VFM + fusion + quantizer) cuts the views from the
                                       squares on the device and encodes them ``batch_size`` views per forward
       -> driver                       collects rows per shard; a shard whose images have all arrived is written
@@ -36,17 +36,11 @@ import time
 import numpy as np
 
 from ideal_ray.data import crops
-from ideal_ray.data import sources
+from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
+from ideal_ray.data.reader import ByteReader, load_rgb
 from ideal_ray.cluster import actor_device, init_ray, use_actor_threads
-from ideal_ray.pipelines.extract_common import (
-    MAX_SKIP_FRACTION,
-    SKIPPED_FILE,
-    ShardPlan,
-    check_precision,
-    check_sizes,
-    extraction_params,
-    summary,
-)
+from ideal_ray.config import ConfigError, ExtractConfig, validate_stage
+from ideal_ray.pipelines.extract_common import SKIPPED_FILE, Extraction, ShardPlan
 from ideal_ray.tracking import run_tracker
 
 log = logging.getLogger(__name__)
@@ -61,7 +55,7 @@ class _DecodeSquares:
     def __init__(self, packed_ref, todo_ref, views: str, image_size: int):
         import ray
 
-        self.reader = sources.ByteReader(ray.get(packed_ref))
+        self.reader = ByteReader(ray.get(packed_ref))
         self.todo = ray.get(todo_ref)  # (T,) int64 listed indices to encode
         self.views, self.size = views, int(image_size)
         self.sides = crops.square_sizes(views, image_size)
@@ -74,10 +68,10 @@ class _DecodeSquares:
         error = np.full(n, "", dtype=object)
         for j, i in enumerate(index.tolist()):
             try:
-                for k, sq in enumerate(crops.make_squares(sources.load_rgb(self.reader, i), self.views, self.size)):
+                for k, sq in enumerate(crops.make_squares(load_rgb(self.reader, i), self.views, self.size)):
                     squares[k][j] = sq
-            except sources.DECODE_ERRORS as e:
-                ok[j], error[j] = False, sources.skip_reason(e)
+            except DECODE_ERRORS as e:
+                ok[j], error[j] = False, skip_reason(e)
         out = {"index": index, "ok": ok, "error": error}
         out.update({f"square{k}": sq for k, sq in enumerate(squares)})
         return out
@@ -111,7 +105,7 @@ def _resources(device: str, decode_actors: int | None, num_encoders: int | None)
     explicit = num_encoders is not None
     device, num_encoders, gpus, cpus = actor_device(device, num_encoders)
     if device == "cuda" and explicit and num_encoders > gpus:
-        raise ValueError(f"num_encoders={num_encoders} needs one GPU each, the cluster has {gpus}.")
+        raise ValueError(f"run.num_actors={num_encoders} needs one GPU each, the cluster has {gpus}.")
     if decode_actors is None:
         encoder_cpus = num_encoders if device == "cpu" else 0
         decode_actors = max(1, cpus - encoder_cpus - 1)
@@ -197,81 +191,41 @@ class _ShardCollector:
         return sorted(self.parts)
 
 
-def extract_tokens_ray(
-    tokenizer_ckpt: str,
-    data_root: str,
-    out_dir: str,
-    views: str = "llamagen",
-    image_size: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    *,
-    split: str = "train",
-    class_index: str = "",
-    fmt: str = "auto",
-    labels_file: str = "",
-    shard_images: int = 4096,
-    row_group_images: int = 4,
-    precision: str | None = None,
-    num_encoders: int | None = None,
-    decode_actors: int | None = None,
-    decode_batch: int = 8,
-    verify: bool = True,
-    max_shards: int | None = None,
-    max_skip_fraction: float = MAX_SKIP_FRACTION,
-    tracking_uri: str | None = None,
-    experiment: str = "extract",
-    run_name: str | None = None,
-) -> dict:
-    """Encode every ``split`` image's views into token shards under ``out_dir`` on the current (or a new local) Ray
-    cluster. Arguments as :func:`~ideal_ray.pipelines.extract_local.extract_tokens_local`, plus:
+def extract_tokens_ray(cfg: ExtractConfig, *, experiment: str = "extract", run_name: str | None = None) -> dict:
+    """Encode every ``data.split`` image's views into token shards under ``cfg.out`` on the current (or a new local)
+    Ray cluster (``cfg``: :class:`~ideal_ray.config.ExtractConfig`; ``run.in_process`` is not consulted). Settings as
+    :func:`~ideal_ray.pipelines.extract_local.extract_tokens_local`, plus:
 
-    ``device``: ``auto`` (GPUs when the cluster has them), ``cuda`` or ``cpu``; ``batch_size``: views per encoder
-    forward (default 512 on GPU, 64 on CPU); ``precision``: default ``bf16`` on GPU, ``fp32`` on CPU;
-    ``num_encoders``: encoder actors (default: every GPU, or 1 on CPU); ``decode_actors``: the decode pool's upper
-    bound (default: the cluster's CPUs minus one and the CPU encoders); ``decode_batch``: images per decode task;
-    ``max_shards``: stop after writing that many shards (a rerun continues); ``max_skip_fraction``: a shard with more
-    unreadable images than this (and more than 10) stops the run unwritten; ``tracking_uri``: MLflow store for the
-    run's params, metrics and ``skipped.tsv`` artifact (default ``$MLFLOW_TRACKING_URI`` or ``<out_dir>/mlflow.db``;
-    ``""`` disables tracking). Returns the summary (``images_per_s``, ``skipped``, ``duplicates_dropped`` ...).
+    ``run.device``: ``auto`` (GPUs when the cluster has them), ``cuda`` or ``cpu``; ``run.num_actors``: encoder
+    actors (default: every GPU, or 1 on CPU); ``run.decode_actors``: the decode pool's upper bound (default: the
+    cluster's CPUs minus one and the CPU encoders); ``decode_batch``: images per decode task; ``tracking_uri``: MLflow
+    store for the run's params, metrics and ``skipped.tsv`` artifact (None: ``$MLFLOW_TRACKING_URI`` or
+    ``<out>/mlflow.db``; ``""`` disables tracking), the run ``run_name`` (default ``extract-<out folder name>``) in
+    ``experiment``. A config with a wrong or missing value is refused first (:class:`~ideal_ray.config.ConfigError`).
+    Returns the summary (``images_per_s``, ``skipped``, ``duplicates_dropped`` ...).
     """
+    validate_stage(cfg)
+    if cfg.run.device not in DEVICES:
+        raise ConfigError(f"run.device={cfg.run.device} is not a device of a Ray run; use one of "
+                          f"{', '.join(DEVICES)} (a Ray run places its encoders itself), or run.in_process=true "
+                          f"for one process on {cfg.run.device}.")
     import ray
 
-    from ideal_ray.checkpoint import load_tokenizer
+    ex = Extraction(cfg, tokenizer_device="cpu")  # the manifest's grid/vocab; actors load their own copy
+    init_ray((cfg.run.decode_actors or 1) + (cfg.run.num_actors or 1) + 1)  # decode pool + encoders + Ray Data's
+    device, num_encoders, decode_actors = _resources(cfg.run.device, cfg.run.decode_actors, cfg.run.num_actors)
+    params = ex.settle(gpu=device == "cuda")
+    ex.tok = None
+    batch_size, precision, listing = ex.batch_size, ex.precision, ex.listing
 
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}.")
-    crops.check_views(views)
-    if decode_batch < 1:
-        raise ValueError(f"decode_batch={decode_batch} must be at least 1 (images per decode task).")
-    for name, v in (("num_encoders", num_encoders), ("decode_actors", decode_actors)):
-        if v is not None and v < 1:
-            raise ValueError(f"{name}={v} must be at least 1.")
-    t0 = time.perf_counter()
-    tokenizer_ckpt = os.path.abspath(os.path.expanduser(tokenizer_ckpt))
-    listing = sources.list_images(data_root, split=split, class_index=class_index, fmt=fmt, labels_file=labels_file)
-    tok = load_tokenizer(tokenizer_ckpt, device="cpu")  # the manifest's grid/vocab; actors load their own copy
-    size = int(image_size) if image_size is not None else int(tok.cfg.image_size)
-
-    init_ray((decode_actors or 1) + (num_encoders or 1) + 1)  # decode pool + encoders + Ray Data's own tasks
-    device, num_encoders, decode_actors = _resources(device, decode_actors, num_encoders)
-    gpu = device == "cuda"
-    batch_size = int(batch_size if batch_size is not None else (512 if gpu else 64))
-    precision = check_precision(precision if precision is not None else ("bf16" if gpu else "fp32"))
-    check_sizes(batch_size, shard_images, row_group_images)
-    params = extraction_params(tokenizer_ckpt, tok, listing, views, size, split, shard_images, row_group_images,
-                               precision)
-    del tok
-    extra = {"tokenizer_path": tokenizer_ckpt, "data_root": listing.root, "format_in": listing.fmt}
-
-    with ShardPlan(out_dir, params, len(listing), extra, max_skip_fraction) as plan:
-        shards = plan.todo if max_shards is None else plan.todo[:max(0, int(max_shards))]
-        tracker = run_tracker(tracking_uri, plan.out_dir, experiment,
+    with ex.plan() as plan:
+        shards = ex.shards(plan)
+        tracker = run_tracker(cfg.tracking_uri, plan.out_dir, experiment,
                               run_name or f"extract-{os.path.basename(plan.out_dir)}")
         try:
             tracker.log_params(dict(params, device=device, num_encoders=num_encoders, decode_actors=decode_actors,
                                     batch_size=batch_size, data_root=listing.root, out_dir=plan.out_dir,
-                                    format_in=listing.fmt, tokenizer_path=tokenizer_ckpt))
+                                    format_in=listing.fmt, tokenizer_path=ex.tokenizer_path))
             collector = _ShardCollector(plan, listing, shards)
             todo = np.concatenate([np.arange(*plan.images(k)) for k in shards]) if shards else np.zeros(0, np.int64)
             log.info("extracting %d images in %d shards (%d kept) on %s: %d encoder actor(s), up to %d decode "
@@ -280,8 +234,8 @@ def extract_tokens_ray(
             t_run = time.perf_counter()
             if len(todo):
                 ds = build_dataset(ray.put(listing.pack()), ray.put(todo.astype(np.int64)), len(todo),
-                                   tokenizer_ckpt, views, size, device, precision, batch_size, num_encoders,
-                                   decode_actors, decode_batch)
+                                   ex.tokenizer_path, cfg.views, ex.size, device, precision, batch_size, num_encoders,
+                                   decode_actors, cfg.decode_batch)
                 from ideal_ray.console import progress
 
                 bar = progress(len(todo), "extract", "img")
@@ -294,11 +248,8 @@ def extract_tokens_ray(
                                    f"redo them (finished shards are kept).")
             written = int(sum(e["images"] for e in collector.written))
             run_seconds = time.perf_counter() - t_run
-            if len(shards) < len(plan.todo):
-                plan.todo = shards
-                result = summary(plan, t0, written, None, stopped_early=True)
-            else:
-                result = summary(plan, t0, written, plan.finish(verify))
+            result = ex.result(plan, shards, written)
+            if not result.get("stopped_early"):
                 tracker.log_artifact(os.path.join(plan.out_dir, SKIPPED_FILE))
             result.update(duplicates_dropped=collector.duplicates, device=device, num_encoders=num_encoders,
                           pipeline_seconds=round(run_seconds, 3),

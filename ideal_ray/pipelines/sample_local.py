@@ -1,16 +1,18 @@
 """In-process class-conditional sampling: GPT tokens -> tokenizer decode -> ADM ``samples.npz`` + a PNG grid.
 
-One device, no Ray (issue 6 adds the actor-pool version writing the same files). Why it is shaped this way:
+One device, no Ray (``sample_ray`` is the actor-pool version writing the same files); the settings are a
+``SampleJobConfig`` (``ideal_ray.config``). Why it is shaped this way:
 
-- **Per-sample seeds.** Sample ``i`` of class ``c`` uses ``sample_seed(cfg.seed, c, per_class, i)``, independent of
-  which other classes or batches are in the run, so a (class, seed) pair gives the same image whether the run
-  covers all classes or a subset (the sampler's noise is a counter hash of the seed, see ``ideal_ray.sampling``).
+- **Per-sample seeds.** Sample ``i`` of class ``c`` uses ``sample_seed(cfg.sample.seed, c, per_class, i)``,
+  independent of which other classes or batches are in the run, so a (class, seed) pair gives the same image whether
+  the run covers all classes or a subset (the sampler's noise is a counter hash of the seed, see
+  ``ideal_ray.sampling``).
 - **One Sampler for the whole run.** Its KV cache (and on GPU its CUDA-graphed decode step) is built
-  once; every batch of ``sample_cfg.batch_size`` reuses it (the last, smaller batch is padded internally).
+  once; every batch of ``cfg.sample.batch_size`` reuses it (the last, smaller batch is padded internally).
 - **ADM format.** ``samples.npz`` holds ``arr_0`` uint8 (N, H, W, 3) -- what the ADM evaluation suite reads --
   and ``labels`` int64 (N,), in class order then sample order.
 - **Never overwrite.** Both files are written to a temporary name and hard-linked into place, which fails if a
-  file of that name appeared meanwhile; an out_dir that already holds either file is refused before any work.
+  file of that name appeared meanwhile; an ``out`` that already holds either file is refused before any work.
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ideal_ray.config import SampleConfig
+from ideal_ray.config import SampleJobConfig, validate_stage
 from ideal_ray.io import atomic_path
 
-__all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image", "SAMPLES_FILE", "GRID_FILE",
-           "EXPERIMENT", "GRID_COLUMNS"]
+__all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image", "resolve_device", "tracking_store",
+           "SAMPLES_FILE", "GRID_FILE", "EXPERIMENT", "GRID_COLUMNS"]
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -113,34 +115,54 @@ def _gpt_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, classes: Optional[Sequence[int]],
-                  out_dir: str, device: str = "cpu", log: Callable[[str], None] = print,
-                  tracking_uri: Optional[str] = None, precision: str = "auto",
+def resolve_device(device: str) -> str:
+    """An in-process run's device (``run.device``): ``auto`` is cuda when this process has a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def tracking_store(tracking_uri: Optional[str], out_dir: str) -> Optional[str]:
+    """The MLflow store of a sampling run (``SampleJobConfig.tracking_uri``): "" = none (no MLflow), None = the
+    default store (``$MLFLOW_TRACKING_URI`` or ``<out>/mlflow.db``), anything else is the store."""
+    if tracking_uri == "":
+        return None
+    if tracking_uri is None:
+        from ideal_ray.tracking import default_tracking_uri
+
+        return default_tracking_uri(out_dir)
+    return tracking_uri
+
+
+def sample_images(cfg: SampleJobConfig, log: Callable[[str], None] = print,
                   compile: Optional[bool] = None) -> Dict[str, Any]:
-    """Sample ``per_class`` images for each class (None = all) and write ``samples.npz`` + ``grid.png``.
+    """Sample ``cfg.sample.per_class`` images of each of ``cfg.classes`` (empty = every class of the GPT) in this
+    process on ``cfg.run.device`` (auto = cuda when this process has a GPU, else cpu) and write ``samples.npz`` +
+    ``grid.png`` to ``cfg.out``.
 
     Returns a summary dict: paths, counts, seconds (total, sampling, decoding), images_per_s (all images over
     the whole loop, compile/capture of the first batch included), images_per_s_steady (batches after the first)
-    and the MLflow run id when ``tracking_uri`` is given (experiment "ideal-sample": sample settings as params,
-    speed as metrics, the grid as an artifact). ``precision``: the GPT's dtype (auto = bf16 on CUDA, fp32 else).
+    and the MLflow run id when tracking (``cfg.tracking_uri``: "" = off, None = ``$MLFLOW_TRACKING_URI`` or
+    ``<out>/mlflow.db``; experiment "ideal-sample": sample settings as params, speed as metrics, the grid as an
+    artifact). ``cfg.run.precision``: the GPT's dtype (auto = bf16 on CUDA, fp32 else). ``compile``: the
+    Sampler's torch.compile of its decode step (None = its default).
     """
     from ideal_ray.checkpoint import GPT, TOKENIZER, check_models, load_gpt, load_tokenizer
-    from ideal_ray.sampling import Sampler, decode_to_uint8, validate_sample_config
+    from ideal_ray.sampling import Sampler, decode_to_uint8
 
-    validate_sample_config(sample_cfg)
-    if sample_cfg.per_class < 1 or sample_cfg.batch_size < 1 or sample_cfg.out_size < 1:
-        raise ValueError(f"per_class ({sample_cfg.per_class}), batch_size ({sample_cfg.batch_size}) and out_size "
-                         f"({sample_cfg.out_size}) must all be at least 1.")
+    validate_stage(cfg)  # the sampling settings (per_class, batch_size, out_size >= 1 ...), classes, run, paths
+    sample_cfg, out_dir, gpt_path, tokenizer_path = cfg.sample, cfg.out, cfg.gpt, cfg.tokenizer
+    classes = list(cfg.classes) or None
     npz_path = os.path.join(out_dir, SAMPLES_FILE)
     grid_path = os.path.join(out_dir, GRID_FILE)
     for p in (npz_path, grid_path):
         if os.path.exists(p):
             raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
-    dev = torch.device(device)
+    dev = torch.device(resolve_device(cfg.run.device))
     models = check_models(gpt_path, tokenizer_path, classes)  # the pair fits, before any weights are read
     cls_list = _resolve_classes(classes, models[GPT].num_classes)
     gpt = load_gpt(gpt_path, device="cpu", grid=models[TOKENIZER].grid)
-    gpt = gpt.to(device=dev, dtype=_gpt_dtype(precision, dev)).eval()
+    gpt = gpt.to(device=dev, dtype=_gpt_dtype(cfg.run.precision, dev)).eval()
     tok = load_tokenizer(tokenizer_path, device=str(dev))
     labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
     n, s = len(labels), sample_cfg.out_size
@@ -191,6 +213,7 @@ def sample_images(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig, 
         "images_per_s_steady": round(rest / (total - first), 4) if rest and total > first else None,
         "mlflow_run_id": None,
     }
+    tracking_uri = tracking_store(cfg.tracking_uri, out_dir)
     if tracking_uri is not None:
         from ideal_ray.tracking import Tracker
 

@@ -1,11 +1,11 @@
 """Class-conditional sampling over every GPU of a Ray cluster: a Ray Data actor pool of samplers.
 
-Same outputs as :func:`~ideal_ray.pipelines.sample_local.sample_images` (``samples.npz`` in ADM format and
-``grid.png``), byte for byte on the same device type: sample ``i`` of class ``c`` uses the same per-sample seed
-whichever actor draws it (the sampler's noise is a counter hash of the seed), so the set does not depend on how many
-GPUs share the work.
+Same settings (a ``SampleJobConfig``) and outputs as :func:`~ideal_ray.pipelines.sample_local.sample_images`
+(``samples.npz`` in ADM format and ``grid.png``), byte for byte on the same device type: sample ``i`` of class ``c``
+uses the same per-sample seed whichever actor draws it (the sampler's noise is a counter hash of the seed), so the
+set does not depend on how many GPUs share the work.
 
-    range(N) -> map_batches(_SampleBatch)  one actor per GPU (num_gpus=1; on CPU ``num_samplers`` actors): GPT +
+    range(N) -> map_batches(_SampleBatch)  one actor per GPU (num_gpus=1; on CPU ``run.num_actors`` actors): GPT +
                                            Sampler (static KV cache, CUDA graph) + tokenizer decoder, built once
                                            per actor; rows (index) -> (index, image uint8 (S, S, 3))
              -> driver                     places each image at its index; writes the npz and the grid atomically
@@ -18,17 +18,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict
 
 import numpy as np
 
-from ideal_ray.config import SampleConfig
+from ideal_ray.config import SampleConfig, SampleJobConfig, validate_stage
 from ideal_ray.pipelines.sample_local import (
     EXPERIMENT,
     GRID_FILE,
     SAMPLES_FILE,
     _resolve_classes,
     plan_samples,
+    tracking_store,
     write_samples,
 )
 
@@ -64,34 +65,31 @@ class _SampleBatch:
         return {"index": index, "image": images.cpu().numpy()}
 
 
-def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConfig,
-                      classes: Optional[Sequence[int]], out_dir: str, device: str = "auto",
-                      num_samplers: Optional[int] = None, precision: str = "auto",
-                      tracking_uri: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Sample ``per_class`` images of each class (None = all) on a Ray actor pool; write ``samples.npz`` + grid.
+def sample_images_ray(cfg: SampleJobConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Sample ``cfg.sample.per_class`` images of each of ``cfg.classes`` (empty = every class of the GPT) on a Ray
+    actor pool; write ``samples.npz`` + ``grid.png`` to ``cfg.out``.
 
-    ``device``: ``auto`` (GPUs when the cluster has them), ``cuda`` or ``cpu``; ``num_samplers``: actors (default
-    every GPU, or 1 on CPU). Returns the summary of the in-process version plus ``num_samplers``.
+    ``cfg.run.device``: ``auto`` (GPUs when the cluster has them), ``cuda`` or ``cpu``; ``cfg.run.num_actors``: the
+    sampler actors (default every GPU, or 1 on CPU); ``cfg.run.precision``: the GPT's dtype (auto = bf16 on CUDA);
+    ``cfg.tracking_uri``: "" = no MLflow, None = ``$MLFLOW_TRACKING_URI`` or ``<out>/mlflow.db``. Returns the
+    summary of the in-process version plus ``num_samplers``.
     """
     import ray
 
     from ideal_ray.checkpoint import GPT, TOKENIZER, check_models
     from ideal_ray.cluster import actor_cpus, actor_device, init_ray
-    from ideal_ray.sampling import validate_sample_config
 
-    validate_sample_config(sample_cfg)
-    if sample_cfg.per_class < 1 or sample_cfg.batch_size < 1 or sample_cfg.out_size < 1:
-        raise ValueError(f"per_class ({sample_cfg.per_class}), batch_size ({sample_cfg.batch_size}) and out_size "
-                         f"({sample_cfg.out_size}) must all be at least 1.")
+    validate_stage(cfg)  # the sampling settings (per_class, batch_size, out_size >= 1 ...), classes, run, paths
+    sample_cfg, out_dir, device, num_samplers = cfg.sample, cfg.out, cfg.run.device, cfg.run.num_actors
+    precision, classes = cfg.run.precision, list(cfg.classes) or None
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not one of auto, cpu, cuda.")
-    if num_samplers is not None and num_samplers < 1:
-        raise ValueError(f"num_samplers={num_samplers} must be at least 1.")
+        raise ValueError(f"run.device={device} is not one of auto, cpu, cuda (a Ray pool; cuda:N runs in one "
+                         f"process: run.in_process=true).")
     npz_path, grid_path = os.path.join(out_dir, SAMPLES_FILE), os.path.join(out_dir, GRID_FILE)
     for p in (npz_path, grid_path):
         if os.path.exists(p):
             raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
-    gpt_path, tokenizer_path = os.path.abspath(gpt_path), os.path.abspath(tokenizer_path)
+    gpt_path, tokenizer_path = os.path.abspath(cfg.gpt), os.path.abspath(cfg.tokenizer)
     models = check_models(gpt_path, tokenizer_path, classes)  # on the driver, before any actor starts
     cls_list = _resolve_classes(classes, models[GPT].num_classes)
     labels, seeds = plan_samples(cls_list, sample_cfg.per_class, sample_cfg.seed)
@@ -135,6 +133,7 @@ def sample_images_ray(gpt_path: str, tokenizer_path: str, sample_cfg: SampleConf
         "batch_size": int(bs), "device": device, "num_samplers": num_samplers, "seconds": round(total, 4),
         "images_per_s": round(n / total, 4) if total > 0 else float("inf"), "mlflow_run_id": None,
     }
+    tracking_uri = tracking_store(cfg.tracking_uri, out_dir)
     if tracking_uri is not None:
         from ideal_ray.tracking import Tracker
 

@@ -36,7 +36,8 @@ from ideal_ray.io import changed_keys, settings_changed
 from ideal_ray.data.skipped import UnreadableDataError
 from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
 
-CONFIG_FILE = "ideal_config.json"
+RUN_RECORD_FILE = "ideal_config.json"  # the run folder's record of its config and runner (a checkpoint's own
+# stage config is train.loop.CONFIG_FILE)
 # The run record also says where the run's checkpoints live: Ray Train's checkpoint index, or LocalSession's
 # numbered folders. Neither reads the other's, so a run resumes only the way it started.
 RUNNER_KEY = "runner"
@@ -96,7 +97,7 @@ def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bo
     import pyarrow.fs
 
     fs, path = _fs(run_uri(cfg))
-    cfg_path = path.rstrip("/") + "/" + CONFIG_FILE
+    cfg_path = path.rstrip("/") + "/" + RUN_RECORD_FILE
     new = {**cfg.flat(), RUNNER_KEY: runner}
     if fs.get_file_info(cfg_path).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(cfg_path) as f:
@@ -107,7 +108,7 @@ def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bo
             raise ConfigError(f"Run '{cfg.name}' in {storage_uri(cfg)} was trained {was} and resumes only that "
                               f"way; rerun it {was}, or choose a new name.")
         changed = changed_keys(old, {k: new[k] for k in cfg.flat()}, ignore=RESUMABLE_CHANGES,
-                               same=lambda a, b: _norm(a) == _norm(b))
+                               same=lambda a, b: _norm(a) == _norm(b), defaults=type(cfg)().flat())
         if changed:
             raise settings_changed(f"Run '{cfg.name}'", storage_uri(cfg), changed,
                                    "choose a new name or restore those values to resume it.")
@@ -126,22 +127,24 @@ def _norm(v):
 
 # -------------------------------------------------------------------------------------------- the stage
 def prepare_data(cfg: TokenizerTrainConfig):
-    """List the training images (clear errors before any worker starts). When ``data.root`` holds no ``train`` folder
-    yet, make the synthetic set there only where asked: the tiny preset's own root (``data/synthetic``, the demo's) or
-    ``data.make_synthetic=true``; any other missing root is refused (a typo must not train on invented data)."""
+    """The training images' :class:`~ideal_ray.data.sources.Listing`, as extraction lists them (``data.format``, with
+    ``data.labels_file`` for a flat folder; clear errors before any worker starts). When ``data.root`` holds no
+    training split yet, make the synthetic set there only where asked: the tiny preset's own root
+    (``data/synthetic``, the demo's) or ``data.make_synthetic=true``; any other missing root is refused (a typo must
+    not train on invented data)."""
     from ideal_ray.config import check_data_root
-    from ideal_ray.data.ray_pipeline import list_training_images
+    from ideal_ray.data.ray_pipeline import training_listing
     from ideal_ray.data.synthetic import make_synthetic_imagenet
 
     d = cfg.data
     if not check_data_root(cfg):
         make_synthetic_imagenet(d.root, num_classes=d.synthetic_classes, train_per_class=d.synthetic_train_per_class,
                                 val_per_class=d.synthetic_val_per_class, size=d.synthetic_size, seed=cfg.optim.seed)
-    paths, labels = list_training_images(cfg.data.root, "train", cfg.data.class_index)
-    if len(paths) < cfg.data.global_batch:
-        raise ConfigError(f"data.root {cfg.data.root} has {len(paths)} training images, fewer than one global batch "
-                          f"of {cfg.data.global_batch}.")
-    return paths, labels
+    listing = training_listing(d, "train")
+    if len(listing) < d.global_batch:
+        raise ConfigError(f"data.root {d.root} has {len(listing)} training images, fewer than one global batch "
+                          f"of {d.global_batch}.")
+    return listing
 
 
 def vfm_actors_total(cfg) -> int:
@@ -336,7 +339,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
 
     On Ray Train by default; ``in_process=True`` runs the same stage in this process, as the one rank of a 1-worker
     run (``dist.num_workers`` is taken as 1), on the engine of ``dist.engine`` (``torch`` is the quick CPU option)."""
-    from ideal_ray.data.ray_pipeline import local_batches, put_images, rank_dataset, schedule_info
+    from ideal_ray.data.augment import schedule_info
+    from ideal_ray.data.ray_pipeline import local_batches, put_listing, rank_dataset
     from ideal_ray.data.skipped import SkipLedger, remote_ledger
     from ideal_ray.train.tokenizer_stage import train_loop_per_worker, vfm_stage
 
@@ -347,24 +351,25 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     if in_process and vfm is not None:
         raise ConfigError(f"dist.vfm_placement={cfg.dist.vfm_placement} runs the VFM in Ray Data actors, which an "
                           f"in-process run does not have; set dist.vfm_placement=trainer (the same math).")
-    paths, labels = prepare_data(cfg)
-    steps_per_epoch = schedule_info(len(paths), cfg.data.global_batch)
+    listing = prepare_data(cfg)
+    steps_per_epoch = schedule_info(len(listing), cfg.data.global_batch)
     total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
-    log(f"[ideal-ray] tokenizer: {len(paths)} images, {steps_per_epoch} steps/epoch, VFM in the "
+    log(f"[ideal-ray] tokenizer: {len(listing)} images ({listing.fmt}), {steps_per_epoch} steps/epoch, VFM in the "
         + ("trainers" if vfm is None else f"data pipeline ({vfm.num_actors} actor(s) per rank, "
            f"{'bf16' if vfm.bf16 else 'fp32'} features)"))
 
     if in_process:
         rank_data = None
         skips = SkipLedger()  # the run's list of unreadable files
+        packed = listing.pack()  # the one packing, as a Ray run puts it into the object store
 
         def local(start: int):  # the batches of rank 0 of a 1-worker Ray run, made here
             return local_batches(cfg.data, 1, 0, start, max(total_steps - start, 0), cfg.optim.seed,
-                                 images=(paths, labels), skips=skips)
+                                 images=packed, skips=skips)
     else:
         local = None
         init_ray(cfg)
-        images = put_images(paths, labels)  # listed once; every rank's decode actors read it from the object store
+        images = put_listing(listing)  # listed once; every rank's decode actors read it from the object store
         skips = remote_ledger()  # ... and report unreadable files to this actor, which outlives worker restarts
 
         def rank_data(rank: int, start: int):
@@ -379,12 +384,12 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     except Exception as e:
         stopped = None
         with contextlib.suppress(Exception):  # a ledger gone with its cluster has nothing to add to the error
-            skipped_path, _, stopped = report_skipped(cfg, paths, skips, write_empty=False)
+            skipped_path, _, stopped = report_skipped(cfg, listing, skips, write_empty=False)
         if stopped:  # the data pipeline's own sentence, however Ray wrapped the error on its way here
             log(f"[ideal-ray] the unreadable files met are listed in {skipped_path}")
             raise UnreadableDataError(stopped) from e
         raise
-    skipped_path, skipped, _ = report_skipped(cfg, paths, skips)
+    skipped_path, skipped, _ = report_skipped(cfg, listing, skips)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
     metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path},
@@ -395,23 +400,23 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
     return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "steps": final_step,
             "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics,
-            "images": len(paths) - len(skipped), "skipped_files": len(skipped), "skipped_file": skipped_path}
+            "images": len(listing) - len(skipped), "skipped_files": len(skipped), "skipped_file": skipped_path}
 
 
-def report_skipped(cfg: TokenizerTrainConfig, paths, skips, write_empty: bool = True) -> tuple:
+def report_skipped(cfg: TokenizerTrainConfig, listing, skips, write_empty: bool = True) -> tuple:
     """Write the run's ``skipped.tsv`` (``<output_dir>/<name>/``, the columns of extraction's) from the decode actors'
-    ledger ``skips``, merged with the list an earlier, resumed attempt of the run wrote (an empty list is written
-    only with ``write_empty``). Returns (its path, its entries ``[{"image_id", "error"}]``, the sentence that stopped
-    the run or None). Ids are paths relative to ``data.root``, as extraction names them."""
+    ledger ``skips`` (indices into ``listing``), merged with the list an earlier, resumed attempt of the run wrote (an
+    empty list is written only with ``write_empty``). Returns (its path, its entries ``[{"image_id", "error"}]``, the
+    sentence that stopped the run or None). Ids are the listing's, as extraction names them (a file's path relative
+    to ``data.root``; a Parquet row's or WebDataset sample's id)."""
     from ideal_ray.data.skipped import SKIPPED_FILE, ledger_call, read_skipped, write_skipped
 
     folder = os.path.join(os.path.abspath(cfg.output_dir), cfg.name)
     path = os.path.join(folder, SKIPPED_FILE)
-    root = os.path.abspath(cfg.data.root)
     found = ledger_call(skips, "items")
     entries = {x["image_id"]: x for x in read_skipped(path)}  # an earlier attempt's (the run resumed)
-    for i in sorted(found, key=lambda i: paths[i]):
-        image_id = os.path.relpath(paths[i], root)
+    for i in sorted(found, key=lambda i: listing.ids[i]):
+        image_id = listing.ids[i]
         entries.setdefault(image_id, {"image_id": image_id, "error": found[i]})
     if entries or write_empty:
         os.makedirs(folder, exist_ok=True)

@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ideal_ray.config import TokenizerTrainConfig, from_dict
-from ideal_ray.data.ray_pipeline import VFMStage, to_model_input, torch_dtypes, trunk_features_from_batch
+from ideal_ray.data.augment import to_model_input
+from ideal_ray.data.ray_pipeline import VFMStage, torch_dtypes, trunk_features_from_batch
 from ideal_ray.data.transforms import make_grid_png
 from ideal_ray.train import levers
 from ideal_ray.train.engines import build_engine

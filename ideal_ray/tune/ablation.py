@@ -1,21 +1,17 @@
 """The paper's ablations (Table 1's layer study, Table 7's fusion / shallow-alignment / backbone) as Ray Tune sweeps.
 
-One sweep = one ``Tuner`` at ``<storage_path>/<name>`` over ablation variants of a base preset (``config.ABLATIONS``)::
+One sweep = one ``Tuner`` at ``<storage_path>/<name>`` over ablation variants (``config.ABLATIONS``) of a base training
+preset, its settings an ``AblationSweepConfig`` (``ideal_ray.config``; ``jobs/sweep_ablation.py`` builds it)::
 
     driver       validate every variant's config, its pretrained files and the data (nothing starts on a bad one)
                  -> MLflow parent run -> Tuner (grid: every variant to the full budget; asha: ASHAScheduler on a
                  training metric) with one child run per trial (``common.mlflow_callback``)
-    trial        a Tune function trainable (1 CPU): ``train_tokenizer`` (Ray Train + DeepSpeed, its own run
-                 ``<name>.<variant>`` under ``<sweep>/train``) runs in a thread while this thread forwards each
-                 logged training step (``train_<key>`` + ``step``) from the run's MLflow history to Tune, so ASHA
-                 can stop it early; a trial that finishes training evaluates its export with ``evaluate_recon`` on
-                 the val split (``<sweep>/eval/<variant>``) and reports rFID, rIS (when the Inception weights have
-                 logits), PSNR, SSIM, usage, entropy (+ linear-probe top-1 for single-layer variants) as its final
-                 result.
+    trial        ``ablation_trial.run_trial``, a Tune function trainable (1 CPU): trains the variant with
+                 ``train_tokenizer``, forwarding every logged training step to Tune (so ASHA can stop it early),
+                 then evaluates its export with ``evaluate_recon`` and reports that as its final result.
 
-The training loop reports to Ray Train only at checkpoints, and ``run_stage`` builds its ``TorchTrainer`` without
-callbacks, so Ray's ``TuneReportCallback`` would see checkpoint steps only; the run's MLflow history holds every
-logged step, and reading it back is what forwards them.
+This module holds the plan (:class:`AblationPlan`, :func:`plan_sweep`), the resource arithmetic (:func:`trial_cpus`,
+:func:`trial_gpus`, :func:`concurrency`) and the driver (:func:`sweep_ablation`, :func:`format_table`).
 
 Resources: in Ray Train V2 a trial's ``TorchTrainer`` schedules its own placement group outside the trial's
 resources, so Tune cannot count them; the sweep caps ``max_concurrent_trials`` at what the cluster holds for whole
@@ -30,33 +26,20 @@ their latest Ray Train checkpoint, and an evaluation already written is read bac
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ideal_ray.config import ABLATIONS, ConfigError, TokenizerTrainConfig, load_config
+from ideal_ray.config import (ABLATIONS, STUDIES, AblationSweepConfig, ConfigError, TokenizerTrainConfig, load_config,
+                              validate_stage)
 from ideal_ray.io import record_settings
+from ideal_ray.tune.ablation_trial import TRAIN_PREFIX, run_trial
 
 EXPERIMENT = "ideal-ablation"  # MLflow experiment of the sweeps' parent and child runs
-TRAIN_EXPERIMENT = "ideal-tokenizer"  # where train_tokenizer logs each trial's training run
-TRAIN_PREFIX = "train_"  # forwarded training metrics; unprefixed names are the evaluation's
-STEP_KEY = "samples_per_s"  # the loop logs it at every log step, in the same batch as every other metric
-POLL_S = 5.0  # seconds between reads of a trial's training history
 LAYER_PROBE_TRAIN_IMAGES = 10000  # linear-probe training images for single-layer variants (capped by the split)
 SWEEP_FILE = "sweep.json"
 
-STUDIES: Dict[str, Tuple[str, ...]] = {
-    "fusion": ("fusion-attention", "fusion-linear", "fusion-none"),  # Table 7a
-    "shallow-align": ("shallow-align-on", "shallow-align-off"),  # Table 7b
-    "backbone": ("backbone-siglip2", "backbone-dinov2", "backbone-dinov3"),  # Table 7c
-    "layer": tuple(f"layer-{n}" for n in (8, 12, 16, 20, 24)),  # Table 1
-}
 PAPER_SCALE_STUDIES = ("backbone", "layer")  # they name 24-block paper-scale networks
-SCHEDULERS = ("grid", "asha")
 # config fields holding paths: made absolute by the driver, since Tune runs each trial in its own folder
 _PATH_FIELDS = ("data.root", "data.class_index", "model.vfm.weights_path", "discriminator.weights_path",
                 "loss.lpips_weights_path")
@@ -64,15 +47,17 @@ _PATH_FIELDS = ("data.root", "data.class_index", "model.vfm.weights_path", "disc
 
 @dataclass(frozen=True)
 class AblationPlan:
-    """A validated sweep: what every trial trains and how it is evaluated (recorded in ``<sweep>/sweep.json``)."""
+    """A validated sweep (:func:`plan_sweep` of an ``AblationSweepConfig``): what every trial trains and how it is
+    evaluated (recorded in ``<sweep>/sweep.json``; the keys keep their names, so sweeps made before the config
+    resume)."""
 
     name: str
     path: str  # the Tuner's experiment folder
     base_preset: str
     study: str
     variants: Tuple[str, ...]
-    overrides: Tuple[str, ...]  # the user's
-    path_overrides: Tuple[str, ...]  # the user's relative paths made absolute (trials run in their own folders)
+    overrides: Tuple[str, ...]  # cfg.train_overrides (the CLI's train.a.b=c)
+    path_overrides: Tuple[str, ...]  # their relative paths made absolute (trials run in their own folders)
     steps: int  # 0: the preset's schedule
     scheduler: str
     asha_metric: str
@@ -117,26 +102,10 @@ class AblationPlan:
 
 
 # ----------------------------------------------------------------------------------------------- planning
-def study_variants(study: str, variants: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
-    """The variants of a named study, or the ``custom`` list (each ``v`` or ``v1+v2`` of ``config.ABLATIONS``)."""
-    if study == "custom":
-        chosen = tuple(variants or ())
-        if not chosen:
-            raise ConfigError("study 'custom' needs variants, e.g. ['fusion-linear', 'shallow-align-off'].")
-        if len(set(chosen)) != len(chosen):
-            raise ConfigError(f"custom variants {list(chosen)} name one variant twice; list each once.")
-        for v in chosen:
-            for part in v.split("+"):
-                if part not in ABLATIONS:
-                    raise ConfigError(f"custom variant '{v}' has unknown part '{part}'; choose from "
-                                      f"{sorted(ABLATIONS)}.")
-        return chosen
-    if study not in STUDIES:
-        raise ConfigError(f"Unknown ablation study '{study}'; choose one of {sorted(STUDIES) + ['custom']}.")
-    if variants:
-        raise ConfigError(f"study '{study}' has fixed variants {list(STUDIES[study])}; pass variants only with "
-                          f"study 'custom'.")
-    return STUDIES[study]
+def study_variants(cfg: AblationSweepConfig) -> Tuple[str, ...]:
+    """The sweep's variants: its study's (``config.STUDIES``) or, for study ``custom``, its own ``variants`` (each
+    ``v`` or ``v1+v2`` of ``config.ABLATIONS``; :func:`validate_stage` checked them)."""
+    return tuple(cfg.variants) if cfg.study == "custom" else STUDIES[cfg.study]
 
 
 def _override_keys(overrides: Sequence[str]) -> Dict[str, str]:
@@ -150,8 +119,8 @@ def _check_no_conflict(variants: Sequence[str], overrides: Sequence[str]) -> Non
         for part in v.split("+"):
             for key in _override_keys(ABLATIONS[part]):
                 if key in user:
-                    raise ConfigError(f"Override '{user[key]}' sets {key}, which ablation variant '{part}' varies; "
-                                      f"drop it from the overrides.")
+                    raise ConfigError(f"Training override 'train.{user[key]}' sets {key}, which ablation variant "
+                                      f"'{part}' varies; drop it.")
 
 
 def _absolute_path_overrides(cfg: TokenizerTrainConfig) -> List[str]:
@@ -189,90 +158,72 @@ def required_weights(cfg: TokenizerTrainConfig) -> List[str]:
     return files
 
 
-def plan_sweep(base_preset: str, study: str, name: str, storage_path: str, *, variants: Optional[Sequence[str]] = None,
-               overrides: Sequence[str] = (), steps: Optional[int] = None, scheduler: str = "grid",
-               asha_metric: str = "train_rec_mse", asha_mode: str = "min", grace_period: Optional[int] = None,
-               reduction_factor: int = 3, num_workers_per_trial: int = 1, gpus_per_worker: int = 0,
-               eval_images: Optional[int] = None, eval_batch_size: int = 32, decode_actors: int = 1,
-               probe_train_images: Optional[int] = None, zero_shot: bool = False, inception_weights: str = "",
-               fid_cache_dir: str = "") -> AblationPlan:
-    """Validate a sweep before anything starts: every variant's config, its pretrained files (paper scale), the data,
-    the Inception weights, the scheduler. Raises :class:`ConfigError` (or ``MissingWeightsError``) naming the bad
-    value or file."""
+def plan_sweep(cfg: AblationSweepConfig) -> AblationPlan:
+    """Validate a sweep before anything starts: its settings, every variant's config, its pretrained files (paper
+    scale), the data, the Inception weights, the scheduler. Raises :class:`ConfigError` naming the bad value or
+    file; writes nothing."""
     from ideal_ray.data import sources
     from ideal_ray.eval.inception import resolve_inception_weights
     from ideal_ray.tune.common import sweep_path
     from ideal_ray.weights import MissingWeightsError
 
-    if "+" in base_preset:
-        raise ConfigError(f"base_preset '{base_preset}' already holds a variant; pass the base alone (tiny, paper) "
-                          f"and the variants through the study.")
-    if "://" in storage_path:
-        raise ConfigError(f"storage_path {storage_path} is a URI; ablation sweeps need a folder every node can read "
-                          f"(local disk or NFS), since each trial's evaluation reads its export from there.")
-    chosen = study_variants(study, variants)
+    validate_stage(cfg)
+    base_preset, study, overrides = cfg.train_preset, cfg.study, tuple(cfg.train_overrides)
+    if "://" in cfg.storage_path:
+        raise ConfigError(f"storage_path={cfg.storage_path} is a URI; ablation sweeps need a folder every node can "
+                          f"read (local disk or NFS), since each trial's evaluation reads its export from there.")
+    chosen = study_variants(cfg)
     if base_preset == "tiny" and study in PAPER_SCALE_STUDIES:
         raise ConfigError(f"study '{study}' names 24-block paper-scale networks and cannot run on the tiny preset; "
-                          f"use base_preset 'paper', or study 'custom' with tiny variants such as 'layer-probe'.")
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler '{scheduler}' is unknown; choose one of {SCHEDULERS}.")
-    if gpus_per_worker not in (0, 1):
-        raise ConfigError(f"gpus_per_worker {gpus_per_worker} must be 0 (CPU workers) or 1 (one GPU per worker).")
-    if num_workers_per_trial < 1:
-        raise ConfigError(f"num_workers_per_trial {num_workers_per_trial} must be at least 1.")
-    if steps is not None and steps < 1:
-        raise ConfigError(f"steps {steps} must be at least 1 (or None for the preset's schedule).")
-    if eval_batch_size < 1 or decode_actors < 1:
-        raise ConfigError(f"eval_batch_size {eval_batch_size} and decode_actors {decode_actors} must be at least 1.")
+                          f"use train_preset=paper (--preset paper), or study=custom with tiny variants such as "
+                          f"variants=layer-probe.")
+    if cfg.gpus_per_worker not in (0, 1):
+        raise ConfigError(f"gpus_per_worker={cfg.gpus_per_worker} must be 0 (CPU workers) or 1 (one GPU per "
+                          f"worker).")
     _check_no_conflict(chosen, overrides)
-    path = sweep_path(storage_path, name)
+    path = sweep_path(cfg.storage_path, cfg.name)
 
-    draft = AblationPlan(name=name, path=path, base_preset=base_preset, study=study, variants=chosen,
-                         overrides=tuple(overrides), path_overrides=(), steps=int(steps or 0), scheduler=scheduler,
-                         asha_metric=asha_metric, asha_mode=asha_mode, grace_period=0,
-                         reduction_factor=reduction_factor, num_workers_per_trial=num_workers_per_trial,
-                         gpus_per_worker=gpus_per_worker, eval_images=eval_images, eval_batch_size=eval_batch_size,
-                         decode_actors=decode_actors, probe_train_images=0, zero_shot=zero_shot,
-                         inception_weights="", fid_cache_dir="")
+    draft = AblationPlan(name=cfg.name, path=path, base_preset=base_preset, study=study, variants=chosen,
+                         overrides=overrides, path_overrides=(), steps=int(cfg.steps or 0), scheduler=cfg.scheduler,
+                         asha_metric=cfg.asha_metric, asha_mode=cfg.asha_mode, grace_period=0,
+                         reduction_factor=cfg.reduction_factor, num_workers_per_trial=cfg.workers_per_trial,
+                         gpus_per_worker=cfg.gpus_per_worker, eval_images=cfg.eval_images,
+                         eval_batch_size=cfg.eval_batch_size, decode_actors=cfg.decode_actors, probe_train_images=0,
+                         zero_shot=cfg.zero_shot, inception_weights="", fid_cache_dir="")
     first = draft.trial_config(chosen[0])
     draft = dataclasses.replace(draft, path_overrides=tuple(_absolute_path_overrides(first)))
     configs = {v: draft.trial_config(v) for v in chosen}
 
-    for v, cfg in configs.items():
-        if zero_shot and cfg.model.vfm.backbone not in ("siglip2", "tiny"):
-            raise ConfigError(f"zero_shot needs a text tower, which variant '{v}' ({cfg.model.vfm.backbone}) has "
-                              f"not; run the sweep with zero_shot=False.")
+    for v, trial in configs.items():
+        if cfg.zero_shot and trial.model.vfm.backbone not in ("siglip2", "tiny"):
+            raise ConfigError(f"zero_shot needs a text tower, which variant '{v}' ({trial.model.vfm.backbone}) has "
+                              f"not; run the sweep with zero_shot=false.")
 
     grace = 0
-    if scheduler == "asha":
-        budget = min(cfg.schedule.steps for cfg in configs.values())
+    if cfg.scheduler == "asha":
+        budget = min(trial.schedule.steps for trial in configs.values())
         if budget < 1:
-            raise ConfigError("ASHA needs a step budget to place its rungs: pass steps=N (or schedule.steps=N).")
-        if not asha_metric.startswith(TRAIN_PREFIX):
-            raise ConfigError(f"asha_metric '{asha_metric}' must be a training metric ({TRAIN_PREFIX}<key>, e.g. "
-                              f"train_rec_mse): evaluation metrics exist only once a trial has finished.")
-        if asha_mode not in ("min", "max"):
-            raise ConfigError(f"asha_mode '{asha_mode}' must be 'min' or 'max'.")
-        if reduction_factor < 2:
-            raise ConfigError(f"reduction_factor {reduction_factor} must be at least 2.")
-        log_every = first.schedule.log_every
-        grace = grace_period or max(log_every, budget // reduction_factor ** 2)
+            raise ConfigError("ASHA needs a step budget to place its rungs: pass steps=N (or "
+                              "train.schedule.steps=N).")
+        if not cfg.asha_metric.startswith(TRAIN_PREFIX):
+            raise ConfigError(f"asha_metric '{cfg.asha_metric}' must be a training metric ({TRAIN_PREFIX}<key>, "
+                              f"e.g. train_rec_mse): evaluation metrics exist only once a trial has finished.")
+        grace = cfg.grace_period or max(first.schedule.log_every, budget // cfg.reduction_factor ** 2)
         if not 1 <= grace < budget:
-            raise ConfigError(f"grace_period {grace} must be in [1, {budget}) (the step budget).")
+            raise ConfigError(f"grace_period={grace} must be in [1, {budget}) (the step budget).")
 
-    single_layer = any(cfg.model.vfm.single_layer for cfg in configs.values())
+    probe_train_images = cfg.probe_train_images
     if probe_train_images is None:
+        single_layer = any(trial.model.vfm.single_layer for trial in configs.values())
         probe_train_images = LAYER_PROBE_TRAIN_IMAGES if single_layer else 0
-    if probe_train_images < 0:
-        raise ConfigError(f"probe_train_images={probe_train_images} must be >= 0 (0 = no linear probe).")
 
-    for v, cfg in configs.items():
+    for v, trial in configs.items():
         try:
-            required_weights(cfg)
+            required_weights(trial)
         except MissingWeightsError as e:
             raise ConfigError(f"Ablation variant '{v}' cannot run on this machine: {e}") from None
     try:
-        inception_weights = os.path.abspath(resolve_inception_weights(inception_weights))
+        inception_weights = os.path.abspath(resolve_inception_weights(cfg.inception_weights))
     except MissingWeightsError as e:
         raise ConfigError(f"The sweep's evaluation cannot run on this machine: {e}") from None
 
@@ -280,13 +231,14 @@ def plan_sweep(base_preset: str, study: str, name: str, storage_path: str, *, va
 
     prepare_data(first)  # the training images (the synthetic set is made for tiny); clear errors before any trial
     n_val = len(sources.list_images(first.data.root, split="val", class_index=first.data.class_index))
-    if not 2 <= (eval_images or n_val) <= n_val:
-        raise ConfigError(f"eval_images={eval_images} must be in [2, {n_val}] (the images of {first.data.root}/val).")
-    if scheduler == "grid":  # ASHA's settings do not apply: a grid rerun is not refused over them
+    if not 2 <= (cfg.eval_images or n_val) <= n_val:
+        raise ConfigError(f"eval_images={cfg.eval_images} must be in [2, {n_val}] (the images of "
+                          f"{first.data.root}/val).")
+    if cfg.scheduler == "grid":  # ASHA's settings do not apply: a grid rerun is not refused over them
         draft = dataclasses.replace(draft, asha_metric="", asha_mode="", reduction_factor=0)
     return dataclasses.replace(draft, probe_train_images=int(probe_train_images), grace_period=grace,
                                inception_weights=inception_weights,
-                               fid_cache_dir=os.path.abspath(fid_cache_dir) if fid_cache_dir else "")
+                               fid_cache_dir=os.path.abspath(cfg.fid_cache_dir) if cfg.fid_cache_dir else "")
 
 
 def check_or_record_sweep(plan: AblationPlan) -> bool:
@@ -354,126 +306,7 @@ def _start_ray(plan: AblationPlan, cfg: TokenizerTrainConfig, max_concurrent_tri
     return n, True
 
 
-# -------------------------------------------------------------------------------------------------- trial
-class TrainingHistory:
-    """A trial's training run, read back from MLflow as it grows: ``(step, {train_<key>: value})`` rows logged at
-    or after ``since_ms`` (earlier rows belong to an interrupted attempt), each step once. Build it before the run
-    starts."""
-
-    def __init__(self, tracking_uri: str, run_name: str, since_ms: int):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
-        self.run_name, self.since_ms = run_name, since_ms
-        self.run_id: Optional[str] = None
-        self.last_step = 0
-        # Create a SQLite store now, before the train workers open it: two processes creating one store race
-        # ("table _alembic_tmp_experiments already exists").
-        self.client.search_experiments(max_results=1)
-
-    def _find_run(self) -> Optional[str]:
-        exp = self.client.get_experiment_by_name(TRAIN_EXPERIMENT)
-        if exp is None:
-            return None
-        runs = self.client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{self.run_name}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def _history(self, key: str):
-        return [m for m in self.client.get_metric_history(self.run_id, key)
-                if m.step > self.last_step and m.timestamp >= self.since_ms]
-
-    def new_rows(self) -> List[Tuple[int, Dict[str, float]]]:
-        """Steps logged since the last call, in order. The step key is read first: every key of a step it shows is
-        already stored (one log_batch per step), so no step is reported with a part of its metrics."""
-        self.run_id = self.run_id or self._find_run()
-        if self.run_id is None:
-            return []
-        steps = sorted({m.step for m in self._history(STEP_KEY)})
-        if not steps:
-            return []
-        rows: Dict[int, Dict[str, float]] = {s: {} for s in steps}
-        for key in self.client.get_run(self.run_id).data.metrics:
-            for m in self._history(key):
-                if m.step in rows:
-                    rows[m.step][TRAIN_PREFIX + key] = float(m.value)
-        self.last_step = steps[-1]
-        return sorted(rows.items())
-
-
-def _numeric(result: Dict[str, Any]) -> Dict[str, float]:
-    """The finite numbers of an evaluation result (not the protocol, file lists, paths or timings)."""
-    skip = ("seconds", "n", "skipped", "psnr_exact", "max_entropy")
-    return {k: float(v) for k, v in result.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def evaluate_trial(plan: AblationPlan, variant: str, export: str, cfg: TokenizerTrainConfig,
-                   log: Callable[[str], None] = print) -> Dict[str, float]:
-    """The trial's final metrics from ``evaluate_recon`` on the val split (read back when already written)."""
-    from ideal_ray.pipelines.evaluate import evaluate_recon
-
-    out_dir = plan.eval_dir(variant)
-    done = os.path.join(out_dir, "result.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return _numeric(json.load(f))
-    result = evaluate_recon(
-        export, cfg.data.root, out_dir, split="val", class_index=cfg.data.class_index, num_images=plan.eval_images,
-        batch_size=plan.eval_batch_size, device="cuda" if plan.gpus_per_worker else "cpu", num_actors=1,
-        decode_actors=plan.decode_actors, zero_shot=plan.zero_shot, probe_train_images=plan.probe_train_images,
-        inception_weights=plan.inception_weights, cache_dir=plan.fid_cache_dir, run_name=f"{plan.name}.{variant}",
-        grid=False, log_fn=log)
-    return _numeric(result)
-
-
-def run_trial(config: Dict[str, Any], plan: AblationPlan) -> None:
-    """Tune function trainable: train the variant (forwarding its logged steps), then evaluate and report."""
-    from mlflow.exceptions import MlflowException
-    from ray import tune
-    from ray.data import DataContext
-
-    from ideal_ray.tracking import default_tracking_uri
-    from ideal_ray.train.ray_trainer import train_tokenizer
-
-    variant = config["variant"]
-    cfg = plan.trial_config(variant)
-    DataContext.get_current().enable_progress_bars = False
-    history = TrainingHistory(default_tracking_uri(os.path.join(cfg.output_dir, cfg.name)), cfg.name,
-                              since_ms=int(time.time() * 1000))
-    outcome: Dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            outcome["summary"] = train_tokenizer(cfg, log=lambda line: print(line, flush=True))
-        except BaseException as e:  # re-raised in the trial's own thread below
-            outcome["error"] = e
-
-    worker = threading.Thread(target=train, name=f"train-{variant}", daemon=True)
-    worker.start()
-    last: Dict[str, float] = {}
-    total = cfg.schedule.steps
-    while True:
-        worker.join(POLL_S)
-        alive = worker.is_alive()
-        try:
-            rows = history.new_rows()
-        except MlflowException as e:  # e.g. a busy store: the next read picks up where this one stopped
-            print(f"[ideal-ray] could not read the training metrics of {cfg.name} this time: {e}", flush=True)
-            rows = []
-        for step, row in rows:
-            last = row
-            if not total or step < total:  # the last step is reported with the evaluation
-                tune.report({**row, "step": step})
-        if not alive:
-            break
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome["summary"]
-    metrics = evaluate_trial(plan, variant, summary["export"], cfg)
-    tune.report({**last, **metrics, "step": summary["steps"]})
-
-
+# -------------------------------------------------------------------------------------------------- sweep
 def _trial_name(trial) -> str:
     return str(trial.config["variant"])
 
@@ -490,28 +323,21 @@ def _variant_of(result, plan: AblationPlan) -> str:
     return next(v for v in plan.variants if folder.startswith(f"{v}_"))
 
 
-# -------------------------------------------------------------------------------------------------- sweep
-def sweep_ablation(base_preset: str, study: str, name: str, storage_path: str, *,
-                   variants: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
-                   steps: Optional[int] = None, scheduler: str = "grid", asha_metric: str = "train_rec_mse",
-                   asha_mode: str = "min", grace_period: Optional[int] = None, reduction_factor: int = 3,
-                   num_workers_per_trial: int = 1, gpus_per_worker: int = 0,
-                   max_concurrent_trials: Optional[int] = None, eval_images: Optional[int] = None,
-                   eval_batch_size: int = 32, decode_actors: int = 1, probe_train_images: Optional[int] = None,
-                   zero_shot: bool = False, inception_weights: str = "", fid_cache_dir: str = "",
-                   tracking_uri: Optional[str] = None, max_failures: int = 0,
-                   log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run (or resume) one ablation study of ``base_preset`` as a Ray Tune sweep; see the module notes.
+def sweep_ablation(cfg: AblationSweepConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) the ablation sweep ``cfg`` on Ray Tune; see the module notes and
+    :class:`ideal_ray.config.AblationSweepConfig`.
 
-    ``study``: fusion | shallow-align | backbone | layer | custom (``variants``: ``config.ABLATIONS`` names, ``+`` to
-    combine). ``steps``: every trial's step budget (None: the preset's). ``scheduler``: grid (every variant to the
-    budget) or asha (``ASHAScheduler`` on ``asha_metric``, a ``train_<key>`` training metric, rungs from
-    ``grace_period`` steps by ``reduction_factor``). ``probe_train_images``: linear-probe training images (None:
-    ``LAYER_PROBE_TRAIN_IMAGES`` when a variant tokenizes a single layer, else 0). ``tracking_uri``: the MLflow
-    store of the parent and child runs (None: ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``).
+    Every trial trains ``cfg.train_preset+<variant>`` with ``cfg.train_overrides``: ``study`` fusion | shallow-align
+    | backbone | layer, or custom (``variants``: ``config.ABLATIONS`` names, ``+`` to combine). ``steps``: every
+    trial's step budget (None: the preset's). ``scheduler``: grid (every variant to the budget) or asha
+    (``ASHAScheduler`` on ``asha_metric``, a ``train_<key>`` training metric, rungs from ``grace_period`` steps by
+    ``reduction_factor``). ``probe_train_images``: linear-probe training images (None: ``LAYER_PROBE_TRAIN_IMAGES``
+    when a variant tokenizes a single layer, else 0). ``tracking_uri``: the MLflow store of the parent and child
+    runs (None or empty: ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``).
 
     Returns ``{name, path, tracking_uri, parent_run_id, interrupted, trials: [{variant, metrics, error}]}``; an
-    interrupted sweep (Ctrl-C) resumes when called again with the same arguments.
+    interrupted sweep (Ctrl-C) resumes when called again with the same settings (``<sweep>/sweep.json``; other
+    settings are refused with :class:`ideal_ray.io.SettingsChangedError`).
     """
     import ray
     from ray import tune
@@ -520,35 +346,32 @@ def sweep_ablation(base_preset: str, study: str, name: str, storage_path: str, *
     from ideal_ray.tracking import default_tracking_uri
     from ideal_ray.tune import common
 
-    plan = plan_sweep(base_preset, study, name, storage_path, variants=variants, overrides=overrides, steps=steps,
-                      scheduler=scheduler, asha_metric=asha_metric, asha_mode=asha_mode, grace_period=grace_period,
-                      reduction_factor=reduction_factor, num_workers_per_trial=num_workers_per_trial,
-                      gpus_per_worker=gpus_per_worker, eval_images=eval_images, eval_batch_size=eval_batch_size,
-                      decode_actors=decode_actors, probe_train_images=probe_train_images, zero_shot=zero_shot,
-                      inception_weights=inception_weights, fid_cache_dir=fid_cache_dir)
+    validate_stage(cfg)
+    plan = plan_sweep(cfg)
     resumed = check_or_record_sweep(plan)
-    cfg = plan.trial_config(plan.variants[0])
-    tracking_uri = tracking_uri or default_tracking_uri(plan.path)
+    first = plan.trial_config(plan.variants[0])
+    tracking_uri = cfg.tracking_uri or default_tracking_uri(plan.path)
     if plan.scheduler == "asha":
         sched = ASHAScheduler(time_attr="step", metric=plan.asha_metric, mode=plan.asha_mode,
-                              max_t=cfg.schedule.steps, grace_period=plan.grace_period,
+                              max_t=first.schedule.steps, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, stop_last_trials=False)
     else:
         sched = FIFOScheduler()
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 1})
-    concurrent, started = _start_ray(plan, cfg, max_concurrent_trials)
+    concurrent, started = _start_ray(plan, first, cfg.max_concurrent_trials)
     try:
         parent = common.parent_run(tracking_uri, EXPERIMENT, plan.path, "ablation", common.flat_params(plan.record()))
-        log(f"[ideal-ray] ablation sweep '{name}' ({'resuming' if resumed else 'new'}): {len(plan.variants)} variants "
-            f"of {base_preset} ({study}), {plan.scheduler}, {concurrent} at a time, {trial_cpus(plan, cfg)} CPUs and "
-            f"{trial_gpus(cfg)} GPUs per trial; {plan.path}, MLflow {tracking_uri} (parent run {parent})")
+        log(f"[ideal-ray] ablation sweep '{plan.name}' ({'resuming' if resumed else 'new'}): {len(plan.variants)} "
+            f"variants of {plan.base_preset} ({plan.study}), {plan.scheduler}, {concurrent} at a time, "
+            f"{trial_cpus(plan, first)} CPUs and {trial_gpus(first)} GPUs per trial; {plan.path}, MLflow "
+            f"{tracking_uri} (parent run {parent})")
         tune_config = tune.TuneConfig(scheduler=sched, max_concurrent_trials=concurrent,
                                       trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname)
         status = "FAILED"
         try:
             grid, interrupted = common.run_tuner(
                 trainable, plan.param_space(), tune_config, plan.path,
-                callbacks=[common.mlflow_callback(tracking_uri, EXPERIMENT, parent)], max_failures=max_failures)
+                callbacks=[common.mlflow_callback(tracking_uri, EXPERIMENT, parent)], max_failures=cfg.max_failures)
             status = "KILLED" if interrupted else ("FAILED" if grid.num_errors else "FINISHED")
         except KeyboardInterrupt:
             status = "KILLED"
@@ -562,7 +385,7 @@ def sweep_ablation(base_preset: str, study: str, name: str, storage_path: str, *
                "metrics": {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float))},
                "error": None if r.error is None else str(r.error).strip().splitlines()[-1]} for r in grid]
     trials.sort(key=lambda t: plan.variants.index(t["variant"]))
-    return {"name": name, "path": plan.path, "tracking_uri": tracking_uri, "parent_run_id": parent,
+    return {"name": plan.name, "path": plan.path, "tracking_uri": tracking_uri, "parent_run_id": parent,
             "interrupted": interrupted, "trials": trials}
 
 

@@ -1,10 +1,12 @@
 """CFG sweep on Ray Tune: one trained GPT + tokenizer, a grid over CFG scale (and optionally CFG interval,
-temperature, top-k); each trial samples and scores its images.
+temperature, top-k); each trial samples and scores its images. The settings are a ``CfgSweepConfig``
+(``ideal_ray.config``).
 
     trial (a Tune function trainable, its own CPU or GPU share via tune.with_resources)
-        sample_images        per_class images of every class, in-process on the trial's device (its own Sampler)
+        sample_images        sample.per_class images of every class, in-process on the trial's device (its own
+                             Sampler; a SampleJobConfig of the sweep's settings and the trial's swept values)
         -> evaluate_gen      gFID / sFID / precision / recall (+ IS when the Inception weights have logits)
-                             against ``reference``, and with ``classifier_data`` the class accuracy of the samples
+                             against ``reference``, and with ``classifier.data`` the class accuracy of the samples
                              (a classifier fitted on real images of that data set); the reference statistics and the
                              classifier are computed once before the trials (one Ray task) into one cache folder
                              that every trial reads
@@ -30,10 +32,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ideal_ray.config import CfgSweepConfig, ConfigError, validate_stage
 from ideal_ray.io import record_settings
 from ideal_ray.tune import common
 
-__all__ = ["sweep_cfg", "cfg_trial", "param_space", "trial_key", "EXPERIMENT", "KIND", "SWEPT"]
+__all__ = ["sweep_cfg", "cfg_trial", "param_space", "fixed_sample", "trial_key", "EXPERIMENT", "KIND", "SWEPT"]
 
 EXPERIMENT = "ideal-sweep-cfg"
 KIND = "cfg"
@@ -117,11 +120,13 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
     """Tune trainable: sample with this trial's CFG settings, evaluate, report (module notes).
 
     ``settings``: the sweep's fixed settings (:func:`sweep_cfg` builds them): gpt, tokenizer, reference, outputs,
-    sample (SampleConfig fields), classes, device, precision, inception_weights, cache_dir, eval_batch_size,
-    classifier (None, or the class-accuracy classifier's root / split / per_class), verbose."""
+    sample (SampleConfig fields: :func:`fixed_sample`), classes, device, precision, inception_weights, cache_dir,
+    eval_batch_size, classifier (None, or the class-accuracy classifier's root / split / per_class / kind), verbose.
+    The trial's sampling is a ``SampleJobConfig`` (in this process, on the trial's device, no MLflow run of its own)
+    and its evaluation a ``GenEvalConfig``."""
     from ray import tune
 
-    from ideal_ray.config import SampleConfig
+    from ideal_ray.config import ClassifierConfig, FIDConfig, GenEvalConfig, RunConfig, SampleConfig, SampleJobConfig
     from ideal_ray.pipelines.evaluate import evaluate_gen
     from ideal_ray.pipelines.sample_local import SAMPLES_FILE, sample_images
 
@@ -135,8 +140,10 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
     if os.path.isfile(npz):  # an earlier attempt of this trial wrote them (atomically): same seeds, same images
         log(f"reusing {npz}")
     else:
-        s = sample_images(settings["gpt"], settings["tokenizer"], sample_cfg, settings["classes"], out, device=device,
-                          log=log, precision=settings["precision"])
+        job = SampleJobConfig(gpt=settings["gpt"], tokenizer=settings["tokenizer"], out=out, sample=sample_cfg,
+                              classes=tuple(settings["classes"] or ()), tracking_uri="",
+                              run=RunConfig(in_process=True, device=device, precision=settings["precision"]))
+        s = sample_images(job, log=log)
         report.update(images_per_s=s["images_per_s"], sample_seconds=s["seconds"])
     eval_dir = os.path.join(out, "eval")
     result_file = os.path.join(eval_dir, "result.json")
@@ -145,11 +152,13 @@ def cfg_trial(config: Dict[str, Any], settings: Dict[str, Any]) -> None:
             result = json.load(f)
     else:
         cls = settings.get("classifier") or {}
-        result = evaluate_gen(npz, settings["reference"], eval_dir, batch_size=settings["eval_batch_size"],
-                              device=device, inception_weights=settings["inception_weights"],
-                              cache_dir=settings["cache_dir"], classifier_data=cls.get("root", ""),
-                              classifier_split=cls.get("split", "train"), classifier_per_class=cls.get("per_class"),
-                              classifier_kind=cls.get("kind", "probe"), tracking_uri="", log_fn=log)
+        gen = GenEvalConfig(
+            samples=npz, reference=settings["reference"], out=eval_dir, device=device, tracking_uri="",
+            fid=FIDConfig(inception_weights=settings["inception_weights"], cache_dir=settings["cache_dir"],
+                          batch_size=settings["eval_batch_size"]),
+            classifier=ClassifierConfig(data=cls.get("root", ""), split=cls.get("split", "train"),
+                                        per_class=cls.get("per_class"), kind=cls.get("kind", "probe")))
+        result = evaluate_gen(gen, log_fn=log)
         report["eval_seconds"] = result["seconds"]
     report.update({k: float(result[k]) for k in METRICS + EXTRA if k in result})
     report["num_images"] = float(result["n"])
@@ -164,6 +173,13 @@ def _check_settings(path: str, settings: Dict[str, Any]) -> None:
 
     record_settings(os.path.join(path, SETTINGS_FILE), settings, f"CFG sweep {os.path.basename(path)}",
                     "rerun it unchanged to resume it, or choose a new name.", compare=tune.Tuner.can_restore(path))
+
+
+def _check_precision(precision: str, gpus_per_trial: float) -> None:
+    """The trials sample in bf16 only on a GPU share (``RunConfig``'s rule)."""
+    if precision == "bf16" and gpus_per_trial == 0:
+        raise ConfigError("precision=bf16 runs on CUDA only and these trials run on CPU (gpus_per_trial=0, or a "
+                          "cluster without GPUs); use precision=auto or fp32.")
 
 
 def _init_ray(gpus_per_trial: Optional[float]) -> float:
@@ -216,57 +232,60 @@ def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resourc
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
-def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path: str,
-              cfg_scales: Sequence[float], cfg_intervals: Optional[Sequence[Sequence[float]]] = None,
-              temperatures: Optional[Sequence[float]] = None, top_ks: Optional[Sequence[int]] = None, *,
-              per_class: int = 50, classes: Optional[Sequence[int]] = None, batch_size: int = 64, seed: int = 0,
-              out_size: int = 256, top_p: float = 1.0, precision: str = "auto",
-              gpus_per_trial: Optional[float] = None, cpus_per_trial: float = 1.0,
-              max_concurrent_trials: Optional[int] = None, inception_weights: str = "", cache_dir: str = "",
-              eval_batch_size: int = 50, classifier_data: str = "", classifier_split: str = "train",
-              classifier_per_class: Optional[int] = None, classifier_kind: str = "probe",
-              tracking_uri: Optional[str] = None, experiment: str = EXPERIMENT,
-              verbose: int = 1, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run (or resume) the CFG sweep ``name`` under ``storage_path`` and report it (module notes).
+def fixed_sample(cfg: CfgSweepConfig) -> Dict[str, Any]:
+    """The trials' sampling settings that are not swept (``cfg.sample``), as ``sweep.json`` records them: per_class,
+    batch_size, seed, out_size and top_p always; cfg_interval, temperature and top_k when they are not swept and
+    differ from :class:`~ideal_ray.config.SampleConfig`'s defaults (so a sweep at the defaults records what it always
+    recorded). ``sample.cfg_scale`` is always swept (``cfg_scales``)."""
+    from ideal_ray.config import SampleConfig
 
-    ``gpus_per_trial``: a GPU share per trial (fractions let trials share a GPU; None = 1 when the cluster has GPUs,
-    else 0 = CPU). ``cache_dir``: the reference statistics cache every trial reads (default
-    ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``; on a multi-node cluster pass a shared folder).
-    ``classifier_data`` (a data set root; '' = off): every trial also reports the samples' class accuracy under a
-    classifier of ``classifier_kind`` (``probe`` or ``cnn``) fitted on ``classifier_per_class`` real images per class
-    (default 50, 0 = all) of its ``classifier_split`` (``ideal_ray.eval.class_accuracy``); the GPT's classes must be
-    classes of that data set.
-    ``tracking_uri``: the MLflow store (default ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose`` 0
-    silences Tune's progress table and the trials' logs.
+    s, default = cfg.sample, SampleConfig()
+    out: Dict[str, Any] = {"per_class": int(s.per_class), "batch_size": int(s.batch_size), "seed": int(s.seed),
+                           "out_size": int(s.out_size), "top_p": float(s.top_p)}
+    for key, swept in (("cfg_interval", cfg.cfg_intervals), ("temperature", cfg.temperatures),
+                       ("top_k", cfg.top_ks)):
+        if not swept and getattr(s, key) != getattr(default, key):
+            out[key] = getattr(s, key)
+    return out
+
+
+def sweep_cfg(cfg: CfgSweepConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run (or resume) the CFG sweep ``cfg.name`` under ``cfg.storage_path`` and report it (module notes).
+
+    The grid: ``cfg_scales`` (always), ``cfg_intervals`` (start,end pairs, flattened), ``temperatures`` and
+    ``top_ks``; an empty one is not swept and every trial keeps ``cfg.sample``'s value, as it keeps per_class,
+    batch_size, seed, out_size and top_p. ``gpus_per_trial``: a GPU share per trial (fractions let trials share a
+    GPU; None = 1 when the cluster has GPUs, else 0 = CPU). ``fid.cache_dir``: the reference statistics cache every
+    trial reads (default ``$IDEAL_RAY_FID_REFS`` or ``~/.cache/ideal_ray/fid_refs``; on a multi-node cluster pass a
+    shared folder); ``fid.batch_size``: images per Inception batch. ``classifier.data`` (a data set root; '' = off):
+    every trial also reports the samples' class accuracy under a classifier of ``classifier.kind`` (``probe`` or
+    ``cnn``) fitted on ``classifier.per_class`` real images per class (default 50, 0 = all) of its
+    ``classifier.split`` (``ideal_ray.eval.class_accuracy``); the GPT's classes must be classes of that data set.
+    ``tracking_uri``: the MLflow store (None or "" = ``$MLFLOW_TRACKING_URI`` or ``<sweep>/mlflow.db``). ``verbose``
+    0 silences Tune's progress table and the trials' logs.
 
     Returns ``{path, tracking_uri, parent_run_id, best: {trial, config, metrics} or None, trials: [{config,
     metrics}] of the finished trials (config values as MLflow params: strings), table (Markdown), files, finished,
-    errored, unfinished, errors}``.
+    errored, unfinished, errors, interrupted}``.
     """
     from ray import tune
 
     from ideal_ray.checkpoint import GPT, check_models
-    from ideal_ray.config import SampleConfig
     from ideal_ray.eval.inception import resolve_inception_weights
     from ideal_ray.pipelines.sample_local import _resolve_classes
     from ideal_ray.eval.reference import default_cache_dir
-    from ideal_ray.sampling import validate_sample_config
     from ideal_ray.tracking import default_tracking_uri
 
-    path = common.sweep_path(storage_path, name)
-    space = param_space(cfg_scales, cfg_intervals, temperatures, top_ks)
-    for what, v in (("per_class", per_class), ("batch_size", batch_size), ("out_size", out_size),
-                    ("eval_batch_size", eval_batch_size)):
-        if int(v) < 1:
-            raise ValueError(f"{what}={v} must be at least 1.")
-    if cpus_per_trial <= 0 or (gpus_per_trial is not None and gpus_per_trial < 0):
-        raise ValueError(f"cpus_per_trial={cpus_per_trial} must be > 0 and gpus_per_trial={gpus_per_trial} >= 0.")
-    if max_concurrent_trials is not None and max_concurrent_trials < 1:
-        raise ValueError(f"max_concurrent_trials={max_concurrent_trials} must be at least 1 (None: as resources "
-                         f"allow).")
-    validate_sample_config(SampleConfig(top_p=top_p))
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision '{precision}' is unknown; use auto, fp32 or bf16.")
+    validate_stage(cfg)  # the values and sample settings (per_class, batch sizes, top_p ...), precision, resources
+    if cfg.gpus_per_trial == 0:
+        _check_precision(cfg.precision, 0.0)
+    gpt, tokenizer, reference, name = cfg.gpt, cfg.tokenizer, cfg.reference, cfg.name
+    classes = list(cfg.classes) or None
+    per_class, out_size = cfg.sample.per_class, cfg.sample.out_size
+    clf_cfg, iv = cfg.classifier, cfg.cfg_intervals
+    path = common.sweep_path(cfg.storage_path, name)
+    space = param_space(list(cfg.cfg_scales), [iv[i: i + 2] for i in range(0, len(iv), 2)] or None,
+                        list(cfg.temperatures) or None, list(cfg.top_ks) or None)
     if not (os.path.isdir(reference) or os.path.isfile(reference)):
         raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
                                 f"or a folder of reference images.")
@@ -274,40 +293,40 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
     if classes is not None:
         _resolve_classes(classes, num_classes)  # none, or one listed twice
     if per_class * (len(classes) if classes is not None else num_classes) < 2:
-        raise ValueError(f"per_class={per_class} over {num_classes if classes is None else len(classes)} class(es) "
-                         f"gives fewer than 2 images; FID needs at least 2.")
-    weights = resolve_inception_weights(inception_weights)  # MissingWeightsError says how to get them
+        raise ValueError(f"sample.per_class={per_class} over {num_classes if classes is None else len(classes)} "
+                         f"class(es) gives fewer than 2 images; FID needs at least 2.")
+    weights = resolve_inception_weights(cfg.fid.inception_weights)  # MissingWeightsError says how to get them
     classifier = None
-    if classifier_data:
+    if clf_cfg.data:
         from ideal_ray.eval.class_accuracy import classifier_data as list_classifier_data
 
-        data = list_classifier_data(classifier_data, classifier_split, classifier_per_class,
-                                    kind=classifier_kind)  # clear error if missing or of an unknown kind
+        # a clear error if missing
+        data = list_classifier_data(clf_cfg.data, clf_cfg.split, clf_cfg.per_class, kind=clf_cfg.kind)
         wanted = list(classes) if classes is not None else list(range(num_classes))
         if max(wanted) >= data.num_classes:
             raise ValueError(f"the GPT samples classes up to {max(wanted)} but {data.where} has {data.num_classes} "
-                             f"classes; pass the data set the GPT was trained on as classifier_data.")
-        classifier = {"root": data.listing.root, "split": classifier_split, "per_class": data.per_class,
+                             f"classes; pass the data set the GPT was trained on as classifier.data.")
+        classifier = {"root": data.listing.root, "split": clf_cfg.split, "per_class": data.per_class,
                       "kind": data.kind}
 
-    sample = {"per_class": int(per_class), "batch_size": int(batch_size), "seed": int(seed),
-              "out_size": int(out_size), "top_p": float(top_p)}
+    sample = fixed_sample(cfg)
     grid = {k: v["grid_search"] for k, v in space.items()}
     fixed = {"gpt": os.path.abspath(gpt), "tokenizer": os.path.abspath(tokenizer),
              "reference": os.path.abspath(reference), "classes": None if classes is None else [int(c) for c in classes],
-             "sample": sample, "precision": precision, "inception_weights": os.path.abspath(weights),
-             "cache_dir": os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir())),
-             "eval_batch_size": int(eval_batch_size), "classifier": classifier}
+             "sample": sample, "precision": cfg.precision, "inception_weights": os.path.abspath(weights),
+             "cache_dir": os.path.abspath(os.path.expanduser(cfg.fid.cache_dir or default_cache_dir())),
+             "eval_batch_size": int(cfg.fid.batch_size), "classifier": classifier}
     _check_settings(path, {"grid": grid, **fixed})
 
-    gpus = _init_ray(gpus_per_trial)
-    resources = {"cpu": float(cpus_per_trial), "gpu": gpus}
+    gpus = _init_ray(cfg.gpus_per_trial)
+    _check_precision(cfg.precision, gpus)  # a cluster without GPUs
+    resources = {"cpu": float(cfg.cpus_per_trial), "gpu": gpus}
     settings = dict(fixed, outputs=os.path.join(path, OUTPUTS), device="cuda" if gpus > 0 else "cpu",
-                    verbose=int(verbose))
-    uri = tracking_uri or default_tracking_uri(path)
+                    verbose=int(cfg.verbose))
+    uri = cfg.tracking_uri or default_tracking_uri(path)
     params = {**{f"sample.{k}": v for k, v in sample.items()}, **{k: v for k, v in fixed.items() if k != "sample"},
-              **{f"grid.{k}": v for k, v in grid.items()}, "gpus_per_trial": gpus, "cpus_per_trial": cpus_per_trial}
-    parent = common.parent_run(uri, experiment, path, KIND, common.flat_params(params))
+              **{f"grid.{k}": v for k, v in grid.items()}, "gpus_per_trial": gpus, "cpus_per_trial": cfg.cpus_per_trial}
+    parent = common.parent_run(uri, cfg.experiment, path, KIND, common.flat_params(params))
     n_trials = int(np.prod([len(v) for v in grid.values()]))
     log(f"CFG sweep {name}: {n_trials} trial(s) of {per_class} images x "
         f"{num_classes if classes is None else len(classes)} classes on {settings['device']} "
@@ -320,15 +339,17 @@ def sweep_cfg(gpt: str, tokenizer: str, reference: str, name: str, storage_path:
             log(f"class-accuracy classifier: {c['images']} real images, {'cached' if c['from_cache'] else 'fitted'}")
         trainable = tune.with_resources(tune.with_parameters(cfg_trial, settings=settings), resources)
         results, interrupted = common.run_tuner(
-            trainable, space, tune.TuneConfig(metric="gfid", mode="min", max_concurrent_trials=max_concurrent_trials),
-            path, callbacks=[common.mlflow_callback(uri, experiment, parent)], verbose=verbose)
+            trainable, space,
+            tune.TuneConfig(metric="gfid", mode="min", max_concurrent_trials=cfg.max_concurrent_trials),
+            path, callbacks=[common.mlflow_callback(uri, cfg.experiment, parent)], verbose=cfg.verbose)
     except KeyboardInterrupt:
         common.finish_parent(uri, parent, "KILLED")
         raise
     except BaseException:
         common.finish_parent(uri, parent, "FAILED")
         raise
-    return dict(_report(results, path, uri, experiment, parent, list(space), n_trials, log), interrupted=interrupted)
+    return dict(_report(results, path, uri, cfg.experiment, parent, list(space), n_trials, log),
+                interrupted=interrupted)
 
 
 def _report(results, path: str, uri: str, experiment: str, parent: str, swept: List[str], n_trials: int,
