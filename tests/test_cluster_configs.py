@@ -128,3 +128,130 @@ def test_jobs_refuse_relative_output_paths_only_inside_a_working_dir_job(monkeyp
     with pytest.raises(SystemExit) as e:
         job.main(["--preset", "ar-tiny", "data.shards=/shared/tokens"])
     assert e.value.code == 2 and "output_dir=runs is relative" in capsys.readouterr().err
+
+
+# ---- who can reach the KubeRay cluster: NetworkPolicies and Ray's token auth, checked on the parsed manifest ----
+CLUSTER_PEER = {"ray.io/cluster": "ideal-ray"}  # this RayCluster's pods (KubeRay labels every pod it makes)
+OPERATOR_PEER = {"ideal-ray.io/operator": "true"}  # the pods allowed to submit jobs and read/write experiments
+HEAD_PORTS = (8265, 6379, 10001)  # job API / dashboard, GCS, Ray client
+MLFLOW_PORT = 5000
+
+
+def _pods(docs) -> dict:
+    """The labels of the pods the manifest makes: the Ray head, a Ray worker and the MLflow server."""
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    (mlflow,) = [d for d in docs if d["kind"] == "Deployment"]
+    name = cluster["metadata"]["name"]
+    return {"head": {"ray.io/cluster": name, "ray.io/node-type": "head"},
+            "worker": {"ray.io/cluster": name, "ray.io/node-type": "worker"},
+            "mlflow": dict(mlflow["spec"]["template"]["metadata"]["labels"])}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def _admitted(docs, pod: dict, port: int):
+    """Who may connect to ``pod`` on ``port`` under the manifest's NetworkPolicies: None when no policy selects the
+    pod for ingress (Kubernetes then admits everyone), else the list of peers of every rule that covers the port
+    (a rule without ``from`` admits everyone: the string ``"anyone"``)."""
+    selecting = [p for p in docs if p["kind"] == "NetworkPolicy" and "Ingress" in p["spec"].get("policyTypes", [])
+                 and _selects(p["spec"]["podSelector"], pod)]
+    if not selecting:
+        return None
+    peers = []
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            peers += rule.get("from") or ["anyone"]
+    return peers
+
+
+def network_violations(docs) -> list[str]:
+    """Every way the manifest lets a pod other than this RayCluster's own (or, on the head's job API / GCS / client
+    ports and MLflow's, a labelled operator) reach the Ray pods or MLflow."""
+    pods, out = _pods(docs), []
+    targets = [("head", p, (CLUSTER_PEER, OPERATOR_PEER)) for p in HEAD_PORTS]
+    targets += [("worker", p, (CLUSTER_PEER,)) for p in (6379, 8265, 10001, 8076, 10002)]  # any worker port
+    targets += [("mlflow", MLFLOW_PORT, (CLUSTER_PEER, OPERATOR_PEER))]
+    for name, port, allowed in targets:
+        peers = _admitted(docs, pods[name], port)
+        if peers is None:
+            out.append(f"no NetworkPolicy selects the {name} pod: every pod may reach it")
+            continue
+        for peer in peers:
+            if (peer == "anyone" or set(peer) != {"podSelector"}
+                    or peer["podSelector"].get("matchLabels") not in allowed):
+                out.append(f"{name}:{port} admits {peer}")
+        wanted = [a for a in allowed if {"podSelector": {"matchLabels": a}} not in peers]
+        if wanted:
+            out.append(f"{name}:{port} does not admit {wanted}")  # the cluster would not work, or not be usable
+    return out
+
+
+def auth_violations(docs) -> list[str]:
+    """Every Ray container that does not run with token auth and the token from the Secret, and every token or
+    Secret written into the manifest."""
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    spec, out = cluster["spec"], []
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["containers"]:
+            env = {e["name"]: e for e in c.get("env") or []}
+            if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+                out.append(f"{c['name']}: RAY_AUTH_MODE is not token")
+            token = env.get("RAY_AUTH_TOKEN", {})
+            if "value" in token:
+                out.append(f"{c['name']}: RAY_AUTH_TOKEN is written in the manifest")
+            ref = (token.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if not (ref.get("name") and ref.get("key")):
+                out.append(f"{c['name']}: RAY_AUTH_TOKEN does not come from a Secret")
+    out += [f"a Secret ({d['metadata']['name']}) is in the manifest" for d in docs if d["kind"] == "Secret"]
+    out += [f"a token-like string: {s[:8]}..." for s in _strings(docs) if re.fullmatch(r"[0-9a-fA-F-]{32,}", s)]
+    return out
+
+
+def test_kuberay_admits_only_its_own_pods_and_the_labelled_operators():
+    assert network_violations(_docs(KUBERAY)) == []
+
+
+def test_kuberay_runs_ray_with_token_auth_from_a_secret():
+    assert auth_violations(_docs(KUBERAY)) == []
+
+
+def test_the_manifest_checks_find_a_missing_rule_or_an_inlined_token():
+    """The two checks fail on a manifest that lacks a policy, opens a port to everyone or inlines the token."""
+    import copy
+
+    docs = _docs(KUBERAY)
+    policies = [d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"]
+    for name in policies:  # each policy is needed
+        assert network_violations([d for d in docs if not (d["kind"] == "NetworkPolicy"
+                                                           and d["metadata"]["name"] == name)]), name
+    opened = copy.deepcopy(docs)
+    for d in opened:
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "ideal-ray-head-operators":
+            d["spec"]["ingress"][0].pop("from")  # the job API to every pod
+    assert any("admits anyone" in v for v in network_violations(opened))
+    widened = copy.deepcopy(docs)
+    for d in widened:
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "ideal-ray-mlflow":
+            d["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+    assert any("mlflow:5000 admits {'ipBlock'" in v for v in network_violations(widened))
+    inlined = copy.deepcopy(docs)
+    (cluster,) = [d for d in inlined if d["kind"] == "RayCluster"]
+    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    head["env"] = [e if e["name"] != "RAY_AUTH_TOKEN" else {"name": "RAY_AUTH_TOKEN", "value": "f" * 64}
+                   for e in head["env"]]
+    found = auth_violations(inlined)
+    assert "ray-head: RAY_AUTH_TOKEN is written in the manifest" in found and any("token-like" in v for v in found)
+    off = copy.deepcopy(docs)
+    (cluster,) = [d for d in off if d["kind"] == "RayCluster"]
+    (worker,) = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    worker["env"] = [e for e in worker["env"] if e["name"] != "RAY_AUTH_MODE"]
+    assert auth_violations(off) == ["ray-worker: RAY_AUTH_MODE is not token"]
+    assert auth_violations(off + [{"kind": "Secret", "metadata": {"name": "ideal-ray-auth"}}])[-1].startswith(
+        "a Secret (ideal-ray-auth)")
