@@ -165,6 +165,10 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
                                              f"output_dir={tok_cfg.output_dir}",
                                              f"dist.storage_path={tok_cfg.dist.storage_path}", *classes,
                                              *pcfg.ar_overrides])
+    from ideal_ray.train.run_storage import check_storage
+
+    for c in (tok_cfg, ar_cfg):  # an object-store dist.storage_path is tried now, before Ray starts
+        check_storage(c)
 
     def exports(state):
         return state["stages"]["tokenizer"]["outputs"]["export"], state["stages"].get("ar", {}).get(

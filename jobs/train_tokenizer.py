@@ -16,8 +16,12 @@ pool instead (``dist.vfm_actors`` per worker, one GPU each with ``--gpus``), so 
 at the cost of shipping its features through the object store (paper: 2.4 MB per image vs 0.44 MB of pixels).
 
 A rerun with the same name (``name=...``) resumes from the latest checkpoint, the same way it started (Ray or
-``--in-process``). Results: checkpoints under ``dist.storage_path/<name>``, the MLflow run (``MLFLOW_TRACKING_URI``, default ``<output_dir>/<name>/mlflow.db``),
-and the single-file inference export ``<output_dir>/<name>/tokenizer_step<N>.pt``.
+``--in-process``). Results: checkpoints under ``dist.storage_path/<name>``, the MLflow run
+(``MLFLOW_TRACKING_URI``, default ``<output_dir>/<name>/mlflow.db``), and the single-file inference export
+``<output_dir>/<name>/tokenizer_step<N>.pt`` (with an object-store ``dist.storage_path`` also copied next to the
+checkpoints). An ``s3://bucket/path`` storage path takes its endpoint
+(``AWS_ENDPOINT_URL_S3`` for an S3-compatible store) and credentials from the environment and is tried (one test
+object written and deleted) before Ray starts: a wrong bucket, no credentials or an unreachable endpoint exit 2.
 """
 import argparse
 import os

@@ -213,7 +213,8 @@ def test_resume_equals_uninterrupted(straight, data_root, runs_dir, engine):
 def test_a_run_resumes_only_the_way_it_started(straight, data_root, runs_dir):
     from ideal_ray.config import ConfigError
     from ideal_ray.io import SettingsChangedError
-    from ideal_ray.train.ray_trainer import check_or_record_config, train_tokenizer
+    from ideal_ray.train.ray_trainer import train_tokenizer
+    from ideal_ray.train.run_storage import check_or_record_config
 
     cfg = straight["torch"][0]
     with pytest.raises(ConfigError, match="was trained in one process .* rerun it in one process"):

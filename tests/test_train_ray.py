@@ -89,7 +89,7 @@ def test_two_workers_write_checkpoint_mlflow_run_and_export(full_run):
 def test_a_half_written_checkpoint_is_never_the_latest(full_run, runs_dir):
     """Ray registers a checkpoint only after every rank's upload finished; a folder left by an interrupted write
     is not in its index, so resume (and the data position) ignores it."""
-    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+    from ideal_ray.train.run_storage import latest_checkpoint_step
 
     run_dir = os.path.join(runs_dir, "full")
     partial = os.path.join(run_dir, "checkpoint_2099-01-01_00-00-00.000000")
@@ -102,7 +102,7 @@ def test_a_half_written_checkpoint_is_never_the_latest(full_run, runs_dir):
 
 
 def test_changed_experiment_under_the_same_name_is_refused(full_run, data_root, runs_dir):
-    from ideal_ray.train.ray_trainer import check_or_record_config
+    from ideal_ray.train.run_storage import check_or_record_config
 
     from ideal_ray.io import SettingsChangedError
 
@@ -115,7 +115,7 @@ def test_killed_worker_restarts_and_ends_on_the_uninterrupted_parameters(full_ru
     checkpoint and finishes. The final parameters equal the uninterrupted 6-step run's (full_run), and one MLflow run
     holds every step, at most one checkpoint interval logged twice. (A rerun of a finished or stopped run takes the
     same path: Ray Train's snapshot in the run folder, the loop state in the checkpoint.)"""
-    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+    from ideal_ray.train.run_storage import latest_checkpoint_step
 
     # checkpoints every step for a wide kill window; the cadence is a schedule setting, not part of the experiment
     cfg = tiny(data_root, runs_dir, "killed", 6, "dist.max_failures=2", "schedule.ckpt_every=1")
@@ -159,7 +159,7 @@ def test_killed_worker_restarts_and_ends_on_the_uninterrupted_parameters(full_ru
 
 
 def test_nan_guard_stops_with_the_last_good_checkpoint(ray_cluster, data_root, runs_dir):
-    from ideal_ray.train.ray_trainer import latest_checkpoint_step
+    from ideal_ray.train.run_storage import latest_checkpoint_step
 
     cfg = tiny(data_root, runs_dir, "diverges", 10, "optim.lr=1e30", "optim.warmup_epochs=0",
                "optim.min_lr=1e29", "optim.warmup_start_lr=1e29", "schedule.ckpt_every=1", "dist.max_bad_steps=2",

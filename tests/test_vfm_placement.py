@@ -126,7 +126,7 @@ def test_local_cluster_counts_the_vfm_actors():
 
 
 def test_a_rerun_may_switch_placement_but_not_the_experiment(tmp_path):
-    from ideal_ray.train.ray_trainer import RUN_RECORD_FILE, check_or_record_config
+    from ideal_ray.train.run_storage import RUN_RECORD_FILE, check_or_record_config
 
     common = [f"dist.storage_path={tmp_path}", "name=switch"]
     assert check_or_record_config(load_config("tiny", common)) is False

@@ -223,6 +223,10 @@ class DistributedConfig:
     max_bad_steps: int = 10  # NaN guard: stop after this many non-finite steps in a row
     prefetch_batches: int = 2  # Ray Data batches prefetched per worker
     ray_address: str = ""  # "" = RAY_ADDRESS or a local cluster
+    # How Ray Train places the workers on the cluster's nodes (ScalingConfig.placement_strategy): PACK (as few
+    # nodes as fit, the default), SPREAD (as many as it can), STRICT_PACK (all on one node) or STRICT_SPREAD (one
+    # worker per node; the run waits until the cluster has dist.num_workers nodes that fit a worker)
+    placement_strategy: str = "PACK"
     # Tokenizer stage: where the frozen VFM trunk runs. "trainer": inside every train worker (on its GPU);
     # "data": in a Ray Data actor pool after decode/augment, the trainers receive its features with the images.
     # The math is the same either way (a pure function of the image), so a resumed run may switch it.

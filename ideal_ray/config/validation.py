@@ -20,6 +20,7 @@ LPIPS_NETS = ("vgg", "alex", "squeeze")
 PRECISIONS = ("bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 VFM_PLACEMENTS = ("trainer", "data")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray Train ScalingConfig's
 ENGINES = ("deepspeed", "torch")
 NAN_CHECKS = ("after_backward", "before_backward")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -122,6 +123,9 @@ def validate_training(cfg: Any, zero_note: str) -> None:
     _at_least_one("dist.keep_checkpoints", t.keep_checkpoints)
     _at_least_one("dist.max_bad_steps", t.max_bad_steps)
     _non_negative("dist.prefetch_batches", t.prefetch_batches)
+    _check(t.placement_strategy in PLACEMENT_STRATEGIES,
+           f"dist.placement_strategy '{t.placement_strategy}' is unknown; choose one of {PLACEMENT_STRATEGIES} "
+           f"(STRICT_SPREAD: one worker per node).")
     validate_engine_and_perf(t, cfg.perf)
 
 

@@ -103,9 +103,11 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
     ``ideal-ar`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
     Returns ``checkpoint``, ``export``, ``steps``, ``tracking_uri`` and ``metrics`` (the MLflow run's latest values)."""
     from ideal_ray.data.ar_reader import ar_rank_dataset
-    from ideal_ray.train.ray_trainer import record_final, run_stage
+    from ideal_ray.train.ray_trainer import checkpoint_path, record_final, run_stage
+    from ideal_ray.train.run_storage import check_storage, publish_export
 
     validate_ar(cfg)
+    check_storage(cfg)
     manifest = check_shards(cfg)
     steps_per_epoch = manifest["num_images"] // cfg.data.global_batch
     total_steps = cfg.schedule.steps or int(cfg.optim.epochs * steps_per_epoch)
@@ -121,10 +123,12 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-ar", {"steps_per_epoch": steps_per_epoch}, log,
         tracking_uri=tracking_uri)
     export_path = export_gpt(result.checkpoint, cfg, os.path.join(local_dir, f"gpt_step{final_step}.pt"), final_step)
-    metrics = record_final(tracking_uri, "ideal-ar", result.checkpoint, {"inference_export": export_path})
-    log(f"[ideal-ray] done: checkpoint {result.checkpoint.path}, inference export {export_path}")
-    return {"checkpoint": result.checkpoint.path, "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri, "metrics": metrics}
+    export_uri = publish_export(export_path, cfg)  # its copy in the run folder on an object store, else None
+    tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
+    metrics = record_final(tracking_uri, "ideal-ar", result.checkpoint, tags)
+    log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
+    return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "export_uri": export_uri,
+            "steps": final_step, "tracking_uri": tracking_uri, "metrics": metrics}
 
 
 def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:

@@ -32,98 +32,10 @@ import torch
 
 from ideal_ray.checkpoint import save_inference_checkpoint
 from ideal_ray.config import ConfigError, TokenizerTrainConfig, validate
-from ideal_ray.io import changed_keys, settings_changed
 from ideal_ray.data.skipped import UnreadableDataError
 from ideal_ray.train.loop import EMA_FILE, LOOP_STATE, NonFiniteLossError
-
-RUN_RECORD_FILE = "ideal_config.json"  # the run folder's record of its config and runner (a checkpoint's own
-# stage config is train.loop.CONFIG_FILE)
-# The run record also says where the run's checkpoints live: Ray Train's checkpoint index, or LocalSession's
-# numbered folders. Neither reads the other's, so a run resumes only the way it started.
-RUNNER_KEY = "runner"
-RUNNERS = {"ray": "on Ray Train", "in-process": "in one process (in_process / --in-process)"}
-# Fields a rerun of an existing run may change: how long, how often, on how many workers. Anything else (model,
-# loss, optimizer, data) would silently mix two experiments in one run folder.
-# The worker count and ZeRO stage cannot change: ZeRO optimizer shards are per rank.
-# The VFM placement may change: the trunk's features are a pure function of the image wherever it runs (the
-# trainer's autocast rule applies in the actors too), and the trunk's weights stay in the checkpoint either way.
-RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dist.keep_checkpoints",
-                     "dist.max_bad_steps", "dist.prefetch_batches", "dist.ray_address", "dist.cpus_per_worker",
-                     "dist.vfm_placement", "dist.vfm_actors", "output_dir", "preset", "data.loader_workers",
-                     "data.root")
-
-
-# ----------------------------------------------------------------------------------------------- storage
-def _fs(uri: str):
-    """(pyarrow filesystem, path) for a local path, NFS path, or s3:// / gs:// URI."""
-    import pyarrow.fs
-
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-        return pyarrow.fs.LocalFileSystem(), uri
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def storage_uri(cfg: TokenizerTrainConfig) -> str:
-    s = cfg.dist.storage_path or cfg.output_dir  # "" = next to the run's exports
-    return s if "://" in s else os.path.abspath(s)
-
-
-def run_uri(cfg: TokenizerTrainConfig) -> str:
-    return storage_uri(cfg).rstrip("/") + "/" + cfg.name
-
-
-def latest_checkpoint_step(run_path: str) -> int:
-    """Step of the latest checkpoint Ray Train registered for this run (0 when there is none)."""
-    from ray.train import Result  # Train V2's Result (V2 is the default in Ray 2.60)
-
-    fs, path = _fs(run_path)
-    import pyarrow.fs
-
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return 0
-    try:
-        result = Result.from_path(run_path)
-    except RuntimeError:  # the folder exists but holds no checkpoint index yet
-        return 0
-    return int((result.metrics or {}).get("step", 0)) if result.checkpoint else 0
-
-
-def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bool:
-    """Record the config (and the runner, a key of :data:`RUNNERS`) in the run folder; on a rerun, refuse a config
-    that changes the experiment, or the other runner.
-
-    Returns True when the run folder already held this run (a resume)."""
-    import pyarrow.fs
-
-    fs, path = _fs(run_uri(cfg))
-    cfg_path = path.rstrip("/") + "/" + RUN_RECORD_FILE
-    new = {**cfg.flat(), RUNNER_KEY: runner}
-    if fs.get_file_info(cfg_path).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(cfg_path) as f:
-            old = json.loads(f.read().decode())
-        was = old.pop(RUNNER_KEY, "ray")  # records from before the in-process runner were Ray runs
-        if was != runner:
-            was = RUNNERS.get(was, was)
-            raise ConfigError(f"Run '{cfg.name}' in {storage_uri(cfg)} was trained {was} and resumes only that "
-                              f"way; rerun it {was}, or choose a new name.")
-        changed = changed_keys(old, {k: new[k] for k in cfg.flat()}, ignore=RESUMABLE_CHANGES,
-                               same=lambda a, b: _norm(a) == _norm(b), defaults=type(cfg)().flat())
-        if changed:
-            raise settings_changed(f"Run '{cfg.name}'", storage_uri(cfg), changed,
-                                   "choose a new name or restore those values to resume it.")
-        resumed = True
-    else:
-        resumed = False
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(cfg_path) as f:
-        f.write(json.dumps(new, indent=1, sort_keys=True, default=str).encode())
-    return resumed
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
-
+from ideal_ray.train.run_storage import (check_or_record_config, check_storage, latest_checkpoint_step, publish_export,
+                                         run_uri, storage_uri)
 
 # -------------------------------------------------------------------------------------------- the stage
 def prepare_data(cfg: TokenizerTrainConfig):
@@ -189,6 +101,11 @@ def init_ray(cfg, *more) -> None:
             raise ConfigError(f"dist.use_gpu needs {need} GPUs on this machine ({c.dist.num_workers} train workers + "
                               f"{vfm_actors_total(c)} VFM actors) but it has {have}; lower dist.num_workers or "
                               f"dist.vfm_actors, or use dist.vfm_placement=trainer.")
+        if c.dist.placement_strategy == "STRICT_SPREAD" and c.dist.num_workers > 1:
+            ray.shutdown()
+            raise ConfigError(f"dist.placement_strategy=STRICT_SPREAD puts each of the {c.dist.num_workers} workers "
+                              f"on its own node, but the local cluster started here is one node; join a cluster "
+                              f"(dist.ray_address / RAY_ADDRESS) or choose another placement strategy.")
 
 
 @dataclass
@@ -273,7 +190,8 @@ def _run_on_ray(cfg, worker_fn, config: Dict[str, Any], rank_dataset_fn, path: s
         worker_fn,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=d.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage_uri(cfg),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
@@ -332,7 +250,8 @@ def _run_in_process(worker_fn, config: Dict[str, Any], local_batches, device: to
 def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = print,
                     tracking_uri: Optional[str] = None, in_process: bool = False) -> Dict[str, Any]:
     """Train (or resume) the tokenizer; export the EMA weights. Returns a summary (``checkpoint``, ``export``,
-    ``steps``, ``tracking_uri``, ``run_path``, ``metrics``: the MLflow run's latest values; ``skipped_files``: the
+    ``steps``, ``tracking_uri``, ``run_path``, ``metrics``: the MLflow run's latest values; ``export_uri``: the
+    export's copy in the run folder when ``dist.storage_path`` is an object store, else None; ``skipped_files``: the
     image files training found unreadable, listed in ``skipped_file``; ``images``: the listed images less those).
     MLflow experiment ``ideal-tokenizer`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or
     ``<output_dir>/<name>/mlflow.db``).
@@ -347,6 +266,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     if in_process:
         cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, num_workers=1))
     validate(cfg)
+    check_storage(cfg)
     vfm = vfm_stage(cfg)
     if in_process and vfm is not None:
         raise ConfigError(f"dist.vfm_placement={cfg.dist.vfm_placement} runs the VFM in Ray Data actors, which an "
@@ -392,14 +312,17 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     skipped_path, skipped, _ = report_skipped(cfg, listing, skips)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
-    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, {"inference_export": export_path},
+    export_uri = publish_export(export_path, cfg)
+    tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
+    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, tags,
                            metrics={"data/skipped_files": len(skipped)}, step=final_step, artifacts=[skipped_path])
     if skipped:
         log(f"[ideal-ray] {len(skipped)} unreadable image file(s) skipped (first: {skipped[0]['image_id']}: "
             f"{skipped[0]['error']}); listed in {skipped_path}")
-    log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
-    return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "steps": final_step,
-            "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics,
+    log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}"
+        + (f" (and {export_uri})" if export_uri else ""))
+    return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "export_uri": export_uri,
+            "steps": final_step, "tracking_uri": tracking_uri, "run_path": run_uri(cfg), "metrics": metrics,
             "images": len(listing) - len(skipped), "skipped_files": len(skipped), "skipped_file": skipped_path}
 
 
@@ -437,8 +360,12 @@ def checkpoint_dir(checkpoint) -> Iterator[str]:
 
 
 def checkpoint_path(checkpoint) -> str:
-    """Where ``checkpoint`` is stored (a Ray Train ``Checkpoint``'s path, or the directory itself)."""
-    return checkpoint if isinstance(checkpoint, str) else str(checkpoint.path)
+    """Where ``checkpoint`` is stored (a Ray Train ``Checkpoint``'s path, as a URI on an object store; or the
+    directory itself)."""
+    if isinstance(checkpoint, str):
+        return checkpoint
+    scheme = getattr(checkpoint.filesystem, "type_name", "local")
+    return str(checkpoint.path) if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
 def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step: int = 0,
@@ -475,9 +402,12 @@ def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str,
     Returns the run's metrics (the latest value of each; empty without a run)."""
     from ideal_ray.tracking import Tracker
 
-    with checkpoint_dir(checkpoint) as d:
-        with open(os.path.join(d, LOOP_STATE)) as f:
+    if isinstance(checkpoint, str):
+        with open(os.path.join(checkpoint, LOOP_STATE)) as f:
             run_id = json.load(f).get("tracker_run_id")
+    else:  # the one small file, not the whole checkpoint (on an object store, a download of every shard)
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{LOOP_STATE}") as f:
+            run_id = json.loads(f.read().decode()).get("tracker_run_id")
     if not run_id:
         return {}
     t = Tracker(tracking_uri, experiment, run_name="", run_id=run_id)

@@ -9,7 +9,7 @@ import contextlib
 import os
 import re
 import shutil
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,16 @@ class RaySession:
     def all_finite(self, value: torch.Tensor) -> FiniteFlag:
         """True on every rank iff the value is finite on every rank (a MIN all-reduce of one flag), read lazily."""
         return FiniteFlag(value, reduce=_dist_ready() and self.world_size > 1)
+
+    def node_ids(self) -> List[str]:
+        """Every rank's Ray node id, ordered by rank (a collective: every rank calls it)."""
+        import ray
+
+        nodes = [ray.get_runtime_context().get_node_id()]
+        if _dist_ready() and self.world_size > 1:
+            mine, nodes = nodes[0], [None] * self.world_size
+            dist.all_gather_object(nodes, mine)
+        return nodes
 
     def mean(self, values: Dict[str, float]) -> Dict[str, float]:
         if not _dist_ready() or self.world_size == 1:

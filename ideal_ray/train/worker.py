@@ -14,6 +14,10 @@ import torch
 
 from ideal_ray.train.loop import LoopConfig, NonFiniteLossError, run_loop
 
+# The MLflow tag naming each rank's Ray node id, comma-separated in rank order; a Ray run's rank 0 sets it at every
+# attempt (a restarted worker group may land elsewhere), an in-process run leaves it out.
+NODES_TAG = "dist/nodes"
+
 
 @dataclass
 class LocalRun:
@@ -67,6 +71,7 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
         session = RaySession(device)
+        nodes = session.node_ids()  # where each rank of this attempt runs: MLflow tag dist/nodes (rank 0)
         shard = ray.train.get_dataset_shard(f"train_{rank}")
         # the input pipeline starts (actors spawn, the first step decodes) while the stage is built
         batches = read_ahead(shard.iter_torch_batches(batch_size=micro_batch, drop_last=True,
@@ -74,7 +79,7 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
         stage = make_stage(device, rank, world)
         log = lambda line: print(line, flush=True)  # noqa: E731
     else:
-        rank = 0
+        rank, nodes = 0, None
         session = LocalSession(local.root, keep=cfg.dist.keep_checkpoints)
         stage = make_stage(local.device, 0, 1)
         batches, log = local.batches, local.log
@@ -82,9 +87,11 @@ def run_worker(config: Dict[str, Any], cfg, make_stage: Callable[[torch.device, 
                           ckpt_every=cfg.schedule.ckpt_every, vis_every=cfg.schedule.vis_every,
                           max_bad_steps=cfg.dist.max_bad_steps, ema_decay=cfg.optim.ema_decay)
 
+    tags = {"preset": cfg.preset, "stage": stage_name, **({NODES_TAG: ",".join(nodes)} if nodes else {})}
+
     def tracker_for(run_id):
         t = make_tracker(rank, tracking_uri=config["tracking_uri"], experiment=config["experiment"],
-                         run_name=cfg.name, run_id=run_id, tags={"preset": cfg.preset, "stage": stage_name})
+                         run_name=cfg.name, run_id=run_id, tags=tags)
         if run_id is None:
             t.log_params(cfg.flat())
         return t

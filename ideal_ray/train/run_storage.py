@@ -1,0 +1,208 @@
+"""Where a training run lives: its storage (``dist.storage_path``: a local or NFS folder, or ``s3://`` / ``gs://``
+through pyarrow filesystems), checked before any worker starts (:func:`check_storage`: credentials found, one test
+object written and deleted); the run record in the run folder, which refuses a rerun that would change the
+experiment (:func:`check_or_record_config`); the latest checkpoint's step; and the inference exports published
+into the run folder (:func:`publish_export`)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import timedelta
+from typing import Optional
+
+from ideal_ray.config import ConfigError, TokenizerTrainConfig
+from ideal_ray.io import changed_keys, settings_changed
+
+RUN_RECORD_FILE = "ideal_config.json"  # the run folder's record of its config and runner (a checkpoint's own
+# stage config is train.loop.CONFIG_FILE)
+# The run record also says where the run's checkpoints live: Ray Train's checkpoint index, or LocalSession's
+# numbered folders. Neither reads the other's, so a run resumes only the way it started.
+RUNNER_KEY = "runner"
+RUNNERS = {"ray": "on Ray Train", "in-process": "in one process (in_process / --in-process)"}
+# Fields a rerun of an existing run may change: how long, how often, on how many workers. Anything else (model,
+# loss, optimizer, data) would silently mix two experiments in one run folder.
+# The worker count and ZeRO stage cannot change: ZeRO optimizer shards are per rank.
+# The VFM placement may change: the trunk's features are a pure function of the image wherever it runs (the
+# trainer's autocast rule applies in the actors too), and the trunk's weights stay in the checkpoint either way.
+RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dist.keep_checkpoints",
+                     "dist.max_bad_steps", "dist.prefetch_batches", "dist.ray_address", "dist.cpus_per_worker",
+                     "dist.vfm_placement", "dist.vfm_actors", "dist.placement_strategy", "output_dir", "preset",
+                     "data.loader_workers", "data.root")
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def filesystem(uri: str, quick: bool = False):
+    """(pyarrow filesystem, path) for a local path, NFS path, or s3:// / gs:// URI. An S3 URI takes its endpoint,
+    region and credentials from the environment, as the AWS SDK does (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an
+    S3-compatible store, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or another source of the SDK's
+    chain): the one way to point a run at a store; Ray Train's controller and workers resolve the same URI in their
+    environment. ``quick``: an S3 or GCS file system that gives up soon (S3: one attempt, short timeouts; GCS: 5 s of
+    retries), for the pre-flight check (:func:`check_storage`)."""
+    import pyarrow.fs
+
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+        return pyarrow.fs.LocalFileSystem(), uri
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if quick and isinstance(fs, (pyarrow.fs.S3FileSystem, pyarrow.fs.GcsFileSystem)):
+        options = fs.__reduce__()[1][0]  # what from_uri resolved (endpoint, region, ...); credentials stay unresolved
+        if isinstance(fs, pyarrow.fs.S3FileSystem):
+            fs = pyarrow.fs.S3FileSystem(**{**options, "connect_timeout": 2.0,
+                                            "request_timeout": STORAGE_CHECK_TIMEOUT_S,
+                                            "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1)})
+        else:  # GCS retries for 15 minutes by default
+            fs = pyarrow.fs.GcsFileSystem(**{**options,
+                                             "retry_time_limit": timedelta(seconds=STORAGE_CHECK_TIMEOUT_S)})
+    return fs, path
+
+
+STORAGE_PROBE = ".ideal-ray-storage-check"  # the object the pre-flight check writes and deletes in the run folder
+STORAGE_CHECK_TIMEOUT_S = 5.0  # how long the check waits for an answer to one request (one attempt, no retries)
+
+
+def _aws_credentials() -> str:
+    """Where the AWS SDK's default chain will find credentials ('' when nowhere): the environment, a web identity
+    token (EKS IRSA), container credentials (ECS, EKS Pod Identity), a shared credentials or config file, or the EC2
+    instance metadata service (asked once, 1 s at most, unless AWS_EC2_METADATA_DISABLED=true)."""
+    import urllib.request
+
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") and env.get("AWS_ROLE_ARN"):
+        return "AWS_WEB_IDENTITY_TOKEN_FILE"
+    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return "the container credentials endpoint"
+    for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
+        path = os.path.expanduser(env.get(var) or default)
+        if os.path.isfile(path):
+            return f"{path} (profile {env.get('AWS_PROFILE', 'default')})"
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        imds = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+        ask = urllib.request.Request(imds + "/latest/api/token", method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        try:
+            with urllib.request.urlopen(ask, timeout=1):
+                return "the EC2 instance metadata service"
+        except Exception:
+            pass
+    return ""
+
+
+def check_storage(cfg) -> None:
+    """Refuse an object-store ``dist.storage_path`` this machine cannot use, before Ray or any worker starts: a query
+    string (the endpoint and credentials come from the environment only), no AWS credentials anywhere the AWS SDK
+    looks, or a test object in the run folder that cannot be written and deleted (a wrong bucket, an unreachable
+    endpoint, refused credentials: one attempt, short timeouts). One sentence naming the URI and what was tried. Local
+    and NFS folders are checked where the jobs parse their paths (``cli.require_usable_output``)."""
+    uri = storage_uri(cfg)
+    if "://" not in uri:
+        return
+    if "?" in uri:
+        raise ConfigError(f"dist.storage_path {uri} has a query string; give the bare URI (s3://bucket/path) and set "
+                          f"an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 and the credentials with "
+                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment.")
+    s3 = uri.startswith("s3://")
+    source = _aws_credentials() if s3 else ""
+    if s3 and not source:
+        raise ConfigError(f"dist.storage_path {uri} needs AWS credentials and none were found (tried "
+                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE, container "
+                          f"credentials, ~/.aws/credentials and ~/.aws/config, the EC2 instance metadata service); set "
+                          f"them in the environment of this driver and of every Ray node.")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    how = (f"through {endpoint} with credentials from {source}" if s3 else
+           f"through pyarrow's {uri.split('://')[0]}:// file system with its default credentials")
+    probe = run_uri(cfg) + "/" + STORAGE_PROBE
+    try:
+        fs, path = filesystem(probe, quick=True)
+        with fs.open_output_stream(path) as f:
+            f.write(b"ok")
+        fs.delete_file(path)
+    except Exception as e:  # pyarrow's OSError / ArrowInvalid, whatever the SDK said
+        text = str(e)
+        reason = ("its bucket does not exist" if "NO_SUCH_BUCKET" in text else
+                  f"the endpoint did not answer within {STORAGE_CHECK_TIMEOUT_S:g} s" if "curlCode: 28" in text else
+                  "the endpoint could not be reached" if "NETWORK_CONNECTION" in text or "curlCode" in text else
+                  "access was denied" if re.search(r"ACCESS_DENIED|INVALID_ACCESS_KEY|SIGNATURE|\b403\b", text)
+                  else text.splitlines()[0][:200] if text else type(e).__name__)
+        raise ConfigError(f"dist.storage_path {uri} is not usable: {reason} (tried writing and deleting {probe} "
+                          f"{how}).") from None
+
+
+def publish_export(local_path: str, cfg) -> Optional[str]:
+    """Copy a finished export into the run folder when ``dist.storage_path`` is an object store (the checkpoints'
+    home; the local file stays where the next stage reads it) and return its URI; None for a local storage path. An
+    object already there is kept (exports are never replaced silently); an upload cut off midway leaves no object (a
+    multipart upload becomes visible only when complete)."""
+    import pyarrow.fs
+
+    if "://" not in storage_uri(cfg):
+        return None
+    uri = run_uri(cfg) + "/" + os.path.basename(local_path)
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        pyarrow.fs.copy_files(local_path, path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+    return uri
+
+
+def storage_uri(cfg: TokenizerTrainConfig) -> str:
+    s = cfg.dist.storage_path or cfg.output_dir  # "" = next to the run's exports
+    return s if "://" in s else os.path.abspath(s)
+
+
+def run_uri(cfg: TokenizerTrainConfig) -> str:
+    return storage_uri(cfg).rstrip("/") + "/" + cfg.name
+
+
+def latest_checkpoint_step(run_path: str) -> int:
+    """Step of the latest checkpoint Ray Train registered for this run (0 when there is none)."""
+    from ray.train import Result  # Train V2's Result (V2 is the default in Ray 2.60)
+
+    fs, path = filesystem(run_path)
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return 0
+    try:
+        result = Result.from_path(run_path)
+    except RuntimeError:  # the folder exists but holds no checkpoint index yet
+        return 0
+    return int((result.metrics or {}).get("step", 0)) if result.checkpoint else 0
+
+
+def check_or_record_config(cfg: TokenizerTrainConfig, runner: str = "ray") -> bool:
+    """Record the config (and the runner, a key of :data:`RUNNERS`) in the run folder; on a rerun, refuse a config
+    that changes the experiment, or the other runner.
+
+    Returns True when the run folder already held this run (a resume)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(run_uri(cfg))
+    cfg_path = path.rstrip("/") + "/" + RUN_RECORD_FILE
+    new = {**cfg.flat(), RUNNER_KEY: runner}
+    if fs.get_file_info(cfg_path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(cfg_path) as f:
+            old = json.loads(f.read().decode())
+        was = old.pop(RUNNER_KEY, "ray")  # records from before the in-process runner were Ray runs
+        if was != runner:
+            was = RUNNERS.get(was, was)
+            raise ConfigError(f"Run '{cfg.name}' in {storage_uri(cfg)} was trained {was} and resumes only that "
+                              f"way; rerun it {was}, or choose a new name.")
+        changed = changed_keys(old, {k: new[k] for k in cfg.flat()}, ignore=RESUMABLE_CHANGES,
+                               same=lambda a, b: _norm(a) == _norm(b), defaults=type(cfg)().flat())
+        if changed:
+            raise settings_changed(f"Run '{cfg.name}'", storage_uri(cfg), changed,
+                                   "choose a new name or restore those values to resume it.")
+        resumed = True
+    else:
+        resumed = False
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(cfg_path) as f:
+        f.write(json.dumps(new, indent=1, sort_keys=True, default=str).encode())
+    return resumed
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
