@@ -36,10 +36,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import INTERRUPTED, add_stage_args, outcome, refuse, stage_config_from_args  # noqa: E402
+from ideal_ray.cli import (INTERRUPTED, add_stage_args, outcome, refuse, stage_config_from_args,  # noqa: E402
+                           take_overrides)
 from ideal_ray.console import job_console, say  # noqa: E402
 
-TRAIN = "train."  # the prefix of the overrides of every trial's training config
+TRAIN = "train."  # the prefix of the overrides of every trial's training config (cli.take_overrides)
 SHORTHANDS = [
     ("--study", "study", "fusion | shallow-align | backbone | layer | custom (with variants=v1,v2+v3)",
      {"metavar": "STUDY"}),
@@ -58,8 +59,7 @@ def main(argv=None) -> int:
     add_stage_args(parser, AblationSweepConfig, SHORTHANDS, default_preset="tiny")
     args = parser.parse_args(argv)
     # train.a.b=c goes to every trial's training config whole (its value may hold commas, e.g. a tuple)
-    train = [o[len(TRAIN):] for o in args.overrides if o.startswith(TRAIN)]
-    args.overrides = [o for o in args.overrides if not o.startswith(TRAIN)]
+    train, args.overrides = take_overrides(args.overrides, ["train"], strip=True)
     _refuse_training_keys(args.overrides, AblationSweepConfig)
     cfg = stage_config_from_args(AblationSweepConfig, args, SHORTHANDS)
     try:
