@@ -98,6 +98,15 @@ def fid_inception():
         pytest.skip("no FID Inception weights: run `make venv` (python -m ideal_ray.eval.inception install)")
 
 
+def ctrl_c_reaches_it() -> None:
+    """``preexec_fn`` of a job a test interrupts with SIGINT: the signal's default action in the child, as in a
+    terminal. A suite started in the background by a non-interactive shell (``make test &``, ``nohup``) has SIGINT
+    ignored, which a child inherits and Python then keeps (Ctrl-C would never reach the job)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def random_sampling_models(folder, num_classes: int):
     """(GPT export, tokenizer checkpoint) paths in ``folder``: a tiny random GPT whose weights, head included, are
     drawn N(0, 0.2) (the zero-init head would give uniform logits, so classes and CFG would change nothing) and a

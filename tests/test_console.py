@@ -112,14 +112,15 @@ def test_ctrl_c_stops_a_job_with_130_and_where_to_resume(tmp_path):
     import signal
     import time
 
-    from conftest import random_sampling_models
+    from conftest import ctrl_c_reaches_it, random_sampling_models
 
     gpt, tok = random_sampling_models(str(tmp_path), num_classes=2)
     out = tmp_path / "samples"
     p = subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "sample.py"), "--gpt", gpt, "--tokenizer", tok,
                           "--out", str(out), "--in-process", "sample.per_class=5000", "sample.batch_size=2",
                           "sample.out_size=8"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         preexec_fn=ctrl_c_reaches_it)
     log = out / "console.log"
     t0 = time.time()
     try:  # waits for the event; the 10-minute limit only guards against a hang (it comes in ~5 s)

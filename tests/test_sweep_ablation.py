@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from conftest import ctrl_c_reaches_it
 from ideal_ray.config import AblationSweepConfig, ConfigError, load_stage_config
 from ideal_ray.io import SettingsChangedError
 
@@ -180,7 +181,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
            "--name", "abl", "--storage", storage, "--steps", "2", "variants=" + ",".join(VARIANTS),
            *[f"train.{o}" for o in overrides]]
     proc = subprocess.Popen(cli, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=ctrl_c_reaches_it)
     try:
         # wait for the event (the first trial's evaluation on disk), not for a time: the trial takes ~1-2 minutes on 2
         # idle cores and several times that on a loaded machine; the guard only catches a hang (>10x the normal time)

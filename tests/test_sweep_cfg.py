@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import random_sampling_models
+from conftest import ctrl_c_reaches_it, random_sampling_models
 from ideal_ray.checkpoint import CheckpointError
 from ideal_ray.io import SettingsChangedError
 
@@ -80,7 +80,8 @@ def interrupted(setup):
     uri = f"sqlite:///{path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI="")
     logf = open(setup["dir"] / "interrupted.log", "w")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            preexec_fn=ctrl_c_reaches_it)
     seen = None
     t0 = time.time()
     try:  # waits for an event; the 30-minute limit only guards against a hang (a trial takes ~20 s)
