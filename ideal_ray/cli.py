@@ -99,15 +99,11 @@ def config_from_args(args: argparse.Namespace, in_process: bool = False, needs_d
     return cfg
 
 
-# An offline stage job's flag for a config key: (flag, key, help[, argparse keywords]). Flags are shorthands for
-# the overrides a user types most (paths, mostly); every other setting is an a.b=c override of the stage's config.
-Shorthand = Tuple[str, str, str]
-
-
 def add_stage_args(parser: argparse.ArgumentParser, cls: type, shorthands: Sequence[tuple],
                    default_preset: str = "paper") -> None:
-    """``--preset`` (``paper`` or ``tiny``: :data:`ideal_ray.config.STAGE_PRESETS`), the ``shorthands`` (a flag with
-    a value sets its key; one with ``action='store_true'`` sets it to true) and the ``a.b=c`` overrides of the
+    """``--preset`` (``paper`` or ``tiny``: :data:`ideal_ray.config.STAGE_PRESETS`), the ``shorthands`` (each
+    ``(flag, key, help[, argparse keywords])``: a flag for the override a user types most, mostly paths; a flag with a
+    value sets its key, one with ``action='store_true'`` sets it to true) and the ``a.b=c`` overrides of the
     stage config ``cls``; read them back with :func:`stage_config_from_args`."""
     from ideal_ray.config import STAGE_PRESETS
 

@@ -88,6 +88,17 @@ def use_actor_threads(device: str) -> None:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
+def process_device(device: str) -> str:
+    """The device of work done in this process (an in-process run's ``run.device``, ``GenEvalConfig.device``):
+    ``auto`` is this process's GPU when it has one, else the CPU; anything else as given (cpu, cuda, cuda:N). The
+    pool's counterpart is :func:`actor_device`."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def actor_device(device: str, num_actors: Optional[int]) -> Tuple[str, int, int, int]:
     """``(device, actors, cluster GPUs, cluster CPUs)``: ``auto`` is cuda when the cluster has GPUs; cuda without
     GPUs is an error; the actor count defaults to one per GPU, or 1 on CPU."""

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from ideal_ray.cluster import process_device
 from ideal_ray.config import ConfigError, GenEvalConfig, ReconEvalConfig, validate_stage
 from ideal_ray.data import sources
 from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
@@ -169,15 +170,6 @@ def _local_device(device: str) -> str:
     import torch
 
     return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-
-
-def _driver_device(device: str) -> str:
-    """The device of work done in this process (``GenEvalConfig.device``): ``auto`` is its GPU when it has one."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_out_dir(out_dir: str) -> str:
@@ -408,7 +400,7 @@ def evaluate_gen(cfg: GenEvalConfig, *, run_name: Optional[str] = None,
     validate_stage(cfg)
     samples_npz, reference, fid, c = cfg.samples, cfg.reference, cfg.fid, cfg.classifier
     batch_size, inception_weights, cache_dir = fid.batch_size, fid.inception_weights, fid.cache_dir
-    device = _driver_device(cfg.device)
+    device = process_device(cfg.device)
     t0 = time.perf_counter()
     if not os.path.isfile(samples_npz):
         raise FileNotFoundError(f"samples file {samples_npz} does not exist; make one with jobs/sample.py.")

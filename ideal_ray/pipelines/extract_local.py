@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from ideal_ray.cluster import process_device
 from ideal_ray.config import ExtractConfig, validate_stage
 from ideal_ray.data import crops
 from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
@@ -97,13 +98,6 @@ def _encode_shard(encoder: ViewEncoder, listing, packed: dict, a: int, b: int, i
     return [listing.ids[i] for i in kept], listing.labels[kept], toks, skipped
 
 
-def local_device(device: str) -> torch.device:
-    """``run.device`` of an in-process run: ``auto`` is this process's GPU when it has one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def extract_tokens_local(cfg: ExtractConfig) -> dict:
     """Encode every ``data.split`` image's views with the tokenizer ``cfg.tokenizer`` into shards under ``cfg.out``,
     in this process (``cfg``: :class:`~ideal_ray.config.ExtractConfig`; ``run.in_process`` is not consulted).
@@ -119,7 +113,7 @@ def extract_tokens_local(cfg: ExtractConfig) -> dict:
     summary (images, rows, shards written/kept, skipped files, images/s, the verification summary).
     """
     validate_stage(cfg)
-    dev = local_device(cfg.run.device)
+    dev = torch.device(process_device(cfg.run.device))
     ex = Extraction(cfg, tokenizer_device=str(dev))
     ex.settle(gpu=dev.type == "cuda")
     packed = ex.listing.pack()

@@ -24,10 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ideal_ray.cluster import process_device
 from ideal_ray.config import SampleJobConfig, validate_stage
 from ideal_ray.io import atomic_path
 
-__all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image", "resolve_device", "tracking_store",
+__all__ = ["sample_images", "sample_seed", "plan_samples", "grid_image",
            "SAMPLES_FILE", "GRID_FILE", "EXPERIMENT", "GRID_COLUMNS"]
 
 SAMPLES_FILE = "samples.npz"
@@ -115,25 +116,6 @@ def _gpt_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def resolve_device(device: str) -> str:
-    """An in-process run's device (``run.device``): ``auto`` is cuda when this process has a GPU, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def tracking_store(tracking_uri: Optional[str], out_dir: str) -> Optional[str]:
-    """The MLflow store of a sampling run (``SampleJobConfig.tracking_uri``): "" = none (no MLflow), None = the
-    default store (``$MLFLOW_TRACKING_URI`` or ``<out>/mlflow.db``), anything else is the store."""
-    if tracking_uri == "":
-        return None
-    if tracking_uri is None:
-        from ideal_ray.tracking import default_tracking_uri
-
-        return default_tracking_uri(out_dir)
-    return tracking_uri
-
-
 def sample_images(cfg: SampleJobConfig, log: Callable[[str], None] = print,
                   compile: Optional[bool] = None) -> Dict[str, Any]:
     """Sample ``cfg.sample.per_class`` images of each of ``cfg.classes`` (empty = every class of the GPT) in this
@@ -158,7 +140,7 @@ def sample_images(cfg: SampleJobConfig, log: Callable[[str], None] = print,
     for p in (npz_path, grid_path):
         if os.path.exists(p):
             raise FileExistsError(f"{p} exists; refusing to overwrite earlier samples (choose a new --out).")
-    dev = torch.device(resolve_device(cfg.run.device))
+    dev = torch.device(process_device(cfg.run.device))
     models = check_models(gpt_path, tokenizer_path, classes)  # the pair fits, before any weights are read
     cls_list = _resolve_classes(classes, models[GPT].num_classes)
     gpt = load_gpt(gpt_path, device="cpu", grid=models[TOKENIZER].grid)
@@ -213,19 +195,18 @@ def sample_images(cfg: SampleJobConfig, log: Callable[[str], None] = print,
         "images_per_s_steady": round(rest / (total - first), 4) if rest and total > first else None,
         "mlflow_run_id": None,
     }
-    tracking_uri = tracking_store(cfg.tracking_uri, out_dir)
-    if tracking_uri is not None:
-        from ideal_ray.tracking import Tracker
+    from ideal_ray.tracking import run_tracker
 
-        with Tracker(tracking_uri, EXPERIMENT, run_name=os.path.basename(os.path.abspath(out_dir))) as tr:
-            params = {f"sample.{k}": v for k, v in dataclasses.asdict(sample_cfg).items()}
-            params.update({"gpt": os.path.abspath(gpt_path), "tokenizer": os.path.abspath(tokenizer_path),
-                           "classes": "all" if classes is None else ",".join(map(str, cls_list)),
-                           "device": str(dev), "precision": str(gpt.tok_embed.weight.dtype)})
-            tr.log_params(params)
-            tr.log_metrics({k: summary[k] for k in ("images_per_s", "seconds", "sample_seconds", "decode_seconds",
-                                                   "num_images")}, step=0)
-            tr.log_image(grid_path, "samples")
-            summary["mlflow_run_id"] = tr.run_id
+    # "" = no MLflow (a tracker that does nothing), None = the default store beside the samples
+    with run_tracker(cfg.tracking_uri, out_dir, EXPERIMENT, os.path.basename(os.path.abspath(out_dir))) as tr:
+        params = {f"sample.{k}": v for k, v in dataclasses.asdict(sample_cfg).items()}
+        params.update({"gpt": os.path.abspath(gpt_path), "tokenizer": os.path.abspath(tokenizer_path),
+                       "classes": "all" if classes is None else ",".join(map(str, cls_list)),
+                       "device": str(dev), "precision": str(gpt.tok_embed.weight.dtype)})
+        tr.log_params(params)
+        tr.log_metrics({k: summary[k] for k in ("images_per_s", "seconds", "sample_seconds", "decode_seconds",
+                                               "num_images")}, step=0)
+        tr.log_image(grid_path, "samples")
+        summary["mlflow_run_id"] = tr.run_id
     log(f"wrote {npz_path} and {grid_path}: {summary['images_per_s']} images/s")
     return summary

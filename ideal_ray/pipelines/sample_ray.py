@@ -29,7 +29,6 @@ from ideal_ray.pipelines.sample_local import (
     SAMPLES_FILE,
     _resolve_classes,
     plan_samples,
-    tracking_store,
     write_samples,
 )
 
@@ -133,18 +132,17 @@ def sample_images_ray(cfg: SampleJobConfig, log: Callable[[str], None] = print) 
         "batch_size": int(bs), "device": device, "num_samplers": num_samplers, "seconds": round(total, 4),
         "images_per_s": round(n / total, 4) if total > 0 else float("inf"), "mlflow_run_id": None,
     }
-    tracking_uri = tracking_store(cfg.tracking_uri, out_dir)
-    if tracking_uri is not None:
-        from ideal_ray.tracking import Tracker
+    from ideal_ray.tracking import run_tracker
 
-        with Tracker(tracking_uri, EXPERIMENT, run_name=os.path.basename(os.path.abspath(out_dir))) as tr:
-            params = {f"sample.{k}": v for k, v in dataclasses.asdict(sample_cfg).items()}
-            params.update({"gpt": gpt_path, "tokenizer": tokenizer_path, "device": device,
-                           "num_samplers": num_samplers, "precision": precision,
-                           "classes": "all" if classes is None else ",".join(map(str, cls_list))})
-            tr.log_params(params)
-            tr.log_metrics({k: summary[k] for k in ("images_per_s", "seconds", "num_images")}, step=0)
-            tr.log_image(grid_path, "samples")
-            summary["mlflow_run_id"] = tr.run_id
+    # "" = no MLflow (a tracker that does nothing), None = the default store beside the samples
+    with run_tracker(cfg.tracking_uri, out_dir, EXPERIMENT, os.path.basename(os.path.abspath(out_dir))) as tr:
+        params = {f"sample.{k}": v for k, v in dataclasses.asdict(sample_cfg).items()}
+        params.update({"gpt": gpt_path, "tokenizer": tokenizer_path, "device": device,
+                       "num_samplers": num_samplers, "precision": precision,
+                       "classes": "all" if classes is None else ",".join(map(str, cls_list))})
+        tr.log_params(params)
+        tr.log_metrics({k: summary[k] for k in ("images_per_s", "seconds", "num_images")}, step=0)
+        tr.log_image(grid_path, "samples")
+        summary["mlflow_run_id"] = tr.run_id
     log(f"wrote {npz_path} and {grid_path}: {summary['images_per_s']} images/s on {num_samplers} actor(s)")
     return summary

@@ -103,8 +103,8 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
     ``ideal-ar`` at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI`` or ``<output_dir>/<name>/mlflow.db``).
     Returns ``checkpoint``, ``export``, ``steps``, ``tracking_uri`` and ``metrics`` (the MLflow run's latest values)."""
     from ideal_ray.data.ar_reader import ar_rank_dataset
-    from ideal_ray.train.ray_trainer import checkpoint_path, record_final, run_stage
-    from ideal_ray.train.run_storage import check_storage, publish_export
+    from ideal_ray.train.ray_trainer import checkpoint_path, publish_and_record, run_stage
+    from ideal_ray.train.run_storage import check_storage
 
     validate_ar(cfg)
     check_storage(cfg)
@@ -123,9 +123,7 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
         cfg, train_loop_per_worker, rank_data, total_steps, "ideal-ar", {"steps_per_epoch": steps_per_epoch}, log,
         tracking_uri=tracking_uri)
     export_path = export_gpt(result.checkpoint, cfg, os.path.join(local_dir, f"gpt_step{final_step}.pt"), final_step)
-    export_uri = publish_export(export_path, cfg)  # its copy in the run folder on an object store, else None
-    tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
-    metrics = record_final(tracking_uri, "ideal-ar", result.checkpoint, tags)
+    export_uri, metrics = publish_and_record(cfg, export_path, tracking_uri, "ideal-ar", result.checkpoint)
     log(f"[ideal-ray] done: checkpoint {checkpoint_path(result.checkpoint)}, inference export {export_path}")
     return {"checkpoint": checkpoint_path(result.checkpoint), "export": export_path, "export_uri": export_uri,
             "steps": final_step, "tracking_uri": tracking_uri, "metrics": metrics}

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -312,10 +312,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, log: Callable[[str], None] = prin
     skipped_path, skipped, _ = report_skipped(cfg, listing, skips)
     export_path = export_tokenizer(result.checkpoint, cfg, os.path.join(local_dir, f"tokenizer_step{final_step}.pt"),
                                    step=final_step)
-    export_uri = publish_export(export_path, cfg)
-    tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
-    metrics = record_final(tracking_uri, "ideal-tokenizer", result.checkpoint, tags,
-                           metrics={"data/skipped_files": len(skipped)}, step=final_step, artifacts=[skipped_path])
+    export_uri, metrics = publish_and_record(cfg, export_path, tracking_uri, "ideal-tokenizer", result.checkpoint,
+                                             metrics={"data/skipped_files": len(skipped)}, step=final_step,
+                                             artifacts=[skipped_path])
     if skipped:
         log(f"[ideal-ray] {len(skipped)} unreadable image file(s) skipped (first: {skipped[0]['image_id']}: "
             f"{skipped[0]['error']}); listed in {skipped_path}")
@@ -392,6 +391,18 @@ def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step:
             params[name].copy_(value)
     include_vfm = not (cfg.model.vfm.pretrained or cfg.model.vfm.weights_path)
     return save_inference_checkpoint(out_path, model, cfg, step=step, include_vfm=include_vfm, overwrite=overwrite)
+
+
+def publish_and_record(cfg, export_path: str, tracking_uri: str, experiment: str, checkpoint,
+                       **record: Any) -> Tuple[Optional[str], Dict[str, float]]:
+    """The end of a training stage: the inference export published next to the checkpoints when they are on an
+    object store (:func:`~ideal_ray.train.run_storage.publish_export`), then the run's MLflow record given the
+    export (tags ``inference_export`` and, when published, ``inference_export_uri``) and ``record``
+    (:func:`record_final`'s ``metrics``, ``step``, ``artifacts``). Returns (the export's URI or None, the run's
+    metrics)."""
+    export_uri = publish_export(export_path, cfg)
+    tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
+    return export_uri, record_final(tracking_uri, experiment, checkpoint, tags, **record)
 
 
 def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str],
