@@ -8,8 +8,8 @@ one rule for a rerun under an existing name: the same settings resume, other set
 - :func:`record_settings` writes a run's or sweep's settings (JSON) on the first run and, on a rerun, refuses changed
   ones with a :class:`SettingsChangedError` naming the keys (:func:`changed_keys`).
 
-Local paths only (object storage goes through pyarrow file systems where a stage supports it). Standard library
-only: every layer may import it.
+Local paths only (object storage: :mod:`ideal_ray.storage`, where a store shows an object only once its upload is
+complete). Standard library only: every layer may import it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+import logging
 import os
 import re
 import socket
@@ -178,3 +179,50 @@ def release_layout(model, usage_len=64):
     out["model.slot_quantize.codebook_used"] = torch.zeros(usage_len)
     out["quantize.embedding.weight"] = model.quantizer.embedding.weight.clone()
     return out
+
+
+# ------------------------------------------------------------------------------------- an S3 store on loopback
+BUCKET = "bucket"
+STORAGE = f"s3://{BUCKET}/runs"
+AWS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory):
+    """moto's S3 server on a free loopback port with an empty bucket; dummy credentials and the endpoint in the
+    environment (restored afterwards). Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+    import pyarrow.fs
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request at INFO
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in AWS_VARS}
+    for k in AWS_VARS:
+        os.environ.pop(k, None)
+    home = tmp_path_factory.mktemp("aws")  # no credentials file of this machine's user may count
+    os.environ.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+                      AWS_SHARED_CREDENTIALS_FILE=str(home / "credentials"), AWS_CONFIG_FILE=str(home / "config"))
+    pyarrow.fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import timedelta
 from typing import Optional
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig
 from ideal_ray.io import changed_keys, settings_changed
+from ideal_ray.storage import STORAGE_CHECK_TIMEOUT_S, filesystem
 
 RUN_RECORD_FILE = "ideal_config.json"  # the run folder's record of its config and runner (a checkpoint's own
 # stage config is train.loop.CONFIG_FILE)
@@ -32,33 +32,7 @@ RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dis
 
 
 # ----------------------------------------------------------------------------------------------- storage
-def filesystem(uri: str, quick: bool = False):
-    """(pyarrow filesystem, path) for a local path, NFS path, or s3:// / gs:// URI. An S3 URI takes its endpoint,
-    region and credentials from the environment, as the AWS SDK does (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an
-    S3-compatible store, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or another source of the SDK's
-    chain): the one way to point a run at a store; Ray Train's controller and workers resolve the same URI in their
-    environment. ``quick``: an S3 or GCS file system that gives up soon (S3: one attempt, short timeouts; GCS: 5 s of
-    retries), for the pre-flight check (:func:`check_storage`)."""
-    import pyarrow.fs
-
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-        return pyarrow.fs.LocalFileSystem(), uri
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    if quick and isinstance(fs, (pyarrow.fs.S3FileSystem, pyarrow.fs.GcsFileSystem)):
-        options = fs.__reduce__()[1][0]  # what from_uri resolved (endpoint, region, ...); credentials stay unresolved
-        if isinstance(fs, pyarrow.fs.S3FileSystem):
-            fs = pyarrow.fs.S3FileSystem(**{**options, "connect_timeout": 2.0,
-                                            "request_timeout": STORAGE_CHECK_TIMEOUT_S,
-                                            "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1)})
-        else:  # GCS retries for 15 minutes by default
-            fs = pyarrow.fs.GcsFileSystem(**{**options,
-                                             "retry_time_limit": timedelta(seconds=STORAGE_CHECK_TIMEOUT_S)})
-    return fs, path
-
-
 STORAGE_PROBE = ".ideal-ray-storage-check"  # the object the pre-flight check writes and deletes in the run folder
-STORAGE_CHECK_TIMEOUT_S = 5.0  # how long the check waits for an answer to one request (one attempt, no retries)
 
 
 def _aws_credentials() -> str:
