@@ -1,7 +1,8 @@
 """The Ray cluster every job runs on, one way: :func:`init_ray` joins ``$RAY_ADDRESS`` (or a stage's
 ``dist.ray_address``) through :func:`connect_ray`, else starts a local cluster with at least the logical CPUs the
-caller needs (training stages, sweeps, extraction, sampling, evaluation all call it); and the device and actor count
-of a GPU-or-CPU actor pool from the cluster's resources (extraction, sampling, evaluation)."""
+caller needs (training stages, sweeps, extraction, sampling, evaluation all call it), keeping Ray Data usable after a
+lost node (:func:`keep_ray_data_actors`); and the device and actor count of a GPU-or-CPU actor pool from the
+cluster's resources (extraction, sampling, evaluation)."""
 
 from __future__ import annotations
 
@@ -59,15 +60,47 @@ def init_ray(logical_cpus: int, address: str = "", runtime_env: Optional[dict] =
     import ray
 
     if ray.is_initialized():
+        keep_ray_data_actors()
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         connect_ray(address)
+        keep_ray_data_actors()
         return False
     # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner queries every second for its
     # controller (without it: a warning a second, and no clean-up of a crashed run's placement group).
     ray.init(num_cpus=max(os.cpu_count() or 1, int(logical_cpus)), include_dashboard=True, runtime_env=runtime_env)
+    keep_ray_data_actors()
     return True
+
+
+# Ray Data's cluster-wide helper actors in Ray 2.60 (each one detached actor, found by name): the module and the
+# function that finds or makes each. Ray Train's controller asks the autoscaling coordinator too.
+RAY_DATA_ACTORS = (
+    ("ray.data._internal.stats", "get_or_create_stats_actor"),
+    ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
+    ("ray.data._internal.execution.node_trackers.actor_location", "get_or_create_actor_location_tracker"),
+)
+
+
+def keep_ray_data_actors() -> None:
+    """Make Ray Data's cluster-wide helper actors on this process's node. Ray 2.60 runs a few of them
+    (:data:`RAY_DATA_ACTORS`: the stats actor, the autoscaling coordinator that every dataset's executor and Ray
+    Train's controller ask for resources, the tracker of where actor-pool actors live), each made by the first process
+    that needs it and pinned to that process's node. Ray means that to be the driver, but the training stages iterate
+    their rank datasets inside the train workers, so a helper could land on a GPU node; when that node is lost (a
+    reclaimed spot instance) every dataset running on the cluster fails with ``ActorUnschedulableError`` (an
+    extraction whose encoder node was lost did, in tests/test_multinode.py). So every stage's driver, on connecting,
+    makes each helper first (Ray's own function: a helper that exists is found, not moved), on the driver's node: the
+    head, for a submitted job, whose loss ends the cluster anyway. Skips a helper this Ray does not have."""
+    import importlib
+
+    for module, function in RAY_DATA_ACTORS:
+        try:
+            make = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):  # another Ray: nothing to make
+            continue
+        make()
 
 
 def actor_cpus(device: str, num_actors: int, cluster_cpus: int, others: int = 1) -> int:

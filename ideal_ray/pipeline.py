@@ -186,11 +186,14 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
 
         return run_on_ray
 
+    def published(r):  # the export's copy next to the checkpoints, when they are on an object store
+        return {"export_uri": r["export_uri"]} if r.get("export_uri") else {}
+
     def tokenizer(state):
         from ideal_ray.train.ray_trainer import train_tokenizer
 
         r = train_tokenizer(tok_cfg, log=log, tracking_uri=tracking_uri)
-        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"],
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"], **published(r),
                 **{k: r["metrics"][k] for k in ("g_loss", "rec_mse", "usage") if k in r["metrics"]}}
 
     def extract(state):
@@ -204,7 +207,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
         from ideal_ray.train.ar_stage import train_ar
 
         r = train_ar(ar_cfg, log=log, tracking_uri=tracking_uri)
-        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"],
+        return {"export": r["export"], "checkpoint": r["checkpoint"], "steps": r["steps"], **published(r),
                 "loss": r["metrics"].get("loss")}
 
     def sample(state):

@@ -47,3 +47,235 @@ def filesystem(uri: str, quick: bool = False):
             fs = pyarrow.fs.GcsFileSystem(**{**options,
                                              "retry_time_limit": timedelta(seconds=STORAGE_CHECK_TIMEOUT_S)})
     return fs, path
+
+
+# ------------------------------------------------------------------------------------- whole files in a folder or store
+def absolute(path: str) -> str:
+    """A URI as it is (less a trailing ``/``); a local path with ``~`` expanded, made absolute (what a Ray worker
+    with another working directory must be given)."""
+    path = os.fspath(path)
+    return path.rstrip("/") if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def staging_dir(uri: str) -> str:
+    """This machine's own folder for a URI's writer (``<tmp>/ideal-ray-staging/<hash of the URI>``, made if
+    missing): where it writes a file whole before uploading it, keeps its lock and a log. Standard library only."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(absolute(uri).encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "ideal-ray-staging", key)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def file_size(fs, path: str):
+    """The size of the file ``path`` of ``fs``, or None when there is none (nothing there, or a folder)."""
+    import pyarrow.fs
+
+    info = fs.get_file_info(path)
+    return info.size if info.type == pyarrow.fs.FileType.File else None
+
+
+def list_files(fs, path: str) -> dict:
+    """``{name: size}`` of the files directly in folder ``path`` of ``fs`` (an object store's keys one level below
+    the prefix); ``{}`` when there is no such folder."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False, allow_not_found=True))
+    return {i.base_name: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+
+def read_bytes(fs, path: str) -> bytes:
+    """The whole content of file ``path`` of ``fs``."""
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def upload_bytes(fs, path: str, data: bytes) -> None:
+    """Store ``data`` as object ``path`` with one write to one output stream. An object store shows an object only
+    once its upload completes: a writer killed midway leaves no object (and any older object under the key stays
+    as it was); a single write call means no interrupt can land between two parts of it and close a partial upload.
+    The stored size is checked afterwards (a mismatch deletes the object and raises OSError)."""
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    size = file_size(fs, path)
+    if size != len(data):
+        fs.delete_file(path)
+        raise OSError(f"the upload of {path} stored {size} of {len(data)} bytes; it was deleted, rerun to redo it.")
+
+
+def upload_file(local: str, fs, path: str) -> int:
+    """Upload the finished local file ``local`` to ``path`` of ``fs`` whole (:func:`upload_bytes`); returns its
+    size."""
+    with open(local, "rb") as f:
+        data = f.read()
+    upload_bytes(fs, path, data)
+    return len(data)
+
+
+# ------------------------------------------------------------------------------------- a dataset's files in a store
+from ideal_ray.errors import InputError  # noqa: E402  (standard library only, as this module)
+
+
+class StoreAccessError(InputError, OSError):
+    """The object store could not be asked about a URI (no such bucket, denied, unreachable endpoint): one sentence
+    naming the URI and the store's answer. An ``OSError`` too, so a reader counts it as an unreadable file."""
+
+
+class StorePath:
+    """A file or folder under an object-store URI (``s3://bucket/imagenet/train``) with the part of
+    :class:`pathlib.Path` that listing an image source uses (``/``, ``name``, ``suffix``, ``is_dir``, ``is_file``,
+    ``glob``, ``read_text``, plus ``scandir`` and ``open_input_file``), so one listing code reads a local folder and a
+    bucket. ``str()`` is the URI; ``path`` and ``fs`` are the pyarrow file system's path (``bucket/imagenet/train``)
+    and file system (:func:`filesystem`: endpoint and credentials from the environment).
+
+    Paths made from one another with ``/`` share what was listed: the first :meth:`scandir` of a folder lists it and
+    everything below it with one (paginated) recursive listing, and every folder under it is then answered from that
+    listing, so listing a split of 1,000 class folders is one listing call, not one request per folder or file. A
+    single ``is_dir`` / ``is_file`` outside a listed folder is one request. The listing is a snapshot: a dataset is
+    listed once, before it is read."""
+
+    def __init__(self, uri: str, _tree: "_StoreTree | None" = None, _path: str = "") -> None:
+        if _tree is None:
+            if not is_uri(uri):
+                raise ValueError(f"{uri} is not an object-store URI (scheme://bucket/key).")
+            if "?" in uri:
+                raise ValueError(f"{uri} carries a query string; pass the bare URI, the endpoint and credentials come "
+                                 f"from the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...).")
+            fs, path = filesystem(uri)
+            _tree, _path = _StoreTree(fs, uri[:uri.index("://") + 3]), path.rstrip("/")
+        self._tree, self.path = _tree, _path
+
+    @property
+    def fs(self):
+        return self._tree.fs
+
+    def __str__(self) -> str:
+        return self._tree.scheme + self.path
+
+    def __repr__(self) -> str:
+        return f"StorePath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorePath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, part: "str | os.PathLike") -> "StorePath":
+        path = posixpath.normpath(posixpath.join(self.path, os.fspath(part).lstrip("/")))
+        return StorePath("", self._tree, path)
+
+    def expanduser(self) -> "StorePath":
+        return self
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> "StorePath":
+        return StorePath("", self._tree, posixpath.dirname(self.path))
+
+    def is_dir(self) -> bool:
+        return self._tree.type_of(self.path, str(self)) == "dir"
+
+    def is_file(self) -> bool:
+        return self._tree.type_of(self.path, str(self)) == "file"
+
+    def exists(self) -> bool:
+        return self._tree.type_of(self.path, str(self)) != ""
+
+    def scandir(self) -> "list[_StoreEntry]":
+        """The entries directly in this folder (like ``os.scandir``: ``name``, ``is_dir()``, ``is_file()``), from
+        the recursive listing of the nearest folder already scanned, or of this one."""
+        return [_StoreEntry(name, kind) for name, kind in self._tree.children(self.path, str(self)).items()]
+
+    def glob(self, pattern: str) -> "list[StorePath]":
+        """The entries directly in this folder whose name matches ``pattern`` (one level: ``*.tar``)."""
+        import fnmatch
+
+        return [self / e.name for e in self.scandir() if fnmatch.fnmatchcase(e.name, pattern)]
+
+    def open_input_file(self):
+        """A seekable pyarrow input file of this object (``read_at(size, offset)``: one ranged read)."""
+        return self._tree.ask(str(self), lambda: self.fs.open_input_file(self.path))
+
+    def read_bytes(self) -> bytes:
+        return self._tree.ask(str(self), lambda: read_bytes(self.fs, self.path))
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+class _StoreEntry:
+    """One entry of :meth:`StorePath.scandir` (the part of ``os.DirEntry`` a listing uses)."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name, self._kind = name, kind
+
+    def is_dir(self) -> bool:
+        return self._kind == "dir"
+
+    def is_file(self) -> bool:
+        return self._kind == "file"
+
+
+class _StoreTree:
+    """What the :class:`StorePath` objects of one URI share: the file system, the URI's scheme, and the folders
+    listed so far (folder path -> {name: "file" | "dir"})."""
+
+    def __init__(self, fs, scheme: str) -> None:
+        self.fs, self.scheme = fs, scheme
+        self._listed: dict[str, dict[str, str]] = {}
+        self._types: dict[str, str] = {}  # path -> type, of single requests
+
+    def ask(self, uri: str, request):
+        """``request()``; a store error other than "not found" becomes one :class:`StoreAccessError` naming ``uri``."""
+        try:
+            return request()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if isinstance(e, InputError):
+                raise
+            raise StoreAccessError(f"cannot read {uri} from the object store ({e}); check the URI, the endpoint and "
+                                   f"the credentials in the environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, "
+                                   f"...).") from e
+
+    def type_of(self, path: str, uri: str) -> str:
+        """``"file"``, ``"dir"`` or ``""`` (nothing there) of ``path``."""
+        import pyarrow.fs
+
+        parent, name = posixpath.split(path)
+        if parent in self._listed:
+            return self._listed[parent].get(name, "")
+        if path not in self._types:
+            t = self.ask(uri, lambda: self.fs.get_file_info(path)).type
+            self._types[path] = ("file" if t == pyarrow.fs.FileType.File
+                                 else "dir" if t == pyarrow.fs.FileType.Directory else "")
+        return self._types[path]
+
+    def children(self, path: str, uri: str) -> dict[str, str]:
+        """{name: kind} of the entries directly in folder ``path`` ({} when there is none)."""
+        import pyarrow.fs
+
+        if path not in self._listed:
+            selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
+            listed: dict[str, dict[str, str]] = {path: {}}
+            for info in self.ask(uri, lambda: self.fs.get_file_info(selector)):
+                kind = ("file" if info.type == pyarrow.fs.FileType.File
+                        else "dir" if info.type == pyarrow.fs.FileType.Directory else "")
+                if not kind:
+                    continue
+                parent, name = posixpath.split(info.path.rstrip("/"))
+                listed.setdefault(parent, {})[name] = kind
+                if kind == "dir":
+                    listed.setdefault(info.path.rstrip("/"), {})
+            self._listed.update(listed)
+        return self._listed[path]

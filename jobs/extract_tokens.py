@@ -15,7 +15,9 @@ Inputs (``data.format``, default auto): an ImageNet folder (``split/<wnid>/*``),
 tars. Views: ``llamagen`` = ten-crop at 1.1x and at 1.05x (20 views per image, the paper), ``release`` = center crop
 + its horizontal flip (2 views). Output: ``tokens-*.parquet`` + ``manifest.json`` (see ideal_ray/data/tokens.py) +
 ``skipped.tsv`` (undecodable files, also an MLflow artifact). A rerun with the same settings resumes: finished
-shards are kept, the rest redone. Prints a JSON summary (images/s, skipped files, the final row check).
+shards are kept, the rest redone. ``--out`` may be an object-store URI (``s3://bucket/tokens/x``, endpoint and
+credentials from the AWS_* environment): each shard is uploaded whole, and this machine keeps the log (and the
+default MLflow store) in a staging folder it names. Prints a JSON summary (images/s, skipped files, the final row check).
 """
 import json
 import logging
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ideal_ray.cli import add_stage_args, check_checkpoints, outcome, stage_config_from_args  # noqa: E402
 from ideal_ray.console import job_console, say  # noqa: E402
+from ideal_ray.storage import is_uri, staging_dir  # noqa: E402
 
 SHORTHANDS = [
     ("--tokenizer", "tokenizer", "tokenizer: our export (tokenizer_step<N>.pt) or the authors' release file"),
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
     cfg = stage_config_from_args(ExtractConfig, parser.parse_args(argv), SHORTHANDS)
     check_checkpoints(tokenizer=cfg.tokenizer)  # before torch and Ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    with job_console(cfg.out):  # the console: the image bar and the summary; the rest: <out>/console.log
+    # the console: the image bar and the summary; the rest: <out>/console.log (a URI out: its local staging folder's)
+    with job_console(staging_dir(cfg.out) if is_uri(cfg.out) else cfg.out):
         return _extract(cfg)
 
 

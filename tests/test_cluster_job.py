@@ -1,7 +1,10 @@
 """Cluster operation end to end: a real local Ray head (`ray start --head`, GCS and dashboard / job API on
 127.0.0.1, token auth on), the tiny pipeline (tokenizer -> extract -> AR -> sample -> evaluate -> CFG sweep)
 submitted with `ray job submit --working-dir .`, and a real `mlflow server` (SQLite backend, proxied artifacts,
-localhost) as the job's tracking URI, as on a cluster. Then the same run resumed twice, every stage skipped: by
+localhost) as the job's tracking URI, as on a cluster. Both use an S3-compatible object store (moto's server on
+loopback, conftest's ``s3_store``; endpoint and credentials in the environment of the head and the server, as on a
+cluster): the training stages' checkpoints and exports (``dist.storage_path=s3://bucket/runs``) and the server's
+artifact store (``--artifacts-destination s3://bucket/mlflow``). Then the same run resumed twice, every stage skipped: by
 `python jobs/pipeline.py` (a job and a plain run are interchangeable) and by `jobs/demo.py` (the demo is the
 pipeline).
 
@@ -27,7 +30,7 @@ import uuid
 
 import pytest
 
-from conftest import report_rows
+from conftest import AWS_VARS, BUCKET, report_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -40,8 +43,8 @@ TOKEN = uuid.uuid4().hex + uuid.uuid4().hex  # the cluster's auth token (Ray 2.6
 PIPELINE_OVERRIDES = ["name=tinyjob", "data.make_synthetic=true", "data.synthetic_classes=4",
                       "data.synthetic_train_per_class=8", "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
                       "schedule.ckpt_every=3", "schedule.log_every=3", "schedule.vis_every=1000",
-                      "dist.num_workers=1"]
-AGENT_ATTEMPTS = 10  # `ray job submit` tries while the head's job agent is not registered yet (see _submit)
+                      "dist.num_workers=1", f"dist.storage_path=s3://{BUCKET}/runs"]
+AGENT_ATTEMPTS = 60  # `ray job submit` tries, 1 s apart, while the head's job agent is not registered yet (_submit)
 AR_SETS = ["schedule.steps=40", "schedule.ckpt_every=20", "schedule.log_every=1", "dist.num_workers=2"]
 
 
@@ -75,9 +78,9 @@ def _run(cmd, log, timeout, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head` bound to 127.0.0.1 (GCS and dashboard / job API), 8 logical CPUs, token auth; yields the
-    job API address. Stopped at the end (:func:`_stop_head`)."""
+def head(s3_store, tmp_path_factory):
+    """`ray start --head` bound to 127.0.0.1 (GCS and dashboard / job API), 8 logical CPUs, token auth, the object
+    store's environment; yields the job API address. Stopped at the end (:func:`_stop_head`)."""
     base = tmp_path_factory.mktemp("head")
     log = str(base / "cluster.log")
     temp_dir = tempfile.mkdtemp(prefix="irh", dir="/tmp")  # short: Ray's socket paths live under it
@@ -139,14 +142,15 @@ def _stop_head(temp_dir: str, gcs_port: int, log: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts (clients never touch its disk)."""
+def mlflow_server(s3_store, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in the object store (clients send
+    and fetch them through the server: they need no credentials of the store)."""
     base = tmp_path_factory.mktemp("mlflow_server")
     port = _port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-                             "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
+                             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT,
                             env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI job runners: 8 processes
     uri = f"http://127.0.0.1:{port}"
@@ -188,6 +192,7 @@ def _submit(head, entrypoint, log, env_vars=None, timeout=900):
         # machine), and until then a submission is refused without creating a job: ask again, anything else fails
         if "No available agent to submit job" not in _output(log, since) or attempt == AGENT_ATTEMPTS - 1:
             raise AssertionError(f"{' '.join(cmd[:4])} ... failed:\n{_output(log, since)[-6000:]}")
+        time.sleep(1)  # a loaded 2-core machine took over 10 tries (~25 s) once
     out = subprocess.run([ray, "job", "status", "--address", head["address"], sid], capture_output=True, text=True,
                          env=_env(), cwd=REPO, timeout=60)
     text = out.stdout + out.stderr
@@ -243,9 +248,13 @@ def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
         result = json.load(open(state["evaluate"]["outputs"][key]))
         assert result["protocol"]
     assert state["sweep"]["outputs"]["best_cfg_scale"] in (1.0, 1.75)
-    for stage in ("tokenizer", "ar"):  # Ray Train checkpoints next to the exports (dist.storage_path = output_dir)
-        assert os.path.isdir(state[stage]["outputs"]["checkpoint"])
-        assert os.path.isfile(state[stage]["outputs"]["export"])
+    stored = _objects("runs")  # <name> and <name>-ar
+    for stage in ("tokenizer", "ar"):  # Ray Train checkpoints in the bucket, the exports published beside them
+        out = state[stage]["outputs"]
+        assert out["checkpoint"].startswith(f"s3://{BUCKET}/runs/tinyjob") and os.path.isfile(out["export"])
+        ckpt = out["checkpoint"][len(f"s3://{BUCKET}/"):]
+        assert f"{ckpt}/loop_state.json" in stored, sorted(stored)
+        assert stored[out["export_uri"][len(f"s3://{BUCKET}/"):]] == os.path.getsize(out["export"])
     import torch
 
     from ideal_ray.checkpoint import load_gpt
@@ -328,10 +337,33 @@ def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_serve
     assert all("gfid" in r["metrics"] for r in children)
     best = client.download_artifacts(parent, "sweep/best.json", str(mlflow_server["base"] / "dl"))
     assert float(json.load(open(best))["config"]["cfg_scale"]) == state["sweep"]["outputs"]["best_cfg_scale"]
-    stored = {p.name for p in (mlflow_server["base"] / "artifacts").rglob("*") if p.is_file()}
-    assert {"best.json", "cfg_table.md", "summary.json", "result.json"} <= stored, stored
+    stored = {key.rsplit("/", 1)[-1] for key in _objects("mlflow")}  # the server's artifact store: the bucket
+    exports = [os.path.basename(state[s]["outputs"]["export"]) for s in ("tokenizer", "ar")]
+    assert {"best.json", "cfg_table.md", "summary.json", "result.json", *exports} <= stored, stored
+    assert any(name.endswith(".png") for name in stored)  # the sample and sweep grids
     assert os.path.getsize(mlflow_server["base"] / "mlflow.db") > 0
     assert not (pipeline_job["run_dir"] / "mlflow.db").exists()  # the job used the server, not a local file
+    # a client without any credentials of the store downloads the GPT export through the server
+    dl = mlflow_server["base"] / "dl-export"
+    script = ("import sys, mlflow; print(mlflow.artifacts.download_artifacts(run_id=sys.argv[1], "
+              "artifact_path=sys.argv[2], dst_path=sys.argv[3], tracking_uri=sys.argv[4]))")
+    env = {k: v for k, v in _env().items() if k not in AWS_VARS}
+    p = subprocess.run([sys.executable, "-c", script, runs["ideal-ar"][0]["run_id"], exports[1], str(dl), uri],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(p.stdout.strip().splitlines()[-1], "rb") as got, open(state["ar"]["outputs"]["export"], "rb") as want:
+        assert got.read() == want.read()
+
+
+def _objects(prefix: str) -> dict:
+    """{key under the bucket: size} of the object store's objects under ``prefix``."""
+    import pyarrow.fs
+
+    from ideal_ray.storage import filesystem
+
+    fs, path = filesystem(f"s3://{BUCKET}/{prefix}")
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(BUCKET) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 def test_rerun_as_a_plain_python_job_skips_every_finished_stage(head, pipeline_job, mlflow_server):

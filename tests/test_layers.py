@@ -1,8 +1,8 @@
 """The package's layers only point down: a module imports (at the top or inside a function) only from its own
 layer or the ones below. The layers, bottom to top:
 
-0 foundation: errors, io (atomic writes, recorded settings), config, console, tracking, weights, cluster (the Ray
-  connection)
+0 foundation: errors, io (atomic writes, recorded settings), storage (paths and object-store URIs), config, console,
+  tracking, weights, cluster (the Ray connection)
 1 models: models/, losses/, sampling, checkpoint (the file formats build models)
 2 data: data/
 3 eval: eval/ (metrics over data and models)
@@ -16,7 +16,7 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ideal_ray")
 LAYERS = {
-    "errors": 0, "io": 0, "config": 0, "console": 0, "tracking": 0, "weights": 0, "cluster": 0,
+    "errors": 0, "io": 0, "storage": 0, "config": 0, "console": 0, "tracking": 0, "weights": 0, "cluster": 0,
     "models": 1, "losses": 1, "sampling": 1, "checkpoint": 1,
     "data": 2, "eval": 3, "train": 4, "pipelines": 5, "tune": 6,
     "pipeline": 7, "cli": 7,

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import traceback
 import time
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_a_lost_node_restarts_the_run_on_a_replacement_with_the_uninterrupted_pa
     lost = time.time()
     _replace_node(two_nodes, "node_b")
     thread.join(timeout=400)
-    assert not thread.is_alive() and not errors, errors
+    assert not thread.is_alive() and not errors, "".join(traceback.format_exception(errors[0])) if errors else ""
     assert out["steps"] == 6
 
     want, got = _final_generator(spread_run[1]), _final_generator(run_dir)
@@ -263,7 +264,7 @@ def test_a_lost_encoder_node_leaves_every_row_once(spread_run, two_nodes, data_r
     lost = time.time()
     _replace_node(two_nodes, _node_of(encoders[0].pid, two_nodes))
     thread.join(timeout=300)
-    assert not thread.is_alive() and not errors, errors
+    assert not thread.is_alive() and not errors, "".join(traceback.format_exception(errors[0])) if errors else ""
     s = result
     print(f"\n[node loss] the encoder's node ended after {written} of {s['shards']} shards; {s['duplicates_dropped']} "
           f"duplicate row(s) dropped; the extraction ended {time.time() - lost:.1f} s after the loss")
@@ -272,6 +273,56 @@ def test_a_lost_encoder_node_leaves_every_row_once(spread_run, two_nodes, data_r
     assert got.image_ids == want.image_ids and len(set(got.image_ids)) == len(got.image_ids) == 32
     np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+HELPERS = {"datasets_stats_actor", "AutoscalingCoordinator", "ActorLocationTracker"}  # Ray Data's, by name
+
+
+def _helper_nodes():
+    """{name: node id} of Ray Data's cluster-wide helper actors that are alive."""
+    import ray
+    from ray._private import state
+
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"] in HELPERS:
+            info = state.actors(actor_id=ray.get_actor(entry["name"], namespace=entry["namespace"])._actor_id.hex())
+            if info["State"] == "ALIVE":
+                out[entry["name"]] = info["Address"]["NodeID"]
+    return out
+
+
+def test_the_driver_makes_ray_data_helpers_on_its_own_node(two_nodes):
+    """Ray Data's cluster-wide helper actors (stats, autoscaling coordinator, actor-location tracker) are pinned to
+    the node of the process that makes them first: without ``init_ray`` making them, a train worker's dataset on
+    node_a would put them there, and losing node_a would fail every dataset running on the cluster (the two
+    node-loss tests above). A stage's driver makes them on connecting, on its own node (the head, as for a submitted
+    job), and a dataset run on a worker node afterwards uses those."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):  # start from none (earlier drivers made them)
+        if entry["name"] in HELPERS:
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=True)
+    deadline = time.time() + 60
+    while _helper_nodes() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _helper_nodes()
+
+    from ideal_ray.cluster import init_ray
+
+    init_ray(1)
+
+    class Same:
+        def __call__(self, batch):
+            return batch
+
+    @ray.remote(num_cpus=1, resources={"node_a": 0.01})
+    def dataset_on_node_a():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        return len(ray.data.range(8).map_batches(Same, compute=ray.data.ActorPoolStrategy(size=1)).take_all())
+
+    assert ray.get(dataset_on_node_a.remote()) == 8
+    assert _helper_nodes() == {name: two_nodes["head"] for name in HELPERS}
 
 
 def _token_shards(folder, images=8, views=2, grid=8, vocab=256, classes=10):

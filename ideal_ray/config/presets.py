@@ -14,6 +14,7 @@ from ideal_ray.config.schema import (AblationSweepConfig, ARTrainConfig, CfgSwee
                                      SampleJobConfig,
                                      ScheduleConfig, TokenizerConfig, TokenizerTrainConfig, VFMConfig)
 from ideal_ray.config.validation import validate, validate_ar, validate_stage
+from ideal_ray.storage import is_uri
 
 
 def gpt_config(size: str, **overrides: Any) -> GPTConfig:
@@ -236,12 +237,18 @@ def check_data_root(cfg: TokenizerTrainConfig) -> bool:
     ``train.parquet`` file), False when the synthetic set is to be made there (only where asked: the tiny preset's
     own root ``data/synthetic``, the demo's, or ``data.make_synthetic=true``); any other missing root is a
     ConfigError (a typo must not train on invented data). A file-system check, no imports: jobs run it before
-    anything heavy; what the split holds is checked when it is listed."""
+    anything heavy; what the split holds is checked when it is listed. An object-store root (``s3://...``) is not
+    probed here (that needs its file system): True, and its listing says in one sentence what is missing; the
+    synthetic set is made in a local folder only."""
     d = cfg.data
     root = os.path.expanduser(d.root)
     split = os.path.join(root, "train")
-    if os.path.isdir(split) or (d.format in ("auto", "parquet") and os.path.isfile(split + ".parquet")):
-        if d.labels_file and not os.path.isfile(os.path.expanduser(d.labels_file)):
+    if is_uri(d.root) and d.make_synthetic:
+        raise ConfigError(f"data.make_synthetic=true makes the synthetic set in a local folder, but data.root={d.root} "
+                          f"is an object-store URI; pass a local data.root or drop data.make_synthetic.")
+    if is_uri(d.root) or os.path.isdir(split) or (d.format in ("auto", "parquet")
+                                                   and os.path.isfile(split + ".parquet")):
+        if d.labels_file and not is_uri(d.labels_file) and not os.path.isfile(os.path.expanduser(d.labels_file)):
             raise ConfigError(f"data.labels_file={d.labels_file} does not exist; point it at the flat training "
                               f"folder's labels (LOC_train_solution.csv or '<file> <label>' lines), or clear it.")
         return True

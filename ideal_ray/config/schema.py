@@ -235,6 +235,11 @@ class DistributedConfig:
     # How parameters are updated (train/engines.py): "deepspeed" (every Ray run; one process too) or "torch"
     # (plain torch AdamW in one process: quick CPU runs where DeepSpeed's start-up costs more than the run)
     engine: str = "deepspeed"
+    # The inference export also goes to the run's MLflow record as an artifact (beside the reconstructions grids):
+    # with `mlflow server --artifacts-destination s3://...` it lands in the object store and downloads through the
+    # server (`mlflow artifacts download`); false keeps it out of the tracking store (the export file and, on an
+    # object-store storage_path, its copy next to the checkpoints stay)
+    export_to_mlflow: bool = True
 
 
 @dataclass

@@ -21,7 +21,9 @@ groups plus the footers (~80 bytes per image at the default row group of 4 image
 ImageNet). The price is read amplification: a row group of ``row_group_images`` x V rows is decoded to use one
 row (4 x 20 rows = 92 KB of tokens per sample by default). Measured on one CPU core from the page cache: ~1.7k
 random samples/s at 4 images per row group, ~1.1k at 8, ~2.3k at 2 (vs the paper's ~400 sequences/s per GPU) --
-so stage the shards on local disk (or a page cache that holds them), not on a network filesystem.
+so stage the shards on local disk (or a page cache that holds them), not on a network filesystem. A URI
+``shard_dir`` (``s3://bucket/tokens/x``) is read in place through :mod:`ideal_ray.storage`: each process opens its
+own file system on first use (a Ray actor with the environment it inherited), and a row group is one ranged read.
 ``row_group_images`` is an argument of the writer: smaller groups cut the amplification and grow the footers.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import os
+import posixpath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +46,9 @@ from ideal_ray.data.augment import (
     row_schedule,
     schedule_info,
 )
-from ideal_ray.data.tokens import _require_complete, read_manifest, read_shard, shard_image_counts, tokens_to_numpy
+from ideal_ray import storage
+from ideal_ray.data.tokens import (_require_complete, open_shard, read_manifest, read_shard, shard_image_counts,
+                                   tokens_to_numpy)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the shard-reader actors run without it)
     import torch
@@ -115,9 +120,13 @@ class TokenShardReader:
         self.max_open_files = max(1, int(max_open_files))
         self._meta: dict[int, tuple[pq.FileMetaData, np.ndarray]] = {}
         self._open: collections.OrderedDict[int, pq.ParquetFile] = collections.OrderedDict()
+        self._fs = None  # (file system, folder) of a URI shard_dir, made on first use in the process that reads
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _open=collections.OrderedDict(), _fs=None)  # open files stay with their process
 
     def _path(self, shard: int) -> str:
-        return os.path.join(self.shard_dir, self.files[shard])
+        return storage.join(self.shard_dir, self.files[shard])
 
     def _row_groups(self, shard: int) -> np.ndarray:
         """First row of every row group of ``shard`` (int64 (G + 1,)), from its footer (read once)."""
@@ -142,7 +151,13 @@ class TokenShardReader:
         while len(self._open) >= self.max_open_files:
             self._open.popitem(last=False)[1].close()
         meta = self._meta.get(shard)
-        pf = pq.ParquetFile(self._path(shard), metadata=meta[0] if meta else None)
+        if storage.is_uri(self.shard_dir):
+            if self._fs is None:
+                self._fs = storage.filesystem(self.shard_dir)
+            fs, root = self._fs
+            pf = open_shard(posixpath.join(root, self.files[shard]), metadata=meta[0] if meta else None, fs=fs)
+        else:
+            pf = pq.ParquetFile(self._path(shard), metadata=meta[0] if meta else None)
         self._open[shard] = pf
         return pf
 
@@ -237,7 +252,7 @@ def ar_rank_dataset(
     ds = ray.data.range(num_steps * local_batch).repartition(target_num_rows_per_block=steps_per_block * local_batch)
     ds = ds.map_batches(
         _ARTokenRows,
-        fn_constructor_args=(os.path.abspath(os.fspath(shard_dir)), m, int(seed), int(start_step), int(rank),
+        fn_constructor_args=(storage.absolute(os.fspath(shard_dir)), m, int(seed), int(start_step), int(rank),
                              int(local_batch), int(global_batch), int(max_open_files)),
         batch_size=local_batch,
         batch_format="numpy",
@@ -283,7 +298,7 @@ class TokenShardDataset:
         v = self.num_views
         tokens, labels, ids = [], [], []
         for s in m["shards"]:
-            t = read_shard(os.path.join(self.shard_dir, s["file"]))
+            t = read_shard(storage.join(self.shard_dir, s["file"]))
             views = t.column("view_id").to_numpy()
             if t.num_rows % v or np.any(views.reshape(-1, v) != np.arange(v)):
                 raise ValueError(f"shard {s['file']} breaks the layout; run verify_shards on {self.shard_dir}.")

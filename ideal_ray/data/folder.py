@@ -28,6 +28,8 @@ import numpy as np
 from PIL import (BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin,
                  UnidentifiedImageError, WebPImagePlugin)
 
+from ideal_ray.storage import StorePath, is_uri
+
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
 
@@ -52,14 +54,29 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PNG 16-bit grayscale (ol
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def load_class_index(root_or_file: str | os.PathLike) -> list[tuple[str, str]]:
+def as_path(path: str | os.PathLike | StorePath) -> Path | StorePath:
+    """Where a listing reads: a local :class:`~pathlib.Path` (``~`` expanded) or, for an object-store URI
+    (``s3://bucket/imagenet``), a :class:`~ideal_ray.storage.StorePath` with the same methods; a ``StorePath`` stays
+    itself (it keeps what its store listed so far)."""
+    if isinstance(path, StorePath):
+        return path
+    return StorePath(os.fspath(path)) if is_uri(os.fspath(path)) else Path(path).expanduser()
+
+
+def scandir(folder: Path | StorePath):
+    """The entries of ``folder`` (``name``, ``is_dir()``, ``is_file()``): ``os.scandir`` of a local folder, the store's
+    listing of a :class:`~ideal_ray.storage.StorePath`."""
+    return folder.scandir() if isinstance(folder, StorePath) else os.scandir(folder)
+
+
+def load_class_index(root_or_file: str | os.PathLike | StorePath) -> list[tuple[str, str]]:
     """Return ``[(wnid, name), ...]`` ordered by label from a class-index file or a dataset root.
 
     Accepts a directory (reads ``<dir>/class_index.json``), a JSON file ``{"0": [wnid, name], ...}`` (labels
     must be exactly 0..N-1) or a text file with one ``wnid name...`` per line in label order (the Kaggle
     ``LOC_synset_mapping.txt`` style).
     """
-    path = Path(root_or_file).expanduser()
+    path = as_path(root_or_file)
     if path.is_dir():
         path = path / CLASS_INDEX_FILE
     if not path.is_file():
@@ -213,33 +230,33 @@ class FolderSplit(NamedTuple):
     samples: list[tuple[str, int]]
     classes: list[str]  # wnid by label
     class_names: list[str]  # name by label
-    class_index_path: Path | None  # None: no class index, the sorted folder names are the classes
+    class_index_path: Path | StorePath | None  # None: no class index, the sorted folder names are the classes
 
 
 def resolve_class_index(
-    root: str | os.PathLike, class_index: str | os.PathLike = ""
-) -> tuple[list[tuple[str, str]] | None, Path | None]:
+    root: str | os.PathLike | StorePath, class_index: str | os.PathLike = ""
+) -> tuple[list[tuple[str, str]] | None, Path | StorePath | None]:
     """(entries, path) of the class index in force: ``class_index`` when given, else ``root/class_index.json``
     when it exists, else ``(None, None)`` (the caller derives the classes from the data)."""
-    index_path = Path(class_index).expanduser() if str(class_index) else Path(root).expanduser() / CLASS_INDEX_FILE
+    index_path = as_path(class_index) if str(class_index) else as_path(root) / CLASS_INDEX_FILE
     if str(class_index) or index_path.is_file():
         return load_class_index(index_path), index_path
     return None, None
 
 
 def list_image_folder(
-    root: str | os.PathLike, split: str = "train", class_index: str | os.PathLike = ""
+    root: str | os.PathLike | StorePath, split: str = "train", class_index: str | os.PathLike = ""
 ) -> FolderSplit:
     """List ``root/<split>/<wnid>/<image>`` in sorted (class folder, file name) order; labels from the class
     index (see :func:`resolve_class_index`). Every layout problem raises one clear error before any image
-    is opened."""
-    root = Path(root).expanduser()
+    is opened. ``root`` may be an object-store URI (:func:`as_path`): the split is then one recursive listing."""
+    root = as_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder; check data.root.")
     split_dir = root / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder {split_dir} does not exist; expected {root}/{split}/<wnid>/<images>.")
-    class_dirs = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    class_dirs = sorted(e.name for e in scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
         raise FileNotFoundError(f"split folder {split_dir} has no class folders; expected {split_dir}/<wnid>/<images>.")
 
@@ -261,7 +278,7 @@ def list_image_folder(
         label = class_to_idx[d]
         files = sorted(
             e.name
-            for e in os.scandir(split_dir / d)
+            for e in scandir(split_dir / d)
             if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
         )
         samples.extend((str(split_dir / d / f), label) for f in files)

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from ideal_ray import storage
 from ideal_ray.config import VFMConfig
 from ideal_ray.data.augment import (
     PermutationCache,
@@ -180,7 +181,7 @@ def entry_name(packed: dict, index: int) -> str:
     ``<shard> row <r>`` (Parquet) or ``<shard> member <key>`` (WebDataset). ``skipped.tsv`` lists the item's id."""
     root = os.fsdecode(packed["root"].item())
     rel = os.fsdecode(bytes(packed["files"][packed["file_index"][index]]))
-    path = os.path.join(root, rel)  # ByteReader.path(index)
+    path = storage.join(root, rel)  # ByteReader.path(index): a local path or a URI
     fmt = packed["fmt"].item().decode()
     if fmt == "parquet":
         return f"{path} row {int(packed['offset'][index])}"
@@ -244,7 +245,7 @@ class _DecodeAugment:
                 if self.skips is not None:
                     ledger_call(self.skips, "stop", str(err))
                 raise err
-        split = os.path.join(self.reader.root, self.packed["split"].item().decode())
+        split = storage.join(self.reader.root, self.packed["split"].item().decode())
         raise UnreadableDataError(f"none of the {self.n} training images of {split} could be read or decoded "
                                   f"(first: {met[0][0]}: {met[0][1]}); check data.root.")
 

@@ -2,7 +2,10 @@
 
 Any process reads item ``i`` of a :class:`~ideal_ray.data.sources.Listing` (or its ``pack()``, zero-copy out of
 Ray's object store) with a :class:`ByteReader`: one ``open`` for a plain file, one seek + read for a tar member,
-one cached row group for parquet. :func:`load_rgb` reads and decodes (:func:`decode_bytes`) an item into a fully
+one cached row group for parquet. A listing whose root is an object-store URI reads the same bytes through the
+store (:func:`ideal_ray.storage.filesystem`, made in the reading process, which has the endpoint and credentials in its
+environment): one GET per plain file, one ranged read per tar member, the row groups of a Parquet object.
+:func:`load_rgb` reads and decodes (:func:`decode_bytes`) an item into a fully
 decoded RGB image or raises a :class:`~ideal_ray.data.folder.BadImageError` whose text names the problem ("empty
 file (0 bytes)", "truncated image (...)", "not an image (unrecognised format)", "unreadable: ..."); the caller
 skips and counts those, listing them with :func:`~ideal_ray.data.folder.skip_reason`.
@@ -10,14 +13,17 @@ skips and counts those, listing them with :func:`~ideal_ray.data.folder.skip_rea
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import posixpath
 from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
+from ideal_ray import storage
 from ideal_ray.data.folder import BadImageError, open_rgb
 from ideal_ray.data.sources import FORMATS, Listing
 
@@ -47,13 +53,22 @@ class ByteReader:
         self._handles: OrderedDict[int, Any] = OrderedDict()  # file number -> open file / ParquetFile
         self._group_starts: dict[int, np.ndarray] = {}  # file number -> first row of each row group
         self._groups: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (file, group) -> binary array
+        self._store = None  # (pyarrow file system, root's path in it) of a URI root, made on the first read
+
+    def _store_path(self, k: int) -> tuple[Any, str]:
+        """(file system, path in it) of container ``k`` of a URI root; the file system is made in this process."""
+        if self._store is None:
+            fs, base = storage.filesystem(self.root)
+            self._store = (fs, base.rstrip("/"))
+        fs, base = self._store
+        return fs, posixpath.join(base, os.fsdecode(bytes(self._files[k])))
 
     def __len__(self) -> int:
         return len(self._file_index)
 
     def path(self, i: int) -> str:
         """The file that holds item ``i`` (the image itself for folder/flat)."""
-        return os.path.join(self.root, os.fsdecode(bytes(self._files[self._file_index[i]])))
+        return storage.join(self.root, os.fsdecode(bytes(self._files[self._file_index[i]])))
 
     def read(self, i: int) -> bytes:
         """The encoded image bytes of item ``i``; an ``OSError`` when its file is missing or unreadable."""
@@ -62,6 +77,10 @@ class ByteReader:
             raise IndexError(f"item {i} is out of range for a listing of {n} images.")
         k = int(self._file_index[i])
         if self.fmt in ("folder", "flat"):
+            if storage.is_uri(self.root):
+                fs, path = self._store_path(k)
+                with self._opened(k, lambda: fs.open_input_stream(path)) as f:
+                    return f.read()
             with open(self.path(i), "rb") as f:
                 return f.read()
         if self.fmt == "webdataset":
@@ -80,13 +99,25 @@ class ByteReader:
         return h
 
     def path_of_file(self, k: int) -> str:
-        """Absolute path of container ``k`` (``Listing.files[k]``)."""
-        return os.path.join(self.root, os.fsdecode(bytes(self._files[k])))
+        """Absolute path or URI of container ``k`` (``Listing.files[k]``)."""
+        return storage.join(self.root, os.fsdecode(bytes(self._files[k])))
+
+    def _opened(self, k: int, opener: Callable[[], Any]) -> Any:
+        """``opener()`` of container ``k`` of a URI root; a missing object raises the ``FileNotFoundError`` a
+        missing local file raises (so its skip reason reads the same: ``unreadable: No such file or directory``)."""
+        try:
+            return opener()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path_of_file(k)) from e
 
     def _read_member(self, k: int, offset: int, size: int) -> bytes:
-        f = self._handle(k, lambda p: open(p, "rb"))
-        f.seek(offset)
-        data = f.read(size)
+        if storage.is_uri(self.root):  # one ranged read of the member's bytes
+            fs, path = self._store_path(k)
+            data = self._handle(k, lambda _: self._opened(k, lambda: fs.open_input_file(path))).read_at(size, offset)
+        else:
+            f = self._handle(k, lambda p: open(p, "rb"))
+            f.seek(offset)
+            data = f.read(size)
         if len(data) != size:
             raise OSError(f"shard {self.path_of_file(k)} ends {size - len(data)} bytes into the member at offset "
                           f"{offset}; the tar is truncated, re-copy it.")
@@ -98,7 +129,11 @@ class ByteReader:
 
         path = self.path_of_file(k)
         try:
-            pf = self._handle(k, pq.ParquetFile)
+            if storage.is_uri(self.root):
+                fs, store_path = self._store_path(k)
+                pf = self._handle(k, lambda _: self._opened(k, lambda: pq.ParquetFile(store_path, filesystem=fs)))
+            else:
+                pf = self._handle(k, pq.ParquetFile)
             starts = self._group_starts.get(k)
             if starts is None:
                 md = pf.metadata

@@ -90,10 +90,13 @@ class SkipLedger:
 
 
 def remote_ledger():
-    """A :class:`SkipLedger` as a Ray actor (no CPU of its own), owned by the calling process (the driver)."""
+    """A :class:`SkipLedger` as a Ray actor (no CPU of its own), owned by the calling process (the driver) and kept
+    on its node: the ledger must outlive any worker node the run loses (its record is the run's, read at the end)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(SkipLedger).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(SkipLedger).options(scheduling_strategy=here).remote()
 
 
 def ledger_call(ledger, method: str, *args: Any) -> Any:

@@ -11,6 +11,11 @@ Formats (``FORMATS``), all under ``root/<split>``:
   column (``label`` or ``wnid``);
 * ``webdataset``: uncompressed ``*.tar`` shards of ``<key>.<jpg|jpeg|png|webp>`` + ``<key>.cls`` (int label).
 
+``root`` may be an object-store URI (``s3://bucket/imagenet``, endpoint and credentials from the environment:
+:mod:`ideal_ray.storage`): the same listing, read through pyarrow file systems (:class:`~ideal_ray.storage.StorePath`;
+a split is one recursive listing, tar headers and Parquet metadata are ranged reads), gives the same ids, labels,
+order and errors as a local copy of the same files; the listing keeps the URI as its root.
+
 Labels always go through one class index (:func:`folder.resolve_class_index`: the ``class_index`` argument or
 ``root/class_index.json``). Without one the classes come from the data: the folder names or the wnids seen
 (sorted), or ``"0".."max"`` for int labels.
@@ -25,8 +30,10 @@ clear error at listing time, before any image is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import os
 import posixpath
 import tarfile
@@ -36,7 +43,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ideal_ray.data.folder import IMAGE_EXTENSIONS, list_image_folder, resolve_class_index
+from ideal_ray import storage
+from ideal_ray.data.folder import IMAGE_EXTENSIONS, as_path, list_image_folder, resolve_class_index, scandir
+from ideal_ray.storage import StorePath
 
 __all__ = ["FORMATS", "Listing", "list_images", "detect_format"]
 
@@ -47,6 +56,7 @@ LABEL_FILE_NAMES = ("LOC_{split}_solution.csv", "{split}_labels.txt", "{split}_l
 PARQUET_ID_COLUMNS = ("id", "image_id", "path")
 PARQUET_WNID_COLUMNS = ("label", "wnid")
 _CSV_HEADER = ("ImageId", "PredictionString")
+TAR_READ_AHEAD = 1 << 20  # bytes per ranged read of a tar shard in a store while its headers are listed
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -58,10 +68,10 @@ class Listing:
     shard (``offset``/``size``: the member's data) or a parquet file (``offset``: the row in that file).
     """
 
-    root: str
+    root: str  # an absolute local folder or an object-store URI
     split: str
     fmt: str
-    files: list[str]  # absolute container paths (plain image files for folder/flat)
+    files: list[str]  # absolute container paths or URIs (plain image files for folder/flat)
     ids: list[str]  # stable, unique ids (paths relative to root for folder/flat)
     labels: np.ndarray  # int64 (N,)
     file_index: np.ndarray  # int32 (N,) -> files
@@ -89,8 +99,9 @@ class Listing:
 
     def pack(self) -> dict[str, np.ndarray]:
         """Numpy-only form (fixed-width bytes arrays; files relative to root): zero-copy out of Ray's store."""
-        cut = len(self.root.rstrip(os.sep)) + 1
-        prefix = self.root.rstrip(os.sep) + os.sep
+        sep = "/" if storage.is_uri(self.root) else os.sep
+        cut = len(self.root.rstrip(sep)) + 1
+        prefix = self.root.rstrip(sep) + sep
         rel = [f[cut:] if f.startswith(prefix) else f for f in self.files]  # an absolute one stays absolute
         return {
             "root": np.array(os.fsencode(self.root)),
@@ -115,7 +126,7 @@ class Listing:
             root=root,
             split=d["split"].item().decode(),
             fmt=d["fmt"].item().decode(),
-            files=[os.path.join(root, os.fsdecode(f)) for f in d["files"].tolist()],
+            files=[storage.join(root, os.fsdecode(f)) for f in d["files"].tolist()],
             ids=[os.fsdecode(i) for i in d["ids"].tolist()],
             labels=np.asarray(d["labels"], dtype=np.int64),
             file_index=np.asarray(d["file_index"], dtype=np.int32),
@@ -135,9 +146,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def detect_format(root: str | os.PathLike, split: str = "train") -> str:
+def detect_format(root: str | os.PathLike | StorePath, split: str = "train") -> str:
     """The format of ``root/<split>`` from its contents (see the module docstring); one clear error otherwise."""
-    root = Path(root).expanduser()
+    root = as_path(root)
     split_dir = root / split
     if not split_dir.is_dir():
         if (root / f"{split}.parquet").is_file():
@@ -147,7 +158,7 @@ def detect_format(root: str | os.PathLike, split: str = "train") -> str:
         )
     found: dict[str, int] = {"flat": 0, "parquet": 0, "webdataset": 0}
     subdirs = 0
-    for e in os.scandir(split_dir):
+    for e in scandir(split_dir):
         if _is_hidden(e.name):
             continue
         if e.is_dir():
@@ -180,10 +191,12 @@ def list_images(
     fmt: str = "auto",
     labels_file: str | os.PathLike = "",
 ) -> Listing:
-    """List ``root/<split>`` in ``fmt`` (``"auto"``: :func:`detect_format`); reads no image bytes."""
+    """List ``root/<split>`` in ``fmt`` (``"auto"``: :func:`detect_format`); reads no image bytes. ``root``: a local
+    folder or an object-store URI (the listing's root is then the URI)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown image source format {fmt!r}; use 'auto' or one of {FORMATS}.")
-    root_path = Path(os.path.abspath(Path(root).expanduser()))
+    root_path = (as_path(root) if isinstance(root, StorePath) or storage.is_uri(str(root))
+                 else Path(os.path.abspath(Path(root).expanduser())))
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset root {root_path} does not exist or is not a folder; check data.root.")
     if fmt == "auto":
@@ -201,7 +214,8 @@ def list_images(
 
 
 def _plain_listing(
-    root: Path, split: str, fmt: str, paths: list[str], labels: np.ndarray, classes: list[str], names: list[str]
+    root: Path | StorePath, split: str, fmt: str, paths: list[str], labels: np.ndarray, classes: list[str],
+    names: list[str],
 ) -> Listing:
     n = len(paths)
     cut = len(str(root)) + 1
@@ -212,7 +226,7 @@ def _plain_listing(
     )
 
 
-def _list_folder(root: Path, split: str, class_index: str | os.PathLike) -> Listing:
+def _list_folder(root: Path | StorePath, split: str, class_index: str | os.PathLike) -> Listing:
     listed = list_image_folder(root, split, class_index)
     paths = [p for p, _ in listed.samples]
     labels = np.array([label for _, label in listed.samples], dtype=np.int64)
@@ -221,7 +235,7 @@ def _list_folder(root: Path, split: str, class_index: str | os.PathLike) -> List
 
 # ------------------------------------------------------------------------------------------------ labels
 def _map_labels(
-    tokens: Sequence[int | str], describe: Callable[[int], str], root: Path, class_index: str | os.PathLike
+    tokens: Sequence[int | str], describe: Callable[[int], str], root: Path | StorePath, class_index: str | os.PathLike
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Labels int64 (N,) + (classes, class names) for int labels and/or wnids, through the class index."""
     entries, index_path = resolve_class_index(root, class_index)
@@ -257,9 +271,9 @@ def _token(text: str) -> int | str:
 
 
 # ------------------------------------------------------------------------------------------------ flat
-def _find_labels_file(root: Path, split: str, labels_file: str | os.PathLike) -> Path:
+def _find_labels_file(root: Path | StorePath, split: str, labels_file: str | os.PathLike) -> Path | StorePath:
     if str(labels_file):
-        path = Path(labels_file).expanduser()
+        path = as_path(labels_file)
         if not path.is_file():
             raise FileNotFoundError(f"labels file {path} does not exist; pass the flat split's label file.")
         return path
@@ -273,7 +287,7 @@ def _find_labels_file(root: Path, split: str, labels_file: str | os.PathLike) ->
     )
 
 
-def _read_labels_file(path: Path) -> list[tuple[str, int | str, int]]:
+def _read_labels_file(path: Path | StorePath) -> list[tuple[str, int | str, int]]:
     """[(image name or stem, label token, line number)] of a Kaggle CSV or a ``<filename> <label>`` text file."""
     lines = path.read_text().splitlines()
     first = next((ln for ln in lines if ln.strip()), "")
@@ -302,12 +316,14 @@ def _read_labels_file(path: Path) -> list[tuple[str, int | str, int]]:
     return out
 
 
-def _list_flat(root: Path, split: str, class_index: str | os.PathLike, labels_file: str | os.PathLike) -> Listing:
+def _list_flat(
+    root: Path | StorePath, split: str, class_index: str | os.PathLike, labels_file: str | os.PathLike
+) -> Listing:
     split_dir = root / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder {split_dir} does not exist; expected {split_dir}/<images>.")
     names = sorted(
-        e.name for e in os.scandir(split_dir)
+        e.name for e in scandir(split_dir)
         if e.is_file() and not _is_hidden(e.name) and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
     )
     if not names:
@@ -353,10 +369,10 @@ def _list_flat(root: Path, split: str, class_index: str | os.PathLike, labels_fi
 
 
 # ------------------------------------------------------------------------------------------------ parquet
-def _parquet_files(root: Path, split: str) -> list[Path]:
+def _parquet_files(root: Path | StorePath, split: str) -> list[Path | StorePath]:
     split_dir = root / split
     if split_dir.is_dir():
-        files = sorted(p for p in split_dir.glob("*.parquet") if p.is_file() and not _is_hidden(p.name))
+        files = sorted((p for p in split_dir.glob("*.parquet") if p.is_file() and not _is_hidden(p.name)), key=str)
         if not files:
             raise FileNotFoundError(f"split folder {split_dir} has no .parquet files.")
         return files
@@ -366,7 +382,7 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
     raise FileNotFoundError(f"split folder {split_dir} does not exist (nor {single}); check the root and the split.")
 
 
-def _image_column(schema, path: Path) -> tuple[str, bool]:
+def _image_column(schema, path: Path | StorePath) -> tuple[str, bool]:
     """(name, is_struct) of the encoded-image column: binary, or a struct with a binary ``bytes`` field."""
     import pyarrow as pa
 
@@ -389,7 +405,7 @@ def _image_column(schema, path: Path) -> tuple[str, bool]:
     return found[0]
 
 
-def _label_column(schema, path: Path) -> tuple[str, bool]:
+def _label_column(schema, path: Path | StorePath) -> tuple[str, bool]:
     """(name, is_wnid) of the label column: int ``label``, or a wnid string column ``label`` / ``wnid``."""
     import pyarrow as pa
 
@@ -406,9 +422,8 @@ def _label_column(schema, path: Path) -> tuple[str, bool]:
                      f"column 'label' / 'wnid' (columns: {', '.join(schema.names)}).")
 
 
-def _list_parquet(root: Path, split: str, class_index: str | os.PathLike) -> Listing:
+def _list_parquet(root: Path | StorePath, split: str, class_index: str | os.PathLike) -> Listing:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     paths = _parquet_files(root, split)
     image_col = ""
@@ -422,7 +437,7 @@ def _list_parquet(root: Path, split: str, class_index: str | os.PathLike) -> Lis
     for k, path in enumerate(paths):
         rel = str(path)[len(str(root)) + 1:]
         try:
-            with pq.ParquetFile(path) as pf:
+            with _parquet_file(path) as pf:
                 schema = pf.schema_arrow
                 name, is_struct = _image_column(schema, path)
                 label_col, is_wnid = _label_column(schema, path)
@@ -482,6 +497,15 @@ def _list_parquet(root: Path, split: str, class_index: str | os.PathLike) -> Lis
     )
 
 
+def _parquet_file(path: Path | StorePath):
+    """A ``pyarrow.parquet.ParquetFile`` of a local file or of an object in a store (closing it closes the file)."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, StorePath):
+        return pq.ParquetFile(path.path, filesystem=path.fs)
+    return pq.ParquetFile(path)
+
+
 def _check_unique(ids: list[str], where: str) -> None:
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -490,11 +514,23 @@ def _check_unique(ids: list[str], where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ webdataset
-def _list_webdataset(root: Path, split: str, class_index: str | os.PathLike) -> Listing:
+@contextlib.contextmanager
+def _open_tar(path: Path | StorePath):
+    """An uncompressed tar shard opened for its headers: a local file, or an object in a store read through a
+    buffer of :data:`TAR_READ_AHEAD` bytes (seeks to a header inside the buffer cost no request)."""
+    if isinstance(path, StorePath):
+        with io.BufferedReader(path.open_input_file(), TAR_READ_AHEAD) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            yield tf
+    else:
+        with tarfile.open(path, mode="r:") as tf:
+            yield tf
+
+
+def _list_webdataset(root: Path | StorePath, split: str, class_index: str | os.PathLike) -> Listing:
     split_dir = root / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder {split_dir} does not exist; expected {split_dir}/<shard>.tar.")
-    tars = sorted(p for p in split_dir.glob("*.tar") if p.is_file() and not _is_hidden(p.name))
+    tars = sorted((p for p in split_dir.glob("*.tar") if p.is_file() and not _is_hidden(p.name)), key=str)
     if not tars:
         raise FileNotFoundError(f"split folder {split_dir} has no .tar shards.")
     ids: list[str] = []
@@ -507,7 +543,7 @@ def _list_webdataset(root: Path, split: str, class_index: str | os.PathLike) -> 
         images: dict[str, tarfile.TarInfo] = {}  # key -> image member, in tar order
         labels: dict[str, int] = {}
         try:
-            with tarfile.open(tar, mode="r:") as tf:
+            with _open_tar(tar) as tf:
                 for m in tf:
                     if not m.isreg():
                         continue

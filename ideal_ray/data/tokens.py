@@ -17,14 +17,21 @@ set and count, image size, tokenizer path + sha256, data root/split + a hash of 
 shard (file, first listed image, images, rows, bytes, skipped files) and ``complete``. Shards are written atomically
 (temporary file, fsync, no-clobber link) and never replaced silently; the manifest is rewritten after each shard.
 
+The folder may be an object-store URI (``s3://bucket/tokens/x``, through :mod:`ideal_ray.storage`): a shard is
+written whole to a local staging file and uploaded with one write (the store shows the object only once its upload
+completes, so a writer killed midway leaves none), the manifest likewise; reading, checking and verifying go
+through the same file system calls as for a folder.
+
 The AR stage reads them with ``ideal_ray.data.ar_reader``.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import os
+import posixpath
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ideal_ray import storage
 from ideal_ray.config import ARTrainConfig, ConfigError
 from ideal_ray.errors import InputError
 from ideal_ray.io import TMP_SUFFIX, atomic_write_json, publish  # noqa: F401  (TMP_SUFFIX: half-written files)
@@ -115,14 +123,20 @@ def write_shard(
     tokens,
     *,
     row_group_rows: int | None = None,
+    staging: str | None = None,
 ) -> dict:
     """Write one Parquet shard atomically; returns ``{"file", "rows", "bytes"}``.
 
     ``tokens``: (rows, grid*grid) integers in [0, 65535]. ``row_group_rows`` sets the row-group size (the Ray
     reader's read unit; keep whole images per group). The data goes to ``<path>.tmp`` first, is fsynced and then
     linked into place; an existing ``path`` raises FileExistsError (a finished shard is never replaced silently).
+    A URI ``path`` is written so in the local folder ``staging`` (default: the system's temporary folder) and then
+    uploaded whole (:func:`ideal_ray.storage.upload_file`); there the existing object is refused by a look before
+    the upload (a store offers no no-clobber write: one writer per folder, see ``extract_common.ShardPlan``).
     """
     path = os.fspath(path)
+    if storage.is_uri(path):
+        return _upload_shard(path, staging, image_ids, view_ids, labels, tokens, row_group_rows=row_group_rows)
     table = shard_table(image_ids, view_ids, labels, tokens)
     if os.path.exists(path):
         raise FileExistsError(f"shard {path} already exists; refusing to overwrite it (delete it to redo it).")
@@ -148,11 +162,43 @@ def write_shard(
     return {"file": os.path.basename(path), "rows": table.num_rows, "bytes": os.path.getsize(path)}
 
 
+def _upload_shard(uri: str, staging: str | None, *columns, row_group_rows: int | None) -> dict:
+    """:func:`write_shard` to an object-store URI: refused if the object exists, written whole to a local file in
+    ``staging``, uploaded with one write, the local file removed."""
+    fs, key = storage.filesystem(uri)
+    name = posixpath.basename(key)
+    if storage.file_size(fs, key) is not None:
+        raise FileExistsError(f"shard {uri} already exists; refusing to overwrite it (delete it to redo it).")
+    folder = tempfile.mkdtemp(prefix="shard-", dir=staging)
+    local = os.path.join(folder, name)
+    try:
+        info = write_shard(local, *columns, row_group_rows=row_group_rows)
+        size = storage.upload_file(local, fs, key)
+    finally:
+        if os.path.exists(local):
+            os.remove(local)
+        os.rmdir(folder)
+    return dict(info, bytes=size)
+
+
+def open_shard(path: str | os.PathLike, metadata: pq.FileMetaData | None = None, fs=None) -> pq.ParquetFile:
+    """The Parquet file of a shard at a local path or URI (``fs``: the file system of ``path`` when already known,
+    which ``path`` is then a path of); ``metadata``: its footer, when already parsed."""
+    path = os.fspath(path)
+    if fs is None and storage.is_uri(path):
+        fs, path = storage.filesystem(path)
+    return pq.ParquetFile(path, metadata=metadata, filesystem=fs)
+
+
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a whole shard (all or some columns); checks the schema against ``TOKEN_SCHEMA``."""
-    pf = pq.ParquetFile(os.fspath(path))
-    _check_schema(pf.schema_arrow, path)
-    return pf.read(columns=list(columns) if columns is not None else None)
+    """Read a whole shard (all or some columns; a local path or a URI); checks the schema against
+    ``TOKEN_SCHEMA``."""
+    pf = open_shard(path)
+    try:
+        _check_schema(pf.schema_arrow, path)
+        return pf.read(columns=list(columns) if columns is not None else None)
+    finally:
+        pf.close()
 
 
 def _check_schema(schema: pa.Schema, path) -> None:
@@ -174,25 +220,38 @@ def tokens_to_numpy(column, num_tokens: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- manifest
 def manifest_path(shard_dir: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(shard_dir), MANIFEST_FILE)
+    return storage.join(os.fspath(shard_dir), MANIFEST_FILE)
+
+
+def has_manifest(shard_dir: str | os.PathLike) -> bool:
+    """Whether the folder or URI ``shard_dir`` holds a ``manifest.json`` (a store that cannot be reached raises
+    its OSError)."""
+    fs, path = storage.filesystem(manifest_path(shard_dir))
+    return storage.file_size(fs, path) is not None
 
 
 def write_manifest(shard_dir: str | os.PathLike, manifest: dict) -> str:
-    """Atomically (re)write ``manifest.json`` (temporary file + rename; the manifest is meant to be updated)."""
-    return atomic_write_json(manifest_path(shard_dir), manifest, sort_keys=True)
+    """Atomically (re)write ``manifest.json`` (temporary file + rename; the manifest is meant to be updated); in an
+    object store, one whole upload that replaces the previous object only once it completes."""
+    path = manifest_path(shard_dir)
+    if not storage.is_uri(path):
+        return atomic_write_json(path, manifest, sort_keys=True)
+    fs, key = storage.filesystem(path)
+    storage.upload_bytes(fs, key, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return path
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Load ``manifest.json`` of a token shard folder (clear errors for a missing or foreign file)."""
+    """Load ``manifest.json`` of a token shard folder or URI (clear errors for a missing or foreign file)."""
     path = manifest_path(shard_dir)
-    if not os.path.isfile(path):
+    fs, key = storage.filesystem(path)
+    if storage.file_size(fs, key) is None:
         raise FileNotFoundError(f"{path} does not exist; {shard_dir} is not a token shard folder (run "
                                 f"jobs/extract_tokens.py to make one).")
-    with open(path) as f:
-        try:
-            m = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); rerun the extraction into a new folder.")
+    try:
+        m = json.loads(storage.read_bytes(fs, key))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rerun the extraction into a new folder.")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"{path} is not a token manifest of format {FORMAT!r}; rerun the extraction.")
     return m
@@ -201,7 +260,13 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
 def check_shards(cfg: ARTrainConfig) -> dict:
     """The AR run's token shards (``data.shards``), checked against its model before any worker starts (or torch is
     imported: the train_ar job calls it first); returns the manifest."""
-    if not os.path.isfile(os.path.join(cfg.data.shards, "manifest.json")):
+    try:
+        found = has_manifest(cfg.data.shards)
+    except OSError as e:  # a store that cannot be read (no bucket, no credentials, unreachable)
+        why = " ".join(str(e).split())
+        raise ConfigError(f"data.shards={cfg.data.shards} cannot be read ({why}); check the URI and the store's "
+                          f"AWS_* environment.")
+    if not found:
         raise ConfigError(f"No token shards at data.shards={cfg.data.shards} (no manifest.json); write them first "
                           f"with jobs/extract_tokens.py.")
     manifest = read_manifest(cfg.data.shards)
@@ -243,6 +308,8 @@ def verify_shards(shard_dir: str | os.PathLike, check_tokens: bool = True, raise
     """
     shard_dir = os.fspath(shard_dir)
     m = read_manifest(shard_dir)
+    fs, root = storage.filesystem(shard_dir)
+    present = storage.list_files(fs, root)  # {name: size}
     v, n_tok, vocab = int(m["num_views"]), int(m["grid"]) ** 2, int(m["vocab"])
     problems: list[str] = []
     global_ids: dict[str, int] = {}
@@ -251,12 +318,12 @@ def verify_shards(shard_dir: str | os.PathLike, check_tokens: bool = True, raise
     listed = {s["file"] for s in m["shards"]}
 
     for s in m["shards"]:
-        path = os.path.join(shard_dir, s["file"])
-        if not os.path.isfile(path):
+        path = storage.join(shard_dir, s["file"])
+        if s["file"] not in present:
             problems.append(f"shard {s['file']} is in the manifest but missing on disk")
             continue
         try:
-            pf = pq.ParquetFile(path)
+            pf = open_shard(posixpath.join(root, s["file"]), fs=fs)
             _check_schema(pf.schema_arrow, path)
         except Exception as e:  # unreadable footer or foreign schema: report it, keep checking the others
             problems.append(f"shard {s['file']} cannot be read as a token shard ({type(e).__name__}: {e})")
@@ -302,6 +369,7 @@ def verify_shards(shard_dir: str | os.PathLike, check_tokens: bool = True, raise
                 if top is not None and top >= vocab:
                     problems.append(f"shard {s['file']} has code {top}, outside the vocabulary of {vocab}")
                     break
+        pf.close()
 
     duplicates = int(np.maximum(counts - 1, 0).sum())
     missing = int((counts == 0).sum())
@@ -318,11 +386,12 @@ def verify_shards(shard_dir: str | os.PathLike, check_tokens: bool = True, raise
         problems.append(f"the manifest lists {len(m['shards'])} shards of the {m['num_shards']} planned")
     if m.get("complete") and int(m.get("num_images", -1)) != images:
         problems.append(f"{images} distinct images in the shards, the manifest says {m.get('num_images')}")
-    for path in sorted(glob.glob(os.path.join(shard_dir, SHARD_GLOB))):
-        if os.path.basename(path) not in listed:
-            problems.append(f"stray shard {os.path.basename(path)} is not in the manifest")
-    for path in sorted(glob.glob(os.path.join(shard_dir, "*" + TMP_SUFFIX))):
-        problems.append(f"leftover temporary file {os.path.basename(path)}")
+    visible = sorted(n for n in present if not n.startswith("."))  # what glob's * matches
+    for name in fnmatch.filter(visible, SHARD_GLOB):
+        if name not in listed:
+            problems.append(f"stray shard {name} is not in the manifest")
+    for name in fnmatch.filter(visible, "*" + TMP_SUFFIX):
+        problems.append(f"leftover temporary file {name}")
 
     summary = {
         "ok": not problems,

@@ -8,7 +8,9 @@ the same manifest parameters, so either can resume what the other started.
   encodes them ``max_views`` at a time -> codes uint16 ``(B, V, N)``.
 * :class:`ShardPlan` -- the output folder: lock, manifest parameters (a folder made with other parameters is
   refused, a folder without a manifest is never written into), crash leftovers removed, the shards still to do,
-  one call per finished shard (written atomically, then recorded), the final verification.
+  one call per finished shard (written atomically, then recorded), the final verification. The folder may be an
+  object-store URI (``out=s3://bucket/tokens/x``): the same bookkeeping through :mod:`ideal_ray.storage`, each
+  shard uploaded whole from a local staging folder.
 * :class:`Extraction` -- one run's settings from its :class:`~ideal_ray.config.ExtractConfig`: the listing, the
   tokenizer, crop size, batch size and precision on the device, the manifest parameters, the plan, the shards this
   run writes (``max_shards``) and the summary at the end.
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
+import fnmatch
 import hashlib
 import logging
 import math
 import os
+import posixpath
+import shutil
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -35,6 +39,7 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the Ray decode actors run without it)
     import torch
 
+from ideal_ray import storage
 from ideal_ray.config import ExtractConfig, SourceConfig
 from ideal_ray.data import crops, sources
 from ideal_ray.data import tokens as tk
@@ -118,8 +123,10 @@ class ViewEncoder:
 
 # ------------------------------------------------------------------------------------- the output folder
 @contextlib.contextmanager
-def _locked(out_dir: str) -> Iterator[None]:
-    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(lock_dir: str, out_dir: str) -> Iterator[None]:
+    """Hold ``lock_dir``'s lock file for the extraction into ``out_dir`` (the same folder, or a URI's staging
+    folder)."""
+    fd = os.open(os.path.join(lock_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,12 +138,16 @@ def _locked(out_dir: str) -> Iterator[None]:
 
 
 def _refuse_foreign(out_dir: str) -> None:
-    """A folder with files but no manifest is someone else's: never write into it."""
-    if not os.path.isdir(out_dir) or os.path.isfile(tk.manifest_path(out_dir)):
+    """A folder (or a URI's prefix) with files but no manifest is someone else's: never write into it."""
+    import pyarrow.fs
+
+    fs, root = storage.filesystem(out_dir)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory or tk.has_manifest(out_dir):
         return
     from ideal_ray.console import LOG_FILE  # the extraction job's own log (jobs/extract_tokens.py) is no data
 
-    foreign = [n for n in os.listdir(out_dir) if n not in (LOCK_FILE, LOG_FILE) and not n.endswith(tk.TMP_SUFFIX)]
+    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))]  # files and folders
+    foreign = [n for n in names if n not in (LOCK_FILE, LOG_FILE) and not n.endswith(tk.TMP_SUFFIX)]
     if foreign:
         shown = ", ".join(sorted(foreign)[:5])
         raise FileExistsError(f"{out_dir} is not empty and has no {tk.MANIFEST_FILE} (it holds: {shown}); extract "
@@ -145,7 +156,7 @@ def _refuse_foreign(out_dir: str) -> None:
 
 def _prepare(out_dir: str, params: dict) -> dict:
     """The manifest to continue from (new, or a matching unfinished/finished one); refuses other parameters."""
-    if os.path.isfile(tk.manifest_path(out_dir)):
+    if tk.has_manifest(out_dir):
         m = tk.read_manifest(out_dir)
         theirs = {k: m.get(k) for k in params}
         if theirs != params:
@@ -161,25 +172,41 @@ def _prepare(out_dir: str, params: dict) -> dict:
 
 
 def _clean(out_dir: str, m: dict) -> list[dict]:
-    """Drop leftovers of a crash; return the manifest's shard entries that are really finished."""
-    for tmp in glob.glob(os.path.join(out_dir, "*" + tk.TMP_SUFFIX)):
-        log.warning("removing the leftover temporary file %s of an interrupted run", tmp)
-        os.remove(tmp)
-    done = []
+    """Drop leftovers of a crash; return the manifest's shard entries that are really finished (present with the
+    recorded size). A shard the manifest does not know was written (or, in a store, uploaded) by a run that died
+    before recording it: it is deleted and redone, so every row is kept exactly once."""
+    fs, root = storage.filesystem(out_dir)
+    present = storage.list_files(fs, root)  # {name: size}
+    visible = sorted(n for n in present if not n.startswith("."))  # what glob's * matches
+    for name in fnmatch.filter(visible, "*" + tk.TMP_SUFFIX):
+        log.warning("removing the leftover temporary file %s of an interrupted run", storage.join(out_dir, name))
+        fs.delete_file(posixpath.join(root, name))
+    done, removed = [], set()
     for s in m["shards"]:
-        path = os.path.join(out_dir, s["file"])
-        if os.path.isfile(path) and os.path.getsize(path) == s["bytes"]:
+        if present.get(s["file"]) == s["bytes"]:
             done.append(s)
         else:
             log.warning("shard %s is missing or changed since it was recorded; it will be redone", s["file"])
-            if os.path.exists(path):
-                os.remove(path)
+            if s["file"] in present:
+                fs.delete_file(posixpath.join(root, s["file"]))
+                removed.add(s["file"])
     known = {s["file"] for s in done}
-    for path in glob.glob(os.path.join(out_dir, tk.SHARD_GLOB)):
-        if os.path.basename(path) not in known:  # written, but the crash came before the manifest update
-            log.warning("shard %s is not in the manifest (interrupted run); it will be redone", path)
-            os.remove(path)
+    for name in fnmatch.filter(visible, tk.SHARD_GLOB):
+        if name not in known and name not in removed:  # written, but the crash came before the manifest update
+            log.warning("shard %s is not in the manifest (interrupted run); it will be redone",
+                        storage.join(out_dir, name))
+            fs.delete_file(posixpath.join(root, name))
     return done
+
+
+def _clean_staging(staging: str) -> None:
+    """Remove what a killed writer left in a URI's staging folder (half-written local shards; held under the
+    lock, so no live writer's)."""
+    for name in os.listdir(staging):
+        if name.startswith("shard-") or name.endswith(tk.TMP_SUFFIX):
+            log.warning("removing the leftover staging file %s of an interrupted run", os.path.join(staging, name))
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 class ShardPlan:
@@ -188,6 +215,16 @@ class ShardPlan:
     ``params`` are what must match for a rerun to continue the folder (view set, sizes, tokenizer hash, listing
     hash, shard size, precision). ``todo`` lists the shard indices still to write, ``images(k)`` the listed range of
     shard ``k``; :meth:`write` stores one finished shard, :meth:`finish` completes the manifest and verifies.
+
+    ``out_dir`` may be an object-store URI (``s3://bucket/tokens/x``; endpoint and credentials from the environment,
+    :func:`ideal_ray.storage.filesystem`). Then every shard is written whole to this machine's staging folder
+    (:func:`ideal_ray.storage.staging_dir`) and uploaded with one write, so it appears only whole (a writer killed
+    midway leaves no object); the manifest follows its shard, and resume, cleaning and verification are the same
+    as for a folder (a shard object the manifest does not know, or of another size than recorded, is deleted and
+    redone). What keeps two writers apart: a store has no lock files (and no no-clobber write through pyarrow), so
+    the lock is the staging folder's, which stops a second extraction into the same URI from this machine only.
+    Two machines writing one URI are not detected: give each extraction its own ``out`` (one Ray extraction is one
+    writer, its driver).
     """
 
     def __init__(self, out_dir: str, params: dict, num_listed: int, extra: dict | None = None,
@@ -195,7 +232,9 @@ class ShardPlan:
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction={max_skip_fraction} must be in [0, 1].")
         self.max_skip_fraction = float(max_skip_fraction)
-        self.out_dir = os.path.abspath(os.path.expanduser(out_dir))
+        self.out_dir = storage.absolute(out_dir)
+        self.uri = storage.is_uri(self.out_dir)
+        self.staging: str | None = None  # a URI's local staging folder (set on entering)
         self.params, self.extra = params, dict(extra or {})
         self.shard_images = int(params["shard_images"])
         self.num_views = int(params["num_views"])
@@ -206,10 +245,15 @@ class ShardPlan:
 
     def __enter__(self) -> "ShardPlan":
         _refuse_foreign(self.out_dir)  # before the lock file is created in it
-        os.makedirs(self.out_dir, exist_ok=True)
-        self._lock = _locked(self.out_dir)
+        if self.uri:
+            self.staging = storage.staging_dir(self.out_dir)
+        else:
+            os.makedirs(self.out_dir, exist_ok=True)
+        self._lock = _locked(self.staging or self.out_dir, self.out_dir)
         self._lock.__enter__()
         try:
+            if self.staging:
+                _clean_staging(self.staging)
             m = _prepare(self.out_dir, self.params)
             m.update(self.extra)
             self._by_file = {s["file"]: s for s in _clean(self.out_dir, m)}
@@ -258,9 +302,10 @@ class ShardPlan:
         rows_ids = [i for i in ids for _ in range(self.num_views)]
         view_ids = np.tile(np.arange(self.num_views, dtype=np.int16), n)
         row_labels = np.repeat(np.asarray(labels), self.num_views)
-        info = tk.write_shard(os.path.join(self.out_dir, tk.shard_name(k)), rows_ids, view_ids, row_labels,
+        info = tk.write_shard(storage.join(self.out_dir, tk.shard_name(k)), rows_ids, view_ids, row_labels,
                               tokens.reshape(n * self.num_views, self.num_tokens),  # (rows, N), also for 0 rows
-                              row_group_rows=int(self.params["row_group_images"]) * self.num_views)
+                              row_group_rows=int(self.params["row_group_images"]) * self.num_views,
+                              staging=self.staging)
         entry = dict(info, index=k, first=a, listed=b - a, images=n, skipped=list(skipped))
         self._by_file[entry["file"]] = entry
         self._save()
@@ -278,11 +323,26 @@ class ShardPlan:
         m["num_skipped"] = int(sum(len(s["skipped"]) for s in m["shards"]))
         m["complete"] = True
         tk.write_manifest(self.out_dir, m)
-        write_skipped(os.path.join(self.out_dir, SKIPPED_FILE), self.skipped())
+        write_skipped(self.local_skipped_file, self.skipped())
+        if self.uri:  # written here, uploaded whole next to the shards
+            fs, key = storage.filesystem(storage.join(self.out_dir, SKIPPED_FILE))
+            storage.upload_file(self.local_skipped_file, fs, key)
         return tk.verify_shards(self.out_dir) if verify else None
 
     def skipped(self) -> list[dict]:
         return [x for s in self.manifest["shards"] for x in s["skipped"]]
+
+    @property
+    def local_skipped_file(self) -> str:
+        """This machine's ``skipped.tsv`` (the output folder's; for a URI, the staging folder's copy of the one
+        uploaded), e.g. for an MLflow artifact."""
+        return os.path.join(self.staging or self.out_dir, SKIPPED_FILE)
+
+    @property
+    def local_dir(self) -> str:
+        """A local folder for what belongs next to the output on this machine (the default MLflow store, a log):
+        the output folder itself, or a URI's staging folder."""
+        return self.staging or self.out_dir
 
 
 def extraction_params(tokenizer_ckpt: str, tokenizer, listing, views: str, image_size: int, split: str,
@@ -388,7 +448,7 @@ def summary(plan: ShardPlan, t0: float, written_images: int, check: dict | None,
         "rows": int(sum(s["rows"] for s in m["shards"])),
         "complete": bool(m["complete"]),
         "skipped": plan.skipped(),
-        "skipped_file": os.path.join(plan.out_dir, SKIPPED_FILE),
+        "skipped_file": storage.join(plan.out_dir, SKIPPED_FILE),
         "seconds": round(seconds, 3),
         "images_per_s": round(written_images / seconds, 2) if seconds > 0 else None,
         "verify": check,

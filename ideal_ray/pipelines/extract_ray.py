@@ -40,7 +40,7 @@ from ideal_ray.data.folder import DECODE_ERRORS, skip_reason
 from ideal_ray.data.reader import ByteReader, load_rgb
 from ideal_ray.cluster import actor_device, init_ray, use_actor_threads
 from ideal_ray.config import ConfigError, ExtractConfig, validate_stage
-from ideal_ray.pipelines.extract_common import SKIPPED_FILE, Extraction, ShardPlan
+from ideal_ray.pipelines.extract_common import Extraction, ShardPlan
 from ideal_ray.tracking import run_tracker
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def extract_tokens_ray(cfg: ExtractConfig, *, experiment: str = "extract", run_n
     actors (default: every GPU, or 1 on CPU); ``run.decode_actors``: the decode pool's upper bound (default: the
     cluster's CPUs minus one and the CPU encoders); ``decode_batch``: images per decode task; ``tracking_uri``: MLflow
     store for the run's params, metrics and ``skipped.tsv`` artifact (None: ``$MLFLOW_TRACKING_URI`` or
-    ``<out>/mlflow.db``; ``""`` disables tracking), the run ``run_name`` (default ``extract-<out folder name>``) in
+    ``<out>/mlflow.db``, for a URI ``out`` its local staging folder's
+    (``ShardPlan.local_dir``); ``""`` disables tracking), the run ``run_name`` (default ``extract-<out folder name>``) in
     ``experiment``. A config with a wrong or missing value is refused first (:class:`~ideal_ray.config.ConfigError`).
     Returns the summary (``images_per_s``, ``skipped``, ``duplicates_dropped`` ...).
     """
@@ -220,7 +221,7 @@ def extract_tokens_ray(cfg: ExtractConfig, *, experiment: str = "extract", run_n
 
     with ex.plan() as plan:
         shards = ex.shards(plan)
-        tracker = run_tracker(cfg.tracking_uri, plan.out_dir, experiment,
+        tracker = run_tracker(cfg.tracking_uri, plan.local_dir, experiment,  # a URI's default store: its staging
                               run_name or f"extract-{os.path.basename(plan.out_dir)}")
         try:
             tracker.log_params(dict(params, device=device, num_encoders=num_encoders, decode_actors=decode_actors,
@@ -250,7 +251,7 @@ def extract_tokens_ray(cfg: ExtractConfig, *, experiment: str = "extract", run_n
             run_seconds = time.perf_counter() - t_run
             result = ex.result(plan, shards, written)
             if not result.get("stopped_early"):
-                tracker.log_artifact(os.path.join(plan.out_dir, SKIPPED_FILE))
+                tracker.log_artifact(plan.local_skipped_file)
             result.update(duplicates_dropped=collector.duplicates, device=device, num_encoders=num_encoders,
                           pipeline_seconds=round(run_seconds, 3),
                           images_per_s_per_encoder=round(written / run_seconds / num_encoders, 2)

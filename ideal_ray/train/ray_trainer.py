@@ -398,11 +398,12 @@ def publish_and_record(cfg, export_path: str, tracking_uri: str, experiment: str
     """The end of a training stage: the inference export published next to the checkpoints when they are on an
     object store (:func:`~ideal_ray.train.run_storage.publish_export`), then the run's MLflow record given the
     export (tags ``inference_export`` and, when published, ``inference_export_uri``) and ``record``
-    (:func:`record_final`'s ``metrics``, ``step``, ``artifacts``). Returns (the export's URI or None, the run's
-    metrics)."""
+    (:func:`record_final`'s ``metrics``, ``step``, ``artifacts``), the export itself one of the artifacts unless
+    ``dist.export_to_mlflow`` is off. Returns (the export's URI or None, the run's metrics)."""
     export_uri = publish_export(export_path, cfg)
     tags = {"inference_export": export_path, **({"inference_export_uri": export_uri} if export_uri else {})}
-    return export_uri, record_final(tracking_uri, experiment, checkpoint, tags, **record)
+    artifacts = [*record.pop("artifacts", ()), *([export_path] if cfg.dist.export_to_mlflow else [])]
+    return export_uri, record_final(tracking_uri, experiment, checkpoint, tags, artifacts=artifacts, **record)
 
 
 def record_final(tracking_uri: str, experiment: str, checkpoint, tags: Dict[str, str],

@@ -27,8 +27,8 @@ RUNNERS = {"ray": "on Ray Train", "in-process": "in one process (in_process / --
 # trainer's autocast rule applies in the actors too), and the trunk's weights stay in the checkpoint either way.
 RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dist.keep_checkpoints",
                      "dist.max_bad_steps", "dist.prefetch_batches", "dist.ray_address", "dist.cpus_per_worker",
-                     "dist.vfm_placement", "dist.vfm_actors", "dist.placement_strategy", "output_dir", "preset",
-                     "data.loader_workers", "data.root")
+                     "dist.vfm_placement", "dist.vfm_actors", "dist.placement_strategy", "dist.export_to_mlflow",
+                     "output_dir", "preset", "data.loader_workers", "data.root")
 
 
 # ----------------------------------------------------------------------------------------------- storage
