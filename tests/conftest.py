@@ -108,6 +108,25 @@ def ctrl_c_reaches_it() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def own_processes(marker: str) -> list:
+    """The processes of this test process's own Ray clusters (its descendants: the raylets it started and their
+    workers) whose command line contains ``marker`` (``RayTrainWorker``, ``_EncodeViews``): what a fault test may
+    kill, never a process of another test process running beside it."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if marker in " ".join(_cmdline(p))]
+
+
+def _cmdline(p) -> list:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
 def random_sampling_models(folder, num_classes: int):
     """(GPT export, tokenizer checkpoint) paths in ``folder``: a tiny random GPT whose weights, head included, are
     drawn N(0, 0.2) (the zero-init head would give uniform logits, so classes and CFG would change nothing) and a

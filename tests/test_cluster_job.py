@@ -44,7 +44,7 @@ PIPELINE_OVERRIDES = ["name=tinyjob", "data.make_synthetic=true", "data.syntheti
                       "data.synthetic_train_per_class=8", "data.synthetic_val_per_class=2", "schedule.steps=6", "schedule.steps_per_epoch=4",
                       "schedule.ckpt_every=3", "schedule.log_every=3", "schedule.vis_every=1000",
                       "dist.num_workers=1", f"dist.storage_path=s3://{BUCKET}/runs"]
-AGENT_ATTEMPTS = 60  # `ray job submit` tries, 1 s apart, while the head's job agent is not registered yet (_submit)
+AGENT_ATTEMPTS = 30  # `ray job submit` tries, 1 s apart, while the head's job agent is not registered yet (_submit)
 AR_SETS = ["schedule.steps=40", "schedule.ckpt_every=20", "schedule.log_every=1", "dist.num_workers=2"]
 
 
@@ -84,9 +84,12 @@ def head(s3_store, tmp_path_factory):
     base = tmp_path_factory.mktemp("head")
     log = str(base / "cluster.log")
     temp_dir = tempfile.mkdtemp(prefix="irh", dir="/tmp")  # short: Ray's socket paths live under it
-    dash, gcs = _port(), _port()
+    dash, gcs, agent = _port(), _port(), _port()
+    # the job agent's HTTP port too: Ray's default (52365) is taken when another Ray instance runs on the machine,
+    # and the head then refuses every submission ("No available agent to submit job")
     cmd = [os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--num-gpus=0",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+           "--num-cpus=8", "--num-gpus=0",
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
         _run(cmd, log, timeout=120, env=_env(DS_ACCELERATOR="cpu"))
@@ -192,7 +195,7 @@ def _submit(head, entrypoint, log, env_vars=None, timeout=900):
         # machine), and until then a submission is refused without creating a job: ask again, anything else fails
         if "No available agent to submit job" not in _output(log, since) or attempt == AGENT_ATTEMPTS - 1:
             raise AssertionError(f"{' '.join(cmd[:4])} ... failed:\n{_output(log, since)[-6000:]}")
-        time.sleep(1)  # a loaded 2-core machine took over 10 tries (~25 s) once
+        time.sleep(1)
     out = subprocess.run([ray, "job", "status", "--address", head["address"], sid], capture_output=True, text=True,
                          env=_env(), cwd=REPO, timeout=60)
     text = out.stdout + out.stderr

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import own_processes
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
@@ -308,7 +309,6 @@ def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray
     import threading
     import time
 
-    import psutil
 
     out = tmp_path / "killed"
     result, errors = {}, []
@@ -324,7 +324,7 @@ def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray
     deadline = time.time() + 120
     while time.time() < deadline and thread.is_alive() and not list(out.glob(tk.SHARD_GLOB)):
         time.sleep(0.02)
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "_EncodeViews" in " ".join(p.info["cmdline"] or [])]
+    victims = own_processes("_EncodeViews")
     assert thread.is_alive() and victims, "the kill must land mid-run, on the encoder actor"
     written_at_kill = len(list(out.glob(tk.SHARD_GLOB)))
     for p in victims:

@@ -21,13 +21,14 @@ import os
 import shutil
 import tempfile
 import threading
-import traceback
 import time
+import traceback
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import own_processes
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.tracking import find_runs
 from ideal_ray.train.worker import NODES_TAG
@@ -230,7 +231,6 @@ def test_a_lost_encoder_node_leaves_every_row_once(spread_run, two_nodes, data_r
     """End the node holding the encoder actor of a Ray extraction once its first shard is written, and add a
     replacement: Ray Data restarts the actor and retries its batches (the decode actors of that node too), the
     driver drops rows delivered twice, and the folder holds every row once, equal to the in-process extraction."""
-    import psutil
 
     from ideal_ray.config import ExtractConfig, load_stage_config
     from ideal_ray.data import ar_reader as ar
@@ -258,7 +258,7 @@ def test_a_lost_encoder_node_leaves_every_row_once(spread_run, two_nodes, data_r
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive() and not list(out.glob(tk.SHARD_GLOB)):
         time.sleep(0.02)
-    encoders = [p for p in psutil.process_iter(["cmdline"]) if "_EncodeViews" in " ".join(p.info["cmdline"] or [])]
+    encoders = own_processes("_EncodeViews")
     assert thread.is_alive() and encoders, "the loss must land mid-run, on an encoder actor's node"
     written = len(list(out.glob(tk.SHARD_GLOB)))
     lost = time.time()

@@ -9,10 +9,10 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 
+from conftest import own_processes
 from ideal_ray.checkpoint import load_tokenizer
 from ideal_ray.config import load_config
 from ideal_ray.tracking import find_runs
@@ -133,7 +133,7 @@ def test_killed_worker_restarts_and_ends_on_the_uninterrupted_parameters(full_ru
     deadline = time.time() + 240
     while time.time() < deadline and latest_checkpoint_step(run_dir) < 1 and thread.is_alive():
         time.sleep(0.05)
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    victims = own_processes("RayTrainWorker")
     assert victims, "no Ray Train worker process found to kill"
     killed_at = latest_checkpoint_step(run_dir)
     assert 1 <= killed_at < 6 and thread.is_alive(), "the kill must land mid-run"
