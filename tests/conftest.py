@@ -108,6 +108,59 @@ def ctrl_c_reaches_it() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def tiny_tokenizer_set(base, seed: int, classes: int = 2, per_class: int = 4):
+    """A tiny synthetic set under ``base/data`` (``classes`` x ``per_class`` train images, 1 val each, 80 px) and a
+    random-init tiny tokenizer (torch seed 0) saved as our export ``base/tok.pt``: (data root, export path, tokenizer)."""
+    from ideal_ray.checkpoint import save_inference_checkpoint
+    from ideal_ray.config import load_config
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+    from ideal_ray.models.tokenizer import IdealTokenizer
+
+    make_synthetic_imagenet(base / "data", num_classes=classes, train_per_class=per_class, val_per_class=1, size=80,
+                            seed=seed)
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    tok = IdealTokenizer(cfg.model).eval()
+    return str(base / "data"), save_inference_checkpoint(str(base / "tok.pt"), tok, cfg), tok
+
+
+class Background:
+    """``fn()`` on a thread, for a fault test: :meth:`wait_for` an event of the run (a checkpoint, a shard on disk)
+    while it runs, fault it, then :meth:`result` (its return value, or its exception re-raised with the traceback)."""
+
+    def __init__(self, fn) -> None:
+        import threading
+
+        self._out, self._error = None, None
+
+        def target():
+            try:
+                self._out = fn()
+            except BaseException as e:  # surfaced by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=target)
+        self._thread.start()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait_for(self, event, hang_s: float = 300.0) -> None:
+        """Poll ``event()`` until it is true or the run ends (``hang_s``: only a guard against a hang)."""
+        import time
+
+        deadline = time.time() + hang_s
+        while self._thread.is_alive() and not event() and time.time() < deadline:
+            time.sleep(0.05)
+
+    def result(self, hang_s: float = 400.0):
+        self._thread.join(timeout=hang_s)
+        assert not self._thread.is_alive(), f"the run did not end within {hang_s:g} s"
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
 def own_processes(marker: str) -> list:
     """The processes of this test process's own Ray clusters (its descendants: the raylets it started and their
     workers) whose command line contains ``marker`` (``RayTrainWorker``, ``_EncodeViews``): what a fault test may

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import own_processes
+from conftest import Background, own_processes
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
@@ -306,32 +306,17 @@ def test_killed_encoder_actor_is_restarted_and_every_row_arrives_once(setup, ray
     its in-flight batches; the driver drops rows delivered twice, so the folder holds every row exactly once and
     equals the in-process extraction."""
     import signal
-    import threading
-    import time
-
 
     out = tmp_path / "killed"
-    result, errors = {}, []
-
-    def target():
-        try:  # one image per encoder call and per decode task: many tasks, a wide window for the kill
-            result.update(_run(setup, out, "batch_size=20", "decode_batch=1", "tracking_uri="))
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and thread.is_alive() and not list(out.glob(tk.SHARD_GLOB)):
-        time.sleep(0.02)
+    # one image per encoder call and per decode task: many tasks, a wide window for the kill
+    run = Background(lambda: _run(setup, out, "batch_size=20", "decode_batch=1", "tracking_uri="))
+    run.wait_for(lambda: list(out.glob(tk.SHARD_GLOB)))
     victims = own_processes("_EncodeViews")
-    assert thread.is_alive() and victims, "the kill must land mid-run, on the encoder actor"
+    assert run.running() and victims, "the kill must land mid-run, on the encoder actor"
     written_at_kill = len(list(out.glob(tk.SHARD_GLOB)))
     for p in victims:
         os.kill(p.pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive() and not errors, errors
-    s = result
+    s = run.result()
     print(f"killed {len(victims)} encoder process(es) after {written_at_kill} shard(s); "
           f"{s['duplicates_dropped']} duplicate row(s) dropped, {s['shards']} shards")
     assert s["complete"] and s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0

@@ -20,15 +20,13 @@ the module (the next module's ``ray_cluster`` starts its own instance as usual).
 import os
 import shutil
 import tempfile
-import threading
 import time
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import own_processes
+from conftest import Background, own_processes
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.tracking import find_runs
 from ideal_ray.train.worker import NODES_TAG
@@ -175,26 +173,14 @@ def test_a_lost_node_restarts_the_run_on_a_replacement_with_the_uninterrupted_pa
 
     runs = str(tmp_path)
     cfg = spread(data_root, runs, "lost", "dist.max_failures=2")
-    out, errors = {}, []
-
-    def target():
-        try:
-            out.update(train_tokenizer(cfg, log=lambda line: None))
-        except BaseException as e:  # surfaced by the main thread
-            errors.append(e)
-
-    thread = threading.Thread(target=target)
-    thread.start()
+    run = Background(lambda: train_tokenizer(cfg, log=lambda line: None))
     run_dir = os.path.join(runs, "lost")
-    deadline = time.time() + 300
-    while time.time() < deadline and thread.is_alive() and latest_checkpoint_step(run_dir) < 1:
-        time.sleep(0.05)
+    run.wait_for(lambda: latest_checkpoint_step(run_dir) >= 1)
     killed_at = latest_checkpoint_step(run_dir)
-    assert thread.is_alive() and 1 <= killed_at < 6, "the node must end mid-run"
+    assert run.running() and 1 <= killed_at < 6, "the node must end mid-run"
     lost = time.time()
     _replace_node(two_nodes, "node_b")
-    thread.join(timeout=400)
-    assert not thread.is_alive() and not errors, "".join(traceback.format_exception(errors[0])) if errors else ""
+    out = run.result()
     assert out["steps"] == 6
 
     want, got = _final_generator(spread_run[1]), _final_generator(run_dir)
@@ -245,27 +231,16 @@ def test_a_lost_encoder_node_leaves_every_row_once(spread_run, two_nodes, data_r
                                                          *extra])
 
     extract_tokens_local(cfg(tmp_path / "local"))
-    out, result, errors = tmp_path / "ray", {}, []
-
-    def target():
-        try:  # one image per encoder call and per decode task: many tasks, a wide window for the loss
-            result.update(extract_tokens_ray(cfg(out, "run.decode_actors=2", "decode_batch=1", "tracking_uri=")))
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and thread.is_alive() and not list(out.glob(tk.SHARD_GLOB)):
-        time.sleep(0.02)
+    out = tmp_path / "ray"
+    # one image per encoder call and per decode task: many tasks, a wide window for the loss
+    run = Background(lambda: extract_tokens_ray(cfg(out, "run.decode_actors=2", "decode_batch=1", "tracking_uri=")))
+    run.wait_for(lambda: list(out.glob(tk.SHARD_GLOB)))
     encoders = own_processes("_EncodeViews")
-    assert thread.is_alive() and encoders, "the loss must land mid-run, on an encoder actor's node"
+    assert run.running() and encoders, "the loss must land mid-run, on an encoder actor's node"
     written = len(list(out.glob(tk.SHARD_GLOB)))
     lost = time.time()
     _replace_node(two_nodes, _node_of(encoders[0].pid, two_nodes))
-    thread.join(timeout=300)
-    assert not thread.is_alive() and not errors, "".join(traceback.format_exception(errors[0])) if errors else ""
-    s = result
+    s = run.result()
     print(f"\n[node loss] the encoder's node ended after {written} of {s['shards']} shards; {s['duplicates_dropped']} "
           f"duplicate row(s) dropped; the extraction ended {time.time() - lost:.1f} s after the loss")
     assert s["complete"] and s["verify"]["ok"] and s["verify"]["duplicates"] == 0 and s["verify"]["missing"] == 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUCKET
+from conftest import BUCKET, tiny_tokenizer_set
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
 
@@ -26,17 +26,9 @@ RUN = ("views=release", "batch_size=8", "shard_images=3", "row_group_images=2") 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(base folder, data root, tokenizer checkpoint): 2 classes x 4 train images, random-init tiny tokenizer."""
-    from ideal_ray.checkpoint import save_inference_checkpoint
-    from ideal_ray.config import load_config
-    from ideal_ray.data.synthetic import make_synthetic_imagenet
-    from ideal_ray.models.tokenizer import IdealTokenizer
-
     base = tmp_path_factory.mktemp("s3_tokens")
-    make_synthetic_imagenet(base / "data", num_classes=2, train_per_class=4, val_per_class=1, size=80, seed=7)
-    cfg = load_config("tiny")
-    torch.manual_seed(0)
-    ckpt = save_inference_checkpoint(str(base / "tok.pt"), IdealTokenizer(cfg.model).eval(), cfg)
-    return base, str(base / "data"), ckpt
+    root, ckpt, _ = tiny_tokenizer_set(base, seed=7)
+    return base, root, ckpt
 
 
 def _cfg(setup, out, *overrides: str):

@@ -17,6 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from conftest import tiny_tokenizer_set
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
@@ -195,19 +196,10 @@ def test_verify_accepts_good_and_catches_duplicate_missing_and_strays(tmp_path):
 # ------------------------------------------------------------------------------------- extraction
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    """(data root, tokenizer checkpoint, tokenizer): 2 classes x 4 train images, random-init tiny tokenizer."""
-    from ideal_ray.checkpoint import save_inference_checkpoint
-    from ideal_ray.config import load_config
-    from ideal_ray.data.synthetic import make_synthetic_imagenet
-    from ideal_ray.models.tokenizer import IdealTokenizer
-
+    """(base folder, data root, tokenizer checkpoint, tokenizer): 2 classes x 4 train images, random-init tiny
+    tokenizer."""
     base = tmp_path_factory.mktemp("tokens")
-    make_synthetic_imagenet(base / "data", num_classes=2, train_per_class=4, val_per_class=1, size=80, seed=3)
-    cfg = load_config("tiny")
-    torch.manual_seed(0)
-    tok = IdealTokenizer(cfg.model).eval()
-    ckpt = save_inference_checkpoint(str(base / "tok.pt"), tok, cfg)
-    return base, str(base / "data"), ckpt, tok
+    return (base, *tiny_tokenizer_set(base, seed=3))
 
 
 def _extract(ckpt, root, out, *overrides: str) -> dict:

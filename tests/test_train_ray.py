@@ -6,13 +6,11 @@ import json
 import os
 import re
 import signal
-import threading
-import time
 
 import pytest
 import torch
 
-from conftest import own_processes
+from conftest import Background, own_processes
 from ideal_ray.checkpoint import load_tokenizer
 from ideal_ray.config import load_config
 from ideal_ray.tracking import find_runs
@@ -119,28 +117,15 @@ def test_killed_worker_restarts_and_ends_on_the_uninterrupted_parameters(full_ru
 
     # checkpoints every step for a wide kill window; the cadence is a schedule setting, not part of the experiment
     cfg = tiny(data_root, runs_dir, "killed", 6, "dist.max_failures=2", "schedule.ckpt_every=1")
-    out, errors = {}, []
-
-    def target():
-        try:
-            out.update(train(cfg))
-        except BaseException as e:  # surfaced by the main thread
-            errors.append(e)
-
-    thread = threading.Thread(target=target)
-    thread.start()
+    run = Background(lambda: train(cfg))
     run_dir = os.path.join(runs_dir, "killed")
-    deadline = time.time() + 240
-    while time.time() < deadline and latest_checkpoint_step(run_dir) < 1 and thread.is_alive():
-        time.sleep(0.05)
+    run.wait_for(lambda: latest_checkpoint_step(run_dir) >= 1)
     victims = own_processes("RayTrainWorker")
     assert victims, "no Ray Train worker process found to kill"
     killed_at = latest_checkpoint_step(run_dir)
-    assert 1 <= killed_at < 6 and thread.is_alive(), "the kill must land mid-run"
+    assert 1 <= killed_at < 6 and run.running(), "the kill must land mid-run"
     os.kill(victims[0].pid, signal.SIGKILL)
-    thread.join(timeout=400)
-    assert not thread.is_alive()
-    assert not errors, errors
+    out = run.result()
     assert out["steps"] == 6
     model_a, ema_a = final_states(os.path.join(runs_dir, "full"))
     model_b, ema_b = final_states(run_dir)
