@@ -3,13 +3,16 @@ file systems. Run folders (``dist.storage_path``), image sources, token shards a
 :func:`filesystem`, so a stage reads and writes a bucket exactly as it does a folder.
 
 An S3 URI takes its endpoint, region and credentials from the environment, as the AWS SDK does; a URI never carries
-them. Standard library at import time (pyarrow is imported by the functions): every layer may import it.
+them. Standard library (and ``ideal_ray.errors``) at import time, pyarrow imported by the functions: every layer
+may import it.
 """
 from __future__ import annotations
 
 import os
 import posixpath
 from datetime import timedelta
+
+from ideal_ray.errors import InputError
 
 STORAGE_CHECK_TIMEOUT_S = 5.0  # how long a quick file system waits for an answer to one request (one attempt)
 
@@ -114,10 +117,15 @@ def upload_file(local: str, fs, path: str) -> int:
     return len(data)
 
 
+def glob_names(names, pattern: str) -> list:
+    """The ``names`` (of one folder's listing) that ``pattern`` matches as ``glob.glob`` would: hidden names (a
+    leading ``.``) never match ``*``; sorted."""
+    import fnmatch
+
+    return fnmatch.filter(sorted(n for n in names if not n.startswith(".")), pattern)
+
+
 # ------------------------------------------------------------------------------------- a dataset's files in a store
-from ideal_ray.errors import InputError  # noqa: E402  (standard library only, as this module)
-
-
 class StoreAccessError(InputError, OSError):
     """The object store could not be asked about a URI (no such bucket, denied, unreachable endpoint): one sentence
     naming the URI and the store's answer. An ``OSError`` too, so a reader counts it as an unreadable file."""
@@ -250,15 +258,11 @@ class _StoreTree:
 
     def type_of(self, path: str, uri: str) -> str:
         """``"file"``, ``"dir"`` or ``""`` (nothing there) of ``path``."""
-        import pyarrow.fs
-
         parent, name = posixpath.split(path)
         if parent in self._listed:
             return self._listed[parent].get(name, "")
         if path not in self._types:
-            t = self.ask(uri, lambda: self.fs.get_file_info(path)).type
-            self._types[path] = ("file" if t == pyarrow.fs.FileType.File
-                                 else "dir" if t == pyarrow.fs.FileType.Directory else "")
+            self._types[path] = _kind(self.ask(uri, lambda: self.fs.get_file_info(path)).type)
         return self._types[path]
 
     def children(self, path: str, uri: str) -> dict[str, str]:
@@ -269,8 +273,7 @@ class _StoreTree:
             selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
             listed: dict[str, dict[str, str]] = {path: {}}
             for info in self.ask(uri, lambda: self.fs.get_file_info(selector)):
-                kind = ("file" if info.type == pyarrow.fs.FileType.File
-                        else "dir" if info.type == pyarrow.fs.FileType.Directory else "")
+                kind = _kind(info.type)
                 if not kind:
                     continue
                 parent, name = posixpath.split(info.path.rstrip("/"))
@@ -279,3 +282,11 @@ class _StoreTree:
                     listed.setdefault(info.path.rstrip("/"), {})
             self._listed.update(listed)
         return self._listed[path]
+
+
+def _kind(file_type) -> str:
+    """``"file"``, ``"dir"`` or ``""`` (nothing there, or another kind) of a pyarrow ``FileType``."""
+    import pyarrow.fs
+
+    return ("file" if file_type == pyarrow.fs.FileType.File
+            else "dir" if file_type == pyarrow.fs.FileType.Directory else "")

@@ -269,6 +269,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bucket_objects(prefix: str) -> dict:
+    """{key relative to ``prefix``: size} of every object under ``prefix`` (``bucket/...``) of the store that
+    ``s3_store`` set up."""
+    import pyarrow.fs
+
+    fs = pyarrow.fs.FileSystem.from_uri(f"s3://{prefix}")[0]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {i.path[len(prefix) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+
 @pytest.fixture(scope="module")
 def s3_store(tmp_path_factory):
     """moto's S3 server on a free loopback port with an empty bucket; dummy credentials and the endpoint in the

@@ -30,7 +30,7 @@ import uuid
 
 import pytest
 
-from conftest import AWS_VARS, BUCKET, report_rows
+from conftest import AWS_VARS, BUCKET, bucket_objects, report_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -251,13 +251,13 @@ def test_submitted_pipeline_succeeds_with_every_stage_run(pipeline_job):
         result = json.load(open(state["evaluate"]["outputs"][key]))
         assert result["protocol"]
     assert state["sweep"]["outputs"]["best_cfg_scale"] in (1.0, 1.75)
-    stored = _objects("runs")  # <name> and <name>-ar
+    stored = bucket_objects(f"{BUCKET}/runs")  # <name> and <name>-ar
     for stage in ("tokenizer", "ar"):  # Ray Train checkpoints in the bucket, the exports published beside them
         out = state[stage]["outputs"]
         assert out["checkpoint"].startswith(f"s3://{BUCKET}/runs/tinyjob") and os.path.isfile(out["export"])
-        ckpt = out["checkpoint"][len(f"s3://{BUCKET}/"):]
+        ckpt = out["checkpoint"][len(f"s3://{BUCKET}/runs/"):]
         assert f"{ckpt}/loop_state.json" in stored, sorted(stored)
-        assert stored[out["export_uri"][len(f"s3://{BUCKET}/"):]] == os.path.getsize(out["export"])
+        assert stored[out["export_uri"][len(f"s3://{BUCKET}/runs/"):]] == os.path.getsize(out["export"])
     import torch
 
     from ideal_ray.checkpoint import load_gpt
@@ -340,7 +340,8 @@ def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_serve
     assert all("gfid" in r["metrics"] for r in children)
     best = client.download_artifacts(parent, "sweep/best.json", str(mlflow_server["base"] / "dl"))
     assert float(json.load(open(best))["config"]["cfg_scale"]) == state["sweep"]["outputs"]["best_cfg_scale"]
-    stored = {key.rsplit("/", 1)[-1] for key in _objects("mlflow")}  # the server's artifact store: the bucket
+    # the server's artifact store: the bucket
+    stored = {key.rsplit("/", 1)[-1] for key in bucket_objects(f"{BUCKET}/mlflow")}
     exports = [os.path.basename(state[s]["outputs"]["export"]) for s in ("tokenizer", "ar")]
     assert {"best.json", "cfg_table.md", "summary.json", "result.json", *exports} <= stored, stored
     assert any(name.endswith(".png") for name in stored)  # the sample and sweep grids
@@ -356,17 +357,6 @@ def test_every_stage_logged_to_the_real_mlflow_server(pipeline_job, mlflow_serve
     assert p.returncode == 0, p.stderr[-3000:]
     with open(p.stdout.strip().splitlines()[-1], "rb") as got, open(state["ar"]["outputs"]["export"], "rb") as want:
         assert got.read() == want.read()
-
-
-def _objects(prefix: str) -> dict:
-    """{key under the bucket: size} of the object store's objects under ``prefix``."""
-    import pyarrow.fs
-
-    from ideal_ray.storage import filesystem
-
-    fs, path = filesystem(f"s3://{BUCKET}/{prefix}")
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {i.path[len(BUCKET) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 def test_rerun_as_a_plain_python_job_skips_every_finished_stage(head, pipeline_job, mlflow_server):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import BUCKET, STORAGE, free_port
+from conftest import BUCKET, STORAGE, bucket_objects, free_port
 from ideal_ray.config import ConfigError, load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -33,15 +33,6 @@ def tiny(data_root, out_dir, name, steps, *overrides):
                                 "schedule.log_every=1", "schedule.vis_every=100", "loss.use_discriminator=true",
                                 "loss.disc_start=1", "dist.num_workers=1", "data.global_batch=4",
                                 "data.loader_workers=1", *overrides])
-
-
-def objects(prefix: str) -> dict:
-    """{key relative to prefix: size} of the bucket's objects under ``prefix`` (``bucket/...``)."""
-    import pyarrow.fs
-
-    fs = pyarrow.fs.FileSystem.from_uri(STORAGE)[0]
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
-    return {i.path[len(prefix) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 def final_states(run_uri: str) -> dict:
@@ -107,7 +98,7 @@ def test_missing_credentials_are_refused(s3_store, no_start, data_root, tmp_path
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "false")
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     assert refused(cfg) == message
-    assert objects(f"{BUCKET}/runs/anon") == {}
+    assert bucket_objects(f"{BUCKET}/runs/anon") == {}
 
 
 def test_an_unreachable_endpoint_is_refused_without_waiting_on_retries(s3_store, no_start, data_root, tmp_path,
@@ -173,7 +164,7 @@ def test_an_upload_cut_off_midway_leaves_no_object(s3_store):
               "os._exit(9)\n")
     proc = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert proc.returncode == 9
-    assert objects(f"{BUCKET}/cut") == {}
+    assert bucket_objects(f"{BUCKET}/cut") == {}
 
 
 # ---------------------------------------------------------------------------------------------- runs in the bucket
@@ -208,7 +199,7 @@ def test_checkpoints_record_and_exports_land_in_the_bucket(resumed):
     first, second = resumed["first"], resumed["second"]
     assert (first["steps"], second["steps"]) == (2, 4) and second["run_path"] == f"{STORAGE}/resumed"
     assert second["checkpoint"].startswith(f"{STORAGE}/resumed/checkpoint_")
-    stored = objects(f"{BUCKET}/runs/resumed")
+    stored = bucket_objects(f"{BUCKET}/runs/resumed")
     ckpt = second["checkpoint"][len(f"{STORAGE}/resumed/"):]
     for part in ("generator/mp_rank_00_model_states.pt", "generator/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                  "discriminator/mp_rank_00_model_states.pt", "ema.pt", "loop_state.json", "config.json"):

@@ -27,7 +27,6 @@ The AR stage reads them with ``ideal_ray.data.ar_reader``.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import posixpath
@@ -386,11 +385,10 @@ def verify_shards(shard_dir: str | os.PathLike, check_tokens: bool = True, raise
         problems.append(f"the manifest lists {len(m['shards'])} shards of the {m['num_shards']} planned")
     if m.get("complete") and int(m.get("num_images", -1)) != images:
         problems.append(f"{images} distinct images in the shards, the manifest says {m.get('num_images')}")
-    visible = sorted(n for n in present if not n.startswith("."))  # what glob's * matches
-    for name in fnmatch.filter(visible, SHARD_GLOB):
+    for name in storage.glob_names(present, SHARD_GLOB):
         if name not in listed:
             problems.append(f"stray shard {name} is not in the manifest")
-    for name in fnmatch.filter(visible, "*" + TMP_SUFFIX):
+    for name in storage.glob_names(present, "*" + TMP_SUFFIX):
         problems.append(f"leftover temporary file {name}")
 
     summary = {

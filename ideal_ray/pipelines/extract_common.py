@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import fnmatch
 import hashlib
 import logging
 import math
@@ -177,8 +176,7 @@ def _clean(out_dir: str, m: dict) -> list[dict]:
     before recording it: it is deleted and redone, so every row is kept exactly once."""
     fs, root = storage.filesystem(out_dir)
     present = storage.list_files(fs, root)  # {name: size}
-    visible = sorted(n for n in present if not n.startswith("."))  # what glob's * matches
-    for name in fnmatch.filter(visible, "*" + tk.TMP_SUFFIX):
+    for name in storage.glob_names(present, "*" + tk.TMP_SUFFIX):
         log.warning("removing the leftover temporary file %s of an interrupted run", storage.join(out_dir, name))
         fs.delete_file(posixpath.join(root, name))
     done, removed = [], set()
@@ -191,7 +189,7 @@ def _clean(out_dir: str, m: dict) -> list[dict]:
                 fs.delete_file(posixpath.join(root, s["file"]))
                 removed.add(s["file"])
     known = {s["file"] for s in done}
-    for name in fnmatch.filter(visible, tk.SHARD_GLOB):
+    for name in storage.glob_names(present, tk.SHARD_GLOB):
         if name not in known and name not in removed:  # written, but the crash came before the manifest update
             log.warning("shard %s is not in the manifest (interrupted run); it will be redone",
                         storage.join(out_dir, name))
@@ -206,7 +204,10 @@ def _clean_staging(staging: str) -> None:
         if name.startswith("shard-") or name.endswith(tk.TMP_SUFFIX):
             log.warning("removing the leftover staging file %s of an interrupted run", os.path.join(staging, name))
             path = os.path.join(staging, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 class ShardPlan:
