@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from datetime import timedelta
 
 from ideal_ray.errors import InputError
 
 STORAGE_CHECK_TIMEOUT_S = 5.0  # how long a quick file system waits for an answer to one request (one attempt)
+STORAGE_PROBE = ".ideal-ray-storage-check"  # the object the pre-flight check writes and deletes (check_store)
+
+
+class StoreAccessError(InputError, OSError):
+    """The object store cannot be used at a URI (no such bucket, no credentials, denied, unreachable endpoint): one
+    sentence naming the URI and what was tried. An ``OSError`` too, so a reader counts it as an unreadable file."""
 
 
 def is_uri(path: str) -> bool:
@@ -50,6 +57,76 @@ def filesystem(uri: str, quick: bool = False):
             fs = pyarrow.fs.GcsFileSystem(**{**options,
                                              "retry_time_limit": timedelta(seconds=STORAGE_CHECK_TIMEOUT_S)})
     return fs, path
+
+
+# ------------------------------------------------------------------------------------- can this machine write there
+def _aws_credentials() -> str:
+    """Where the AWS SDK's default chain will find credentials ('' when nowhere): the environment, a web identity
+    token (EKS IRSA), container credentials (ECS, EKS Pod Identity), a shared credentials or config file, or the EC2
+    instance metadata service (asked once, 1 s at most, unless AWS_EC2_METADATA_DISABLED=true)."""
+    import urllib.request
+
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") and env.get("AWS_ROLE_ARN"):
+        return "AWS_WEB_IDENTITY_TOKEN_FILE"
+    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return "the container credentials endpoint"
+    for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
+        path = os.path.expanduser(env.get(var) or default)
+        if os.path.isfile(path):
+            return f"{path} (profile {env.get('AWS_PROFILE', 'default')})"
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        imds = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+        ask = urllib.request.Request(imds + "/latest/api/token", method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        try:
+            with urllib.request.urlopen(ask, timeout=1):
+                return "the EC2 instance metadata service"
+        except Exception:
+            pass
+    return ""
+
+
+def check_store(setting: str, uri: str, folder: str = "") -> None:
+    """Refuse an object-store ``uri`` (the value of ``setting``, e.g. ``dist.storage_path`` or ``out``) this machine
+    cannot write, before any work starts: a query string (the endpoint and credentials come from the environment
+    only), no AWS credentials anywhere the AWS SDK looks, or a test object (:data:`STORAGE_PROBE` in ``folder``,
+    default ``uri``) that cannot be written and deleted (a wrong bucket, an unreachable endpoint, refused credentials:
+    one attempt, short timeouts). One :class:`StoreAccessError` sentence naming the URI and what was tried. A local
+    path passes (the jobs check folders where they parse their paths)."""
+    if not is_uri(uri):
+        return
+    if "?" in uri:
+        raise StoreAccessError(f"{setting} {uri} has a query string; give the bare URI (s3://bucket/path) and set "
+                          f"an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 and the credentials with "
+                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment.")
+    s3 = uri.startswith("s3://")
+    source = _aws_credentials() if s3 else ""
+    if s3 and not source:
+        raise StoreAccessError(f"{setting} {uri} needs AWS credentials and none were found (tried "
+                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE, container "
+                          f"credentials, ~/.aws/credentials and ~/.aws/config, the EC2 instance metadata service); set "
+                          f"them in the environment of this driver and of every Ray node.")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    how = (f"through {endpoint} with credentials from {source}" if s3 else
+           f"through pyarrow's {uri.split('://')[0]}:// file system with its default credentials")
+    probe = (folder or uri).rstrip("/") + "/" + STORAGE_PROBE
+    try:
+        fs, path = filesystem(probe, quick=True)
+        with fs.open_output_stream(path) as f:
+            f.write(b"ok")
+        fs.delete_file(path)
+    except Exception as e:  # pyarrow's OSError / ArrowInvalid, whatever the SDK said
+        text = str(e)
+        reason = ("its bucket does not exist" if "NO_SUCH_BUCKET" in text else
+                  f"the endpoint did not answer within {STORAGE_CHECK_TIMEOUT_S:g} s" if "curlCode: 28" in text else
+                  "the endpoint could not be reached" if "NETWORK_CONNECTION" in text or "curlCode" in text else
+                  "access was denied" if re.search(r"ACCESS_DENIED|INVALID_ACCESS_KEY|SIGNATURE|\b403\b", text)
+                  else text.splitlines()[0][:200] if text else type(e).__name__)
+        raise StoreAccessError(f"{setting} {uri} is not usable: {reason} (tried writing and deleting {probe} "
+                          f"{how}).") from None
 
 
 # ------------------------------------------------------------------------------------- whole files in a folder or store
@@ -126,11 +203,6 @@ def glob_names(names, pattern: str) -> list:
 
 
 # ------------------------------------------------------------------------------------- a dataset's files in a store
-class StoreAccessError(InputError, OSError):
-    """The object store could not be asked about a URI (no such bucket, denied, unreachable endpoint): one sentence
-    naming the URI and the store's answer. An ``OSError`` too, so a reader counts it as an unreadable file."""
-
-
 class StorePath:
     """A file or folder under an object-store URI (``s3://bucket/imagenet/train``) with the part of
     :class:`pathlib.Path` that listing an image source uses (``/``, ``name``, ``suffix``, ``is_dir``, ``is_file``,

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     resume = f"rerun the same command to resume from the latest checkpoint of run {cfg.name}"
     with job_console(os.path.join(cfg.output_dir, cfg.name)), outcome(resume):  # console: the step bar; log: the rest
         result = train_tokenizer(cfg, in_process=args.in_process)
-        say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}, checkpoint "
+        copy = f" (a copy in {result['export_uri']})" if result.get("export_uri") else ""
+        say(f"[ideal-ray] done: {result['steps']} steps; inference export {result['export']}{copy}, checkpoint "
             f"{result['checkpoint']}, MLflow {result['tracking_uri']}")
     return 0
 

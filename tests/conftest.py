@@ -110,7 +110,8 @@ def ctrl_c_reaches_it() -> None:
 
 def tiny_tokenizer_set(base, seed: int, classes: int = 2, per_class: int = 4):
     """A tiny synthetic set under ``base/data`` (``classes`` x ``per_class`` train images, 1 val each, 80 px) and a
-    random-init tiny tokenizer (torch seed 0) saved as our export ``base/tok.pt``: (data root, export path, tokenizer)."""
+    random-init tiny tokenizer (torch seed 0) saved as our export ``base/tok.pt``: (data root, export path,
+    tokenizer)."""
     from ideal_ray.checkpoint import save_inference_checkpoint
     from ideal_ray.config import load_config
     from ideal_ray.data.synthetic import make_synthetic_imagenet

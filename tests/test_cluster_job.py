@@ -4,9 +4,9 @@ submitted with `ray job submit --working-dir .`, and a real `mlflow server` (SQL
 localhost) as the job's tracking URI, as on a cluster. Both use an S3-compatible object store (moto's server on
 loopback, conftest's ``s3_store``; endpoint and credentials in the environment of the head and the server, as on a
 cluster): the training stages' checkpoints and exports (``dist.storage_path=s3://bucket/runs``) and the server's
-artifact store (``--artifacts-destination s3://bucket/mlflow``). Then the same run resumed twice, every stage skipped: by
-`python jobs/pipeline.py` (a job and a plain run are interchangeable) and by `jobs/demo.py` (the demo is the
-pipeline).
+artifact store (``--artifacts-destination s3://bucket/mlflow``). Then the same run resumed twice, every stage
+skipped: by `python jobs/pipeline.py` (a job and a plain run are interchangeable) and by `jobs/demo.py` (the demo is
+the pipeline).
 
 `make cluster-test` runs just this module (~3 minutes on 2 cores). The head and the server are stopped afterwards,
 whatever happened. The head gets its own --temp-dir, so no other `ray.init()` (of this or a parallel test process)

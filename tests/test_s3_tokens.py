@@ -241,3 +241,32 @@ def test_missing_shards_in_the_bucket_are_one_sentence_naming_the_uri(s3_store, 
         train_ar.main(["--preset", "ar-tiny", f"data.shards={uri}"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err == f"config error: {e.value}", err
+
+
+def test_an_unusable_bucket_for_the_shards_is_one_sentence_before_any_work(s3_store, setup, capsys, monkeypatch):
+    """A missing bucket (or missing credentials) for ``out`` is refused before the images are listed or the
+    tokenizer loaded, with the sentence ``dist.storage_path`` gets; the job exits 2 with that one line."""
+    import ideal_ray.pipelines.extract_common as ec
+
+    def listed(*a, **k):
+        raise AssertionError("the extraction started although its output store is unusable")
+
+    monkeypatch.setattr(ec, "list_split", listed)
+    out = "s3://no-such-bucket/tokens"
+    with pytest.raises(ec.storage.StoreAccessError) as e:
+        _extract(setup, out)
+    assert str(e.value) == (
+        f"out {out} is not usable: its bucket does not exist (tried writing and deleting "
+        f"{out}/.ideal-ray-storage-check through {s3_store} with credentials from AWS_ACCESS_KEY_ID / "
+        f"AWS_SECRET_ACCESS_KEY).")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    import extract_tokens
+
+    _, root, ckpt = setup
+    with pytest.raises(SystemExit) as exit_:
+        extract_tokens.main(["--preset", "tiny", "--tokenizer", ckpt, "--data-root", root, "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.endswith(str(e.value)) and len(err.splitlines()) == 1, err
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    with pytest.raises(ec.storage.StoreAccessError, match=f"^out {out} needs AWS credentials and none were found"):
+        _extract(setup, out)

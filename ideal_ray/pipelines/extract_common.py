@@ -376,7 +376,8 @@ class Extraction:
     """One extraction's settings resolved from its :class:`~ideal_ray.config.ExtractConfig`, the same way for the
     in-process and the Ray run (so either resumes the other's folder):
 
-    * on construction: the tokenizer file (absolute), the split's listing, the tokenizer model (on
+    * on construction: an object-store ``out`` checked writable (:func:`ideal_ray.storage.check_store`, before
+      anything is listed or loaded), the tokenizer file (absolute), the split's listing, the tokenizer model (on
       ``tokenizer_device``) and the crop size (``image_size``, default the tokenizer's);
     * :meth:`settle` once the device is known: the batch size (``batch_size``, default 512 views on a GPU, 64 on the
       CPU), the precision (``run.precision=auto``: bf16 on a GPU, fp32 on the CPU) and the manifest parameters;
@@ -391,6 +392,7 @@ class Extraction:
 
         self.cfg = cfg
         self.t0 = time.perf_counter()
+        storage.check_store("out", cfg.out)
         self.tokenizer_path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
         self.listing = list_split(cfg.data)
         self.tok = load_tokenizer(self.tokenizer_path, device=str(tokenizer_device))

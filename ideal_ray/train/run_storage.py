@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Optional
 
 from ideal_ray.config import ConfigError, TokenizerTrainConfig
 from ideal_ray.io import changed_keys, settings_changed
-from ideal_ray.storage import STORAGE_CHECK_TIMEOUT_S, filesystem
+from ideal_ray.storage import StoreAccessError, check_store, filesystem
 
 RUN_RECORD_FILE = "ideal_config.json"  # the run folder's record of its config and runner (a checkpoint's own
 # stage config is train.loop.CONFIG_FILE)
@@ -32,76 +31,17 @@ RESUMABLE_CHANGES = ("schedule.", "dist.storage_path", "dist.max_failures", "dis
 
 
 # ----------------------------------------------------------------------------------------------- storage
-STORAGE_PROBE = ".ideal-ray-storage-check"  # the object the pre-flight check writes and deletes in the run folder
-
-
-def _aws_credentials() -> str:
-    """Where the AWS SDK's default chain will find credentials ('' when nowhere): the environment, a web identity
-    token (EKS IRSA), container credentials (ECS, EKS Pod Identity), a shared credentials or config file, or the EC2
-    instance metadata service (asked once, 1 s at most, unless AWS_EC2_METADATA_DISABLED=true)."""
-    import urllib.request
-
-    env = os.environ
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") and env.get("AWS_ROLE_ARN"):
-        return "AWS_WEB_IDENTITY_TOKEN_FILE"
-    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-        return "the container credentials endpoint"
-    for var, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
-        path = os.path.expanduser(env.get(var) or default)
-        if os.path.isfile(path):
-            return f"{path} (profile {env.get('AWS_PROFILE', 'default')})"
-    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
-        imds = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
-        ask = urllib.request.Request(imds + "/latest/api/token", method="PUT",
-                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
-        try:
-            with urllib.request.urlopen(ask, timeout=1):
-                return "the EC2 instance metadata service"
-        except Exception:
-            pass
-    return ""
 
 
 def check_storage(cfg) -> None:
-    """Refuse an object-store ``dist.storage_path`` this machine cannot use, before Ray or any worker starts: a query
-    string (the endpoint and credentials come from the environment only), no AWS credentials anywhere the AWS SDK
-    looks, or a test object in the run folder that cannot be written and deleted (a wrong bucket, an unreachable
-    endpoint, refused credentials: one attempt, short timeouts). One sentence naming the URI and what was tried. Local
-    and NFS folders are checked where the jobs parse their paths (``cli.require_usable_output``)."""
-    uri = storage_uri(cfg)
-    if "://" not in uri:
-        return
-    if "?" in uri:
-        raise ConfigError(f"dist.storage_path {uri} has a query string; give the bare URI (s3://bucket/path) and set "
-                          f"an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 and the credentials with "
-                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment.")
-    s3 = uri.startswith("s3://")
-    source = _aws_credentials() if s3 else ""
-    if s3 and not source:
-        raise ConfigError(f"dist.storage_path {uri} needs AWS credentials and none were found (tried "
-                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE, container "
-                          f"credentials, ~/.aws/credentials and ~/.aws/config, the EC2 instance metadata service); set "
-                          f"them in the environment of this driver and of every Ray node.")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-    how = (f"through {endpoint} with credentials from {source}" if s3 else
-           f"through pyarrow's {uri.split('://')[0]}:// file system with its default credentials")
-    probe = run_uri(cfg) + "/" + STORAGE_PROBE
+    """Refuse an object-store ``dist.storage_path`` this machine cannot use, before Ray or any worker starts
+    (:func:`ideal_ray.storage.check_store` on the run folder: a query string, no AWS credentials, or a test object
+    that cannot be written and deleted), as one ConfigError sentence naming the URI and what was tried. Local and NFS
+    folders are checked where the jobs parse their paths (``cli.require_usable_output``)."""
     try:
-        fs, path = filesystem(probe, quick=True)
-        with fs.open_output_stream(path) as f:
-            f.write(b"ok")
-        fs.delete_file(path)
-    except Exception as e:  # pyarrow's OSError / ArrowInvalid, whatever the SDK said
-        text = str(e)
-        reason = ("its bucket does not exist" if "NO_SUCH_BUCKET" in text else
-                  f"the endpoint did not answer within {STORAGE_CHECK_TIMEOUT_S:g} s" if "curlCode: 28" in text else
-                  "the endpoint could not be reached" if "NETWORK_CONNECTION" in text or "curlCode" in text else
-                  "access was denied" if re.search(r"ACCESS_DENIED|INVALID_ACCESS_KEY|SIGNATURE|\b403\b", text)
-                  else text.splitlines()[0][:200] if text else type(e).__name__)
-        raise ConfigError(f"dist.storage_path {uri} is not usable: {reason} (tried writing and deleting {probe} "
-                          f"{how}).") from None
+        check_store("dist.storage_path", storage_uri(cfg), run_uri(cfg))
+    except StoreAccessError as e:
+        raise ConfigError(str(e)) from None
 
 
 def publish_export(local_path: str, cfg) -> Optional[str]:
