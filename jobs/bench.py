@@ -512,18 +512,21 @@ def _llamagen_model(llamagen_dir: str, cfg, state, device, dtype):
     return theirs.to(device=device, dtype=dtype).eval(), generate
 
 
+# sample --variants: which ideal_ray rows to time (each one Sampler, built, first-called and timed on its own)
+SAMPLE_VARIANTS = {
+    "full": ("full KV (old path)", dict(kv_bound=False)),
+    "bounded": ("bounded KV", dict(kv_bound=True)),
+    "compiled": ("compiled + bounded KV", dict(kv_bound=True, compile=True)),
+    "compiled-full": ("compiled + full KV", dict(kv_bound=False, compile=True)),
+    "compiled-static": ("compiled + bounded KV, one static compile per bucket",
+                        dict(kv_bound=True, compile=True, compile_dynamic=False)),
+}
+
+
 def cmd_sample(args) -> None:
     import traceback
 
-    # --variants: which ideal_ray rows to time (each one Sampler, built, first-called and timed on its own)
-    variants = {
-        "full": ("full KV (old path)", dict(kv_bound=False)),
-        "bounded": ("bounded KV", dict(kv_bound=True)),
-        "compiled": ("compiled + bounded KV", dict(kv_bound=True, compile=True)),
-        "compiled-full": ("compiled + full KV", dict(kv_bound=False, compile=True)),
-        "compiled-static": ("compiled + bounded KV, one static compile per bucket",
-                            dict(kv_bound=True, compile=True, compile_dynamic=False)),
-    }
+    variants = SAMPLE_VARIANTS
     device = _device(args.device)
     if args.variants == "auto":  # compiling on a CPU takes minutes: opt-in there
         chosen = ["full", "bounded", "compiled"] if device.type == "cuda" else ["full", "bounded"]
@@ -723,6 +726,12 @@ def cmd_extract(args) -> None:
 
 
 def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    with outcome("a benchmark keeps nothing; run it again"):
+        args.fn(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("params", help="parameter counts per module (meta device)")
@@ -783,9 +792,7 @@ def main(argv=None) -> None:
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     e.add_argument("--device", default=None)
     e.set_defaults(fn=cmd_extract)
-    args = parser.parse_args(argv)
-    with outcome("a benchmark keeps nothing; run it again"):
-        args.fn(args)
+    return parser
 
 
 def _add_step_args(p, levers, default_batch: int) -> None:

@@ -10,6 +10,10 @@
 # Cases run in order of importance, each under its own time limit, so a slow or failing case costs only itself;
 # every table is printed again at the end (the device tool returns the last 12,000 characters); the full log is
 # $OUT/bench.log. DEADLINE=<s> bounds all cases together (default 550), SKIP_SAMPLE=1 leaves sampling out.
+#
+# Before spending device time: `bash jobs/gpu_check.sh --cpu` runs the same cases here, each shrunk to the tiny
+# presets on the CPU (batch 2, one timed step, no profile; ~2 minutes on 2 cores) with the checkout's .venv: every
+# case must end with its table (a renamed flag, lever or preset shows up as "exit 2" in the summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +30,12 @@ if [ "${1:-}" = "--prepare" ]; then  # on the CPU machine: the wheels the device
   exit 0
 fi
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+CPU=""
+[ "${1:-}" = "--cpu" ] && CPU=1
+PY=python3
+if [ -n "$CPU" ]; then
+  [ -x .venv/bin/python ] && PY=.venv/bin/python
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
@@ -36,19 +45,38 @@ OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 LOG="$OUT/bench.log"; : > "$LOG"
 START=$(date +%s)
 {
-  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
-  python3 -c "import torch, deepspeed, timm, open_clip; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
+  [ -n "$CPU" ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
+  $PY -c "import torch, deepspeed, timm, open_clip; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
 } 2>&1 | grep -v -i warn | tee -a "$LOG"
 
 DEADLINE=${DEADLINE:-550}  # seconds for all cases together: the call itself is limited (timeout_s=570)
+# tiny ARGS...: a case's arguments for the --cpu check: tiny presets, batch 2, one step, no profile, on the CPU
+tiny() {
+  local out=() a
+  while [ $# -gt 0 ]; do
+    a=$1; shift
+    case "$a" in
+      --preset) out+=(--preset tiny); shift ;;
+      --batch) out+=(--batch 2); shift ;;
+      --steps|--iters) out+=("$a" 1); shift ;;
+      --warmup) out+=(--warmup 0); shift ;;
+      --probe) out+=(--probe 3); shift ;;
+      --profile) shift ;;
+      *) out+=("$a") ;;
+    esac
+  done
+  echo "${out[@]}" --device cpu
+}
+
 # run LIMIT_S ARGS...: one benchmark case, its output appended to the log; the limit shrinks to what is left
 run() {
   local limit=$1; shift
+  [ -n "$CPU" ] && set -- $(tiny "$@")
   local left=$(( DEADLINE - ($(date +%s) - START) ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 25 ]; then echo "== SKIPPED (no time left): bench.py $*" | tee -a "$LOG"; return 0; fi
   echo "== [$(( $(date +%s) - START )) s] bench.py $* (limit ${limit} s)" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" python3 jobs/bench.py "$@" >> "$LOG" 2>&1
+  timeout --kill-after=10 "$limit" $PY jobs/bench.py "$@" >> "$LOG" 2>&1
   local rc=$?
   [ $rc -eq 124 ] && echo "   TIMED OUT after ${limit} s" | tee -a "$LOG"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && { echo "   exit $rc; last lines:"; grep -v -i warn "$LOG" | tail -6; } | tee -a "$LOG"

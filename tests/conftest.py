@@ -1,4 +1,5 @@
 """Shared test fixtures."""
+import contextlib
 import logging
 import os
 import re
@@ -53,16 +54,74 @@ def local_group():
         yield
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray instance for Ray Train tests: 8 logical CPUs (workers + decode actors + Ray Data's tasks fit on
-    a 2-core machine without deadlock) and DeepSpeed told to use the CPU."""
+@pytest.fixture(scope="session")
+def ray_head():
+    """The address of one local Ray head for the whole session (8 logical CPUs: train workers + decode actors + Ray
+    Data's tasks fit on a 2-core machine without deadlock). Modules join it (:func:`ray_connected`, ``ray_cluster``)
+    instead of each starting and stopping a local instance of their own (~5 s idle, ~10 s on a loaded machine, a
+    dozen modules). Its temp dir is private: a head writes its address to ``<temp>/ray/ray_current_cluster``, which
+    a plain ``ray.init()`` (a job the tests start, an in-process stage) would otherwise find and join. Its processes
+    are this process's children, so ``own_processes`` finds its workers."""
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="ray-s-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    with _ray_tmpdir(temp):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "include_dashboard": False})
+    try:
+        yield cluster.address
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        with _ray_tmpdir(temp):
+            cluster.shutdown()  # also deletes the head's address file under its temp dir
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ray_tmpdir(temp: str):
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+
+
+@contextlib.contextmanager
+def ray_connected(head: str, **env_vars):
+    """This process joined to the session's head (``ray_head``) with a job whose workers see ``env_vars`` and every
+    AWS variable now set (``s3_store``'s endpoint and credentials, when a module uses it), Ray Data's progress bars
+    and start-of-execution prints off; disconnected afterwards (the head keeps running). Yields the ``ray`` module."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    yield
-    ray.shutdown()
+    if ray.is_initialized():  # a connection a test left open
+        ray.shutdown()
+    env = {**{k: os.environ[k] for k in AWS_VARS if k in os.environ}, **env_vars}
+    ray.init(address=head, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head):
+    """The session's Ray head joined for a module of Ray Train tests, DeepSpeed told to use the CPU (and the object
+    store's environment, when the module set up ``s3_store`` first)."""
+    with ray_connected(ray_head, DS_ACCELERATOR="cpu") as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ideal_ray.checkpoint import to_llamagen_state_dict  # noqa: E402
 from jobs.bench import ar_train_flops_per_seq, main  # noqa: E402
 
+GPU_CHECK = os.path.join(os.path.dirname(__file__), "..", "jobs", "gpu_check.sh")
+
 LLAMAGEN = os.path.join(os.path.dirname(__file__), "..", "third_party", "LlamaGen")
 
 
@@ -86,3 +88,39 @@ def test_sample_vs_llamagen(capsys):
     assert float(_row(out, "LlamaGen generate")[3]) > 0
     assert float(re.search(r"equal to LlamaGen's for ([\d.]+)%", out).group(1)) > 99.0
     assert float(re.search(r"speedup over LlamaGen eager generate: ([\d.]+)x", out).group(1)) > 0
+
+
+def _gpu_check_cases() -> list:
+    """The bench.py arguments of every case jobs/gpu_check.sh runs (its ``run LIMIT ARGS...`` lines)."""
+    cases = []
+    for line in open(GPU_CHECK):
+        m = re.match(r"^(?:\[.*\] \|\| )?run \d+ (.+)$", line.strip())
+        if m:
+            cases.append(m.group(1).split())
+    return cases
+
+
+def test_every_case_of_the_device_script_names_flags_presets_and_variants_bench_knows():
+    """The prepared device run (an H200 is lent rarely, for minutes) must not meet a renamed flag, preset or lever:
+    every case parses with bench.py's own parser and names known variants. (``bash jobs/gpu_check.sh --cpu`` runs
+    the cases themselves at tiny scale on the CPU.)"""
+    from ideal_ray.config import load_config
+    from jobs.bench import AR_LEVERS, SAMPLE_VARIANTS, TOKENIZER_LEVERS, build_parser, variant_overrides
+
+    cases = _gpu_check_cases()
+    assert {c[0] for c in cases} == {"tokenizer", "ar-train", "sample", "precision"} and len(cases) >= 9
+    parser = build_parser()
+    for case in cases:
+        args = parser.parse_args(case)
+        if case[0] == "tokenizer":
+            load_config(args.preset, args.overrides)  # an unknown preset is a ConfigError
+        if case[0] in ("tokenizer", "ar-train"):
+            levers = TOKENIZER_LEVERS if case[0] == "tokenizer" else AR_LEVERS
+            for v in args.variants.split(","):
+                variant_overrides(v, levers)  # an unknown one exits 2
+        elif case[0] == "sample":
+            assert set(args.variants.split(",")) <= set(SAMPLE_VARIANTS), case
+        elif case[0] == "precision":
+            variant_overrides(args.variant, TOKENIZER_LEVERS if args.stage == "tokenizer" else AR_LEVERS)
+    with pytest.raises(SystemExit):  # the check can fail: a flag bench does not have
+        parser.parse_args(["tokenizer", "--preset", "paper", "--micro-batch", "4"])

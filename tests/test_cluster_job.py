@@ -78,9 +78,10 @@ def _run(cmd, log, timeout, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def head(s3_store, tmp_path_factory):
+def head(s3_store, mlflow_boot, tmp_path_factory):
     """`ray start --head` bound to 127.0.0.1 (GCS and dashboard / job API), 8 logical CPUs, token auth, the object
-    store's environment; yields the job API address. Stopped at the end (:func:`_stop_head`)."""
+    store's environment; yields the job API address. Stopped at the end (:func:`_stop_head`). The MLflow server
+    boots meanwhile (``mlflow_boot``)."""
     base = tmp_path_factory.mktemp("head")
     log = str(base / "cluster.log")
     temp_dir = tempfile.mkdtemp(prefix="irh", dir="/tmp")  # short: Ray's socket paths live under it
@@ -145,9 +146,10 @@ def _stop_head(temp_dir: str, gcs_port: int, log: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(s3_store, tmp_path_factory):
+def mlflow_boot(s3_store, tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in the object store (clients send
-    and fetch them through the server: they need no credentials of the store)."""
+    and fetch them through the server: they need no credentials of the store), started and not waited for: the head
+    starts while it boots (~10 s each on 2 cores); ``mlflow_server`` waits until it answers."""
     base = tmp_path_factory.mktemp("mlflow_server")
     port = _port()
     log = open(base / "server.log", "w")
@@ -156,19 +158,8 @@ def mlflow_server(s3_store, tmp_path_factory):
                              "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT,
                             env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI job runners: 8 processes
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.read().strip() == b"OK":
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, open(base / "server.log").read()[-3000:]
-            time.sleep(0.5)
-        yield {"uri": uri, "base": base}
+        yield {"uri": f"http://127.0.0.1:{port}", "base": base, "proc": proc}
     finally:
         proc.terminate()
         try:
@@ -176,6 +167,22 @@ def mlflow_server(s3_store, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_boot):
+    """``mlflow_boot``'s server once it answers its health check."""
+    uri, base, proc = mlflow_boot["uri"], mlflow_boot["base"], mlflow_boot["proc"]
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.read().strip() == b"OK":
+                    return {"uri": uri, "base": base}
+        except OSError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, open(base / "server.log").read()[-3000:]
+        time.sleep(0.5)
 
 
 def _submit(head, entrypoint, log, env_vars=None, timeout=900):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ray_connected
 from ideal_ray.config import ConfigError, SourceConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -40,13 +41,9 @@ def setup(tmp_path_factory, fid_inception):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+def ray_local(ray_head):
+    with ray_connected(ray_head) as ray:
+        yield ray
 
 
 def _recon_cfg(setup, out, *overrides, tokenizer=None):
@@ -135,8 +132,13 @@ def test_second_recon_of_the_release_file_reuses_cached_reference_and_refuses_ov
     for side in ("recon", "vfm"):  # the linear probe on pooled features of the 6 train images, scored on val
         assert 0.0 <= again[f"probe_{side}_top1"] <= 1.0
     assert again["protocol"]["linear_probe"]["train"].startswith("6 evenly spaced train")
-    assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-6)
-    assert (again["psnr"], again["ssim"]) == (recon["psnr"], recon["ssim"])
+    # the same weights, so the same reconstructions up to how the rows were batched for the actor (Ray Data bundles
+    # them as the decode actors deliver, and their number follows the CPUs free at the time): a few CPU conv outputs
+    # round differently, and the FID of 12 images (rank-deficient 2048-d covariances) magnifies that ~100x (461.58 vs
+    # 461.61 seen); a wrong or misplaced weight changes every reconstruction
+    assert again["rfid"] == pytest.approx(recon["rfid"], rel=1e-3)
+    assert again["psnr"] == pytest.approx(recon["psnr"], rel=1e-5)
+    assert again["ssim"] == pytest.approx(recon["ssim"], rel=1e-5)
     with pytest.raises(FileExistsError, match="already holds an evaluation"):
         evaluate_recon(_recon_cfg(setup, "rec1", "tracking_uri="))
     with pytest.raises(ConfigError, match="run.in_process=true is not offered"):  # Ray only, said before any work

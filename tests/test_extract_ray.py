@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Background, own_processes
+from conftest import Background, own_processes, ray_connected
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
@@ -42,16 +42,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-    ctx.enable_progress_bars = saved
+def ray_local(ray_head):
+    with ray_connected(ray_head) as ray:
+        yield ray
 
 
 # the settings every Ray run here starts from (the tiny preset is on the CPU: run.device=cpu, run.num_actors=1)

@@ -15,7 +15,7 @@ recovery took (the numbers in the README's failure table).
 The cluster's Ray temp dir is private (``RAY_TMPDIR``): a Cluster writes its address to ``<temp>/ray/
 ray_current_cluster``, which any plain ``ray.init()`` on the machine would otherwise find and join. Any Ray
 connection an earlier test left open is closed first; the cluster is shut down and the environment restored after
-the module (the next module's ``ray_cluster`` starts its own instance as usual).
+the module (the session's one-node head of conftest's ``ray_head`` runs beside it, untouched).
 """
 import os
 import shutil
@@ -73,7 +73,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():  # a connection an earlier test left open (conftest's ray_cluster closes its own)
+    if ray.is_initialized():  # a connection an earlier test left open (conftest's ray_connected closes its own)
         ray.shutdown()
     saved = os.environ.get("RAY_TMPDIR")
     temp = tempfile.mkdtemp(prefix="ray-mn-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars

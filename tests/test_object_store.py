@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 @pytest.fixture(scope="module")
 def s3_ray(s3_store, ray_cluster):
-    """The module's Ray cluster, started after the store's environment is set (its workers inherit it)."""
+    """The session's Ray head joined after the store's environment is set (the job's workers get it)."""
     return s3_store
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ray_connected
 from ideal_ray.config import DataConfig
 from ideal_ray.data import augment as ag
 from ideal_ray.data import ray_pipeline as rp
@@ -173,16 +174,9 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False
-    yield ray
-    ray.shutdown()
-    ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+def ray_local(ray_head):
+    with ray_connected(ray_head) as ray:
+        yield ray
 
 
 ALL = rp.COLUMNS + rp.PROVENANCE_COLUMNS

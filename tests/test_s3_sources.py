@@ -18,7 +18,7 @@ import pyarrow.fs
 import pytest
 import torch
 
-from conftest import BUCKET
+from conftest import BUCKET, ray_connected
 from ideal_ray.config import ConfigError, DataConfig, check_data_root, load_config
 from ideal_ray.data import ray_pipeline as rp
 from ideal_ray.data.convert import folder_to_flat, folder_to_parquet, folder_to_webdataset
@@ -170,23 +170,16 @@ def test_the_training_stage_takes_a_bucket_root(sets, tmp_path):
         check_data_root(load_config("tiny", [f"data.root={PREFIX}/none", "data.make_synthetic=true"]))
 
 
-def test_a_rank_dataset_on_ray_reads_the_bucket(sets):
+def test_a_rank_dataset_on_ray_reads_the_bucket(sets, ray_head):
     """One Ray Data rank dataset over the WebDataset shards in the bucket (the decode actor makes its own file
     system from the environment it inherited and reads each member with one ranged read) gives the local copy's
     in-process batches byte for byte."""
-    import ray
-
     local_root, uri = sets["webdataset"]
     expected = list(rp.local_batches(_cfg(local_root), 1, 0, 6, 3, SEED))
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    with ray_connected(ray_head):  # with the store's endpoint and credentials
         cfg = _cfg(uri)
         ds = rp.rank_dataset(cfg, 1, 0, 6, 3, SEED, num_actors=1, images=rp.put_listing(rp.training_listing(cfg)))
         got = list(ds.iter_torch_batches(batch_size=GB, dtypes=rp.TORCH_DTYPES))
-    finally:
-        ray.shutdown()
     for c in rp.COLUMNS:
         assert torch.cat([b[c] for b in got]).numpy().tobytes() == torch.cat([b[c] for b in expected]).numpy().tobytes()
 

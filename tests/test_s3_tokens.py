@@ -153,14 +153,8 @@ def test_a_folder_in_the_bucket_without_a_manifest_is_refused(s3_store, setup):
 # ------------------------------------------------------------------------------------- Ray, and the AR stage
 @pytest.fixture(scope="module")
 def s3_ray(s3_store, ray_cluster):
-    """The module's Ray cluster, started after the store's environment is set (its workers inherit it)."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False
-    yield s3_store
-    ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+    """The session's Ray head joined after the store's environment is set (the job's workers get it)."""
+    return s3_store
 
 
 def test_the_ray_extraction_writes_the_same_shards_into_the_bucket(s3_ray, setup, local_ref):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_sampling_models
+from conftest import random_sampling_models, ray_connected
 from ideal_ray.config import ConfigError, RunConfig, SampleConfig, SampleJobConfig
 from ideal_ray.pipelines.sample_local import GRID_COLUMNS, grid_image, sample_images, sample_seed
 
@@ -155,15 +155,11 @@ def test_cli(ckpts, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path):
+def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path, ray_head):
     """Two sampler actors share the work; every (class, seed) image equals the in-process one."""
-    import ray
-
     from ideal_ray.pipelines.sample_ray import sample_images_ray
 
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    with ray_connected(ray_head):
         ref = _run(ckpts, tmp_path / "local", classes=[0, 2, 3], batch_size=3)
         s = sample_images_ray(_job(ckpts, tmp_path / "ray", [0, 2, 3], f"sqlite:///{tmp_path / 'mlflow.db'}",
                                    run=RunConfig(device="cpu", num_actors=2), batch_size=3), log=lambda m: None)
@@ -171,8 +167,6 @@ def test_ray_actor_pool_writes_the_same_samples(ckpts, tmp_path):
             sample_images_ray(_job(ckpts, tmp_path / "ray", run=RunConfig(device="cpu")), log=lambda m: None)
         with pytest.raises(ValueError, match="run.device=cuda:1 is not one of auto, cpu, cuda"):
             sample_images_ray(_job(ckpts, tmp_path / "other", run=RunConfig(device="cuda:1")), log=lambda m: None)
-    finally:
-        ray.shutdown()
     assert (s["num_images"], s["num_samplers"], s["batch_size"]) == (9, 2, 3)
     a, b = np.load(ref["samples"]), np.load(s["samples"])
     np.testing.assert_array_equal(a["labels"], b["labels"])

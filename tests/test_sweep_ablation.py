@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ctrl_c_reaches_it
+from conftest import ctrl_c_reaches_it, ray_connected
 from ideal_ray.config import AblationSweepConfig, ConfigError, load_stage_config
 from ideal_ray.io import SettingsChangedError
 
@@ -166,7 +166,7 @@ def _outputs(sweep: str, variant: str):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, tmp_path, monkeypatch, ray_head):
     from mlflow.tracking import MlflowClient
 
     from ideal_ray.tune.ablation import sweep_ablation
@@ -207,7 +207,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
     assert parent.info.status == "KILLED"
 
     cfg = sweep_config("abl", storage, overrides, study="custom", variants=tuple(VARIANTS), steps=2)  # the CLI's
-    resumed = sweep_ablation(cfg)
+    with ray_connected(ray_head, DS_ACCELERATOR="cpu"):  # resumed on a running cluster (the job ran on its own)
+        resumed = sweep_ablation(cfg)
+        both = [_outputs(sweep, v) for v in VARIANTS]
+        again = sweep_ablation(cfg)
     assert not resumed["interrupted"]
     assert [t["variant"] for t in resumed["trials"]] == VARIANTS
     for t in resumed["trials"]:
@@ -226,8 +229,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data_root, 
     # every logged training step reached Tune (and the child run), the last one with the evaluation
     assert [m.value for m in client.get_metric_history(first_child["run_id"], "step")] == [1.0, 2.0]
 
-    both = [_outputs(sweep, v) for v in VARIANTS]
-    again = sweep_ablation(cfg)
     assert [_outputs(sweep, v) for v in VARIANTS] == both  # a finished sweep reruns nothing
     assert [t["metrics"]["rfid"] for t in again["trials"]] == [t["metrics"]["rfid"] for t in resumed["trials"]]
     assert len(child_runs(again["tracking_uri"], again["parent_run_id"])) == 2

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ctrl_c_reaches_it, random_sampling_models
+from conftest import ctrl_c_reaches_it, random_sampling_models, ray_connected
 from ideal_ray.checkpoint import CheckpointError
 from ideal_ray.io import SettingsChangedError
 
@@ -118,12 +118,9 @@ def interrupted(setup):
 
 
 @pytest.fixture(scope="module")
-def ray_local(interrupted):
-    import ray
-
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(interrupted, ray_head):
+    with ray_connected(ray_head) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

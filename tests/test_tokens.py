@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import tiny_tokenizer_set
+from conftest import ray_connected, tiny_tokenizer_set
 from ideal_ray.data import crops
 from ideal_ray.data import ar_reader as ar
 from ideal_ray.data import tokens as tk
@@ -350,16 +350,9 @@ def test_schedule_one_view_per_image_per_epoch(extracted):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False
-    yield ray
-    ray.shutdown()
-    ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+def ray_local(ray_head):
+    with ray_connected(ray_head) as ray:
+        yield ray
 
 
 def _rows(ds) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ray_connected
 from ideal_ray.config import ConfigError, DataConfig, check_data_root, load_config
 from ideal_ray.data import augment as ag
 from ideal_ray.data import ray_pipeline as rp
@@ -140,22 +141,15 @@ def test_every_format_gives_the_folder_batches(roots, name):
     assert met and {i: bad[i] for i in met} == met
 
 
-def test_a_rank_dataset_on_ray_reads_parquet_as_the_folder(roots):
+def test_a_rank_dataset_on_ray_reads_parquet_as_the_folder(roots, ray_head):
     """One Ray Data rank dataset over the Parquet shards (the decode actor's ByteReader keeps its row groups) gives
     the folder's in-process batches byte for byte."""
-    import ray
-
     _, folder_cfg = roots["folder"]
     _, cfg = roots["parquet"]
     expected = _stack(rp.local_batches(folder_cfg, 1, 0, 6, 3, SEED))
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    with ray_connected(ray_head):
         ds = rp.rank_dataset(cfg, 1, 0, 6, 3, SEED, num_actors=1, images=rp.put_listing(rp.training_listing(cfg)))
         got = _stack(list(ds.iter_torch_batches(batch_size=GB, dtypes=rp.TORCH_DTYPES)))
-    finally:
-        ray.shutdown()
     for c in rp.COLUMNS:
         assert got[c].tobytes() == expected[c].tobytes(), c
 
