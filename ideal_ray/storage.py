@@ -100,15 +100,15 @@ def check_store(setting: str, uri: str, folder: str = "") -> None:
         return
     if "?" in uri:
         raise StoreAccessError(f"{setting} {uri} has a query string; give the bare URI (s3://bucket/path) and set "
-                          f"an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 and the credentials with "
-                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment.")
+                               f"an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 and the credentials with "
+                               f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment.")
     s3 = uri.startswith("s3://")
     source = _aws_credentials() if s3 else ""
     if s3 and not source:
         raise StoreAccessError(f"{setting} {uri} needs AWS credentials and none were found (tried "
-                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE, container "
-                          f"credentials, ~/.aws/credentials and ~/.aws/config, the EC2 instance metadata service); set "
-                          f"them in the environment of this driver and of every Ray node.")
+                               f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_WEB_IDENTITY_TOKEN_FILE, container "
+                               f"credentials, ~/.aws/credentials and ~/.aws/config, the EC2 instance metadata "
+                               f"service); set them in the environment of this driver and of every Ray node.")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     how = (f"through {endpoint} with credentials from {source}" if s3 else
            f"through pyarrow's {uri.split('://')[0]}:// file system with its default credentials")
@@ -126,7 +126,7 @@ def check_store(setting: str, uri: str, folder: str = "") -> None:
                   "access was denied" if re.search(r"ACCESS_DENIED|INVALID_ACCESS_KEY|SIGNATURE|\b403\b", text)
                   else text.splitlines()[0][:200] if text else type(e).__name__)
         raise StoreAccessError(f"{setting} {uri} is not usable: {reason} (tried writing and deleting {probe} "
-                          f"{how}).") from None
+                               f"{how}).") from None
 
 
 # ------------------------------------------------------------------------------------- whole files in a folder or store

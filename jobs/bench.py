@@ -526,7 +526,6 @@ SAMPLE_VARIANTS = {
 def cmd_sample(args) -> None:
     import traceback
 
-    variants = SAMPLE_VARIANTS
     device = _device(args.device)
     if args.variants == "auto":  # compiling on a CPU takes minutes: opt-in there
         chosen = ["full", "bounded", "compiled"] if device.type == "cuda" else ["full", "bounded"]
@@ -536,9 +535,9 @@ def cmd_sample(args) -> None:
         chosen.append("compiled")
     elif args.compile == "off":
         chosen = [v for v in chosen if not v.startswith("compiled")]
-    unknown = sorted(set(chosen) - set(variants))
+    unknown = sorted(set(chosen) - set(SAMPLE_VARIANTS))
     if unknown or not chosen:
-        refuse(f"--variants {args.variants}: unknown {unknown}; choose from {sorted(variants)} or auto.")
+        refuse(f"--variants {args.variants}: unknown {unknown}; choose from {sorted(SAMPLE_VARIANTS)} or auto.")
 
     def run() -> None:
         """Build the model once, time each chosen variant, then LlamaGen; print the table."""
@@ -566,7 +565,7 @@ def cmd_sample(args) -> None:
         rows, tokens, kv_lengths, failed = [], {}, {}, []  # rows: (name, batch s, peak GiB, first call s, same)
         repeat_notes = []
         for v in chosen:
-            label, kw = variants[v]
+            label, kw = SAMPLE_VARIANTS[v]
             _free(device)
             try:  # one failing variant (e.g. a compile error on some torch version) must not cost the other rows
                 t_first = time.perf_counter()

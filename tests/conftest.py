@@ -68,7 +68,7 @@ def ray_head():
     from ray.cluster_utils import Cluster
 
     temp = tempfile.mkdtemp(prefix="ray-s-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    with _ray_tmpdir(temp):
+    with ray_tmpdir(temp):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "include_dashboard": False})
     try:
         yield cluster.address
@@ -77,13 +77,15 @@ def ray_head():
 
         if ray.is_initialized():
             ray.shutdown()
-        with _ray_tmpdir(temp):
+        with ray_tmpdir(temp):
             cluster.shutdown()  # also deletes the head's address file under its temp dir
         shutil.rmtree(temp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def _ray_tmpdir(temp: str):
+def ray_tmpdir(temp: str):
+    """``$RAY_TMPDIR`` set to ``temp`` inside the block (where a Ray cluster started then keeps its sessions and its
+    address file), restored afterwards."""
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp
     try:

@@ -1,8 +1,8 @@
 """Token extraction on Ray Data (decode actor pool -> encoder actor pool -> driver-written shards).
 
 One tiny synthetic set (2 classes x 5 train images) with one planted file of every bad kind, one random-init tiny
-tokenizer, one local Ray instance for the module. The reference for every token is the in-process extraction
-(itself tested against direct ``tokenizer.encode`` calls in test_tokens.py).
+tokenizer, the session's local Ray head (conftest's ``ray_head``) joined for the module. The reference for every
+token is the in-process extraction (itself tested against direct ``tokenizer.encode`` calls in test_tokens.py).
 """
 
 from __future__ import annotations

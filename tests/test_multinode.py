@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Background, own_processes
+from conftest import Background, own_processes, ray_tmpdir
 from ideal_ray.config import ConfigError, load_ar_config, load_config
 from ideal_ray.tracking import find_runs
 from ideal_ray.train.worker import NODES_TAG
@@ -75,31 +75,26 @@ def two_nodes():
 
     if ray.is_initialized():  # a connection an earlier test left open (conftest's ray_connected closes its own)
         ray.shutdown()
-    saved = os.environ.get("RAY_TMPDIR")
     temp = tempfile.mkdtemp(prefix="ray-mn-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    os.environ["RAY_TMPDIR"] = temp
-    cluster = Cluster()
-    try:
-        # a lost node is declared dead after 3 missed health checks 0.5 s apart (Ray's default: 5 x 3 s): the tests
-        # measure what Ray Train and Ray Data do after the loss, not the detection delay, a cluster setting
-        head = cluster.add_node(num_cpus=0, include_dashboard=False,
-                                _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                                                "health_check_timeout_ms": 1000})
-        a = cluster.add_node(num_cpus=WORKER_CPUS, resources={"node_a": 1})
-        b = cluster.add_node(num_cpus=WORKER_CPUS, resources={"node_b": 1})
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-        yield {"node_a": a.node_id, "node_b": b.node_id, "head": head.node_id, "cluster": cluster,
-               "nodes": {"node_a": a, "node_b": b}}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()  # also deletes the cluster's address file (under RAY_TMPDIR: before restoring it)
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_tmpdir(temp):  # for the whole module: the cluster's address file and sessions stay private
+        cluster = Cluster()
+        try:
+            # a lost node is declared dead after 3 missed health checks 0.5 s apart (Ray's default: 5 x 3 s): the
+            # tests measure what Ray Train and Ray Data do after the loss, not the detection delay, a cluster setting
+            head = cluster.add_node(num_cpus=0, include_dashboard=False,
+                                    _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                                                    "health_check_timeout_ms": 1000})
+            a = cluster.add_node(num_cpus=WORKER_CPUS, resources={"node_a": 1})
+            b = cluster.add_node(num_cpus=WORKER_CPUS, resources={"node_b": 1})
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False,
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+            yield {"node_a": a.node_id, "node_b": b.node_id, "head": head.node_id, "cluster": cluster,
+                   "nodes": {"node_a": a, "node_b": b}}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()  # also deletes the cluster's address file (under RAY_TMPDIR: still set here)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _ranks_nodes(result, experiment):

@@ -1,9 +1,9 @@
 """Ray Data training pipeline: exact, resumable sample order; byte-identical rebuilds; bad files survive.
 
-Pure schedule/augmentation tests need no Ray. The Ray tests share one local 4-logical-CPU Ray instance and one
-tiny synthetic set (18 train images, global batch 4, 2 ranks -> 4 steps per epoch, 2 images dropped each
-epoch); the reference for every row is recomputed in-process with ``load_sample`` (a ``ByteReader`` of the
-listing).
+Pure schedule/augmentation tests need no Ray. The Ray tests join the session's local Ray head (conftest's
+``ray_head``) and share one tiny synthetic set (18 train images, global batch 4, 2 ranks -> 4 steps per epoch, 2
+images dropped each epoch); the reference for every row is recomputed in-process with ``load_sample`` (a
+``ByteReader`` of the listing).
 """
 
 from __future__ import annotations

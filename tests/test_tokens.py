@@ -2,8 +2,8 @@
 the AR readers (in-process and Ray).
 
 One tiny synthetic set (2 classes x 4 train images) and one random-init tiny tokenizer checkpoint are shared by the
-module; the Ray tests share one local 4-logical-CPU Ray instance. The reference for every Ray row is the in-process
-``TokenShardDataset.step_batch`` (pure schedule + the shards read in full).
+module; the Ray tests join the session's local Ray head (conftest's ``ray_head``). The reference for every Ray row
+is the in-process ``TokenShardDataset.step_batch`` (pure schedule + the shards read in full).
 """
 
 from __future__ import annotations
