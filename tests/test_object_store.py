@@ -220,6 +220,41 @@ def test_checkpoints_record_and_exports_land_in_the_bucket(resumed):
     assert run["tags"]["inference_export_uri"] == second["export_uri"]
 
 
+def test_an_export_fetches_the_module_states_and_ema_not_the_optimizer_shards(resumed, data_root, tmp_path,
+                                                                              monkeypatch):
+    """The export at the end of a run reads two objects of the checkpoint in the bucket (the generator's module
+    states and the EMA) and never fetches it whole (the optimizer shards are most of its bytes: gigabytes at paper
+    scale, on the driver's disk); the export equals one built from the whole checkpoint."""
+    from ray.train import Checkpoint, Result
+
+    from ideal_ray.train.ray_trainer import checkpoint_dir, export_tokenizer
+
+    ckpt = Result.from_path(f"{STORAGE}/resumed").checkpoint
+    cfg = tiny(data_root, tmp_path, "resumed", 4)
+    needed = ("generator/mp_rank_00_model_states.pt", "ema.pt")
+    stored = bucket_objects(ckpt.path)  # bucket/runs/resumed/checkpoint_...
+    with checkpoint_dir(ckpt, only=needed) as d:
+        fetched = {os.path.relpath(os.path.join(p, n), d): os.path.getsize(os.path.join(p, n))
+                   for p, _, names in os.walk(d) for n in names}
+    assert fetched == {k: stored[k] for k in needed} and not os.path.exists(d)
+    print(f"\n[s3] the export fetched {sum(fetched.values()) / 2**20:.1f} of the checkpoint's "
+          f"{sum(stored.values()) / 2**20:.1f} MiB")
+    with pytest.raises(FileNotFoundError, match="No gpt/mp_rank_00_model_states.pt in the checkpoint s3://"):
+        with checkpoint_dir(ckpt, only=("gpt/mp_rank_00_model_states.pt",)):
+            pass
+
+    with ckpt.as_directory() as whole:  # Ray's download of every file
+        want = torch.load(export_tokenizer(whole, cfg, str(tmp_path / "whole.pt")), weights_only=True)
+
+    def whole_download(self):
+        raise AssertionError("the export fetched the whole checkpoint")
+
+    monkeypatch.setattr(Checkpoint, "as_directory", whole_download)
+    got = torch.load(export_tokenizer(ckpt, cfg, str(tmp_path / "two-files.pt")), weights_only=True)
+    assert got.keys() == want.keys() and got["config"] == want["config"] and got["model"].keys() == want["model"].keys()
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+
+
 def test_a_rerun_resumes_from_the_bucket_and_equals_the_uninterrupted_run(resumed, uninterrupted):
     """The rerun continued from the bucket's step-2 checkpoint and ends on the generator, discriminator and EMA of
     4 uninterrupted steps, bit for bit."""

@@ -131,13 +131,13 @@ def train_ar(cfg: ARTrainConfig, log: Callable[[str], None] = print,
 
 def export_gpt(checkpoint, cfg: ARTrainConfig, out_path: str, step: int) -> str:
     """Single-file GPT export: EMA weights + model config, loadable with ``weights_only=True``."""
+    from ideal_ray.train.engines import MODULE_FILE, load_module_state
     from ideal_ray.train.loop import EMA_FILE
+    from ideal_ray.train.ray_trainer import checkpoint_dir
 
     if os.path.exists(out_path):
         return out_path  # an earlier export of the same step; never replaced silently
-    with checkpoint.as_directory() as d:
-        from ideal_ray.train.engines import load_module_state
-
+    with checkpoint_dir(checkpoint, only=(f"gpt/{MODULE_FILE}", EMA_FILE)) as d:  # not the optimizer shards
         state = load_module_state(d, "gpt")
         ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
     state = {k: v.clone() for k, v in state.items()}

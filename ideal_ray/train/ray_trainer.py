@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -348,13 +349,33 @@ def report_skipped(cfg: TokenizerTrainConfig, listing, skips, write_empty: bool 
 
 # ----------------------------------------------------------------------------------------------- export
 @contextlib.contextmanager
-def checkpoint_dir(checkpoint) -> Iterator[str]:
+def checkpoint_dir(checkpoint, only: Sequence[str] = ()) -> Iterator[str]:
     """A local directory holding ``checkpoint``: a Ray Train ``Checkpoint`` (fetched when remote) or the directory
-    of an in-process run's checkpoint. (Ray's ``Checkpoint`` counts as ``os.PathLike`` but refuses ``fspath``.)"""
+    of an in-process run's checkpoint. (Ray's ``Checkpoint`` counts as ``os.PathLike`` but refuses ``fspath``.)
+
+    ``only``: the files the caller reads (paths relative to the checkpoint). From a checkpoint on an object store
+    just those are fetched, into a temporary folder removed afterwards: an export reads the module states and the
+    EMA, not the optimizer shards that are most of a checkpoint's bytes (gigabytes at paper scale, on the driver's
+    disk). A file the checkpoint lacks is a FileNotFoundError naming it and the checkpoint."""
     if isinstance(checkpoint, str):
         yield checkpoint
-    else:
+    elif not only or getattr(checkpoint.filesystem, "type_name", "local") == "local":
         with checkpoint.as_directory() as d:
+            yield d
+    else:
+        import pyarrow.fs
+
+        from ideal_ray.storage import file_size
+
+        fs = checkpoint.filesystem
+        with tempfile.TemporaryDirectory(prefix="ideal-ray-checkpoint-") as d:
+            for rel in only:
+                source = f"{checkpoint.path}/{rel}"
+                if file_size(fs, source) is None:
+                    raise FileNotFoundError(f"No {rel} in the checkpoint {checkpoint_path(checkpoint)}.")
+                os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+                pyarrow.fs.copy_files(source, os.path.join(d, rel), source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
             yield d
 
 
@@ -376,11 +397,11 @@ def export_tokenizer(checkpoint, cfg: TokenizerTrainConfig, out_path: str, step:
     pretrained VFM it is left out and the loader takes it from the VFM's weights file (full fp32 precision).
     """
     from ideal_ray.models.tokenizer import IdealTokenizer
-    from ideal_ray.train.engines import load_module_state
+    from ideal_ray.train.engines import MODULE_FILE, load_module_state
 
     if os.path.exists(out_path) and not overwrite:
         return out_path  # an earlier export of the same step; never replaced silently
-    with checkpoint_dir(checkpoint) as d:
+    with checkpoint_dir(checkpoint, only=(f"generator/{MODULE_FILE}", EMA_FILE)) as d:
         module_state = load_module_state(d, "generator")
         ema = torch.load(os.path.join(d, EMA_FILE), map_location="cpu", weights_only=True)
     model = IdealTokenizer(cfg.model, load_weights=False)
