@@ -169,6 +169,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
 
     for c in (tok_cfg, ar_cfg):  # an object-store dist.storage_path is tried now, before Ray starts
         check_storage(c)
+    _check_reference(tok_cfg, gen_cfg.reference, pcfg.gen.reference)
 
     def exports(state):
         return state["stages"]["tokenizer"]["outputs"]["export"], state["stages"].get("ar", {}).get(
@@ -224,7 +225,7 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
 
         recon_cfg = _filled(pcfg.recon, tracking_uri, tokenizer=exports(state)[0], data__root=root,
                             out=os.path.join(run_dir, "eval-recon"))
-        rec = evaluate_recon(recon_cfg, log_fn=log)
+        rec = _finished_recon(recon_cfg.out, recon_cfg.tokenizer) or evaluate_recon(recon_cfg, log_fn=log)
         gen = evaluate_gen(dataclasses.replace(gen_cfg, samples=state["stages"]["sample"]["outputs"]["samples"]),
                            log_fn=log)
         return {"recon": os.path.join(rec["out_dir"], "result.json"),
@@ -261,6 +262,47 @@ def tokenizer_to_eval_stages(tok_cfg, run_dir: str, pcfg=None, *, tracking_uri: 
     if pcfg.sweep.cfg_scales:
         stages.append(Stage("sweep", on_ray(sweep), _files_exist("best")))
     return stages
+
+
+def _finished_recon(out_dir: str, tokenizer: str) -> Optional[Dict[str, Any]]:
+    """The reconstruction evaluation of ``tokenizer`` that an earlier attempt of the evaluate stage finished in
+    ``out_dir`` (then its generation evaluation failed): the rerun goes on after it, as it goes on after a finished
+    stage. None when there is none, or when it evaluated another file (``evaluate_recon`` then refuses to write over
+    it)."""
+    path = os.path.join(out_dir, "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("protocol", {}).get("tokenizer") != os.path.abspath(tokenizer):
+        return None
+    return {**result, "out_dir": os.path.abspath(out_dir)}
+
+
+def _check_reference(tok_cfg, reference: str, given: str) -> None:
+    """The generation evaluation's reference (``given``, else the default ``<data.root>/val``), found before the
+    first stage rather than after the training ones: a local path or an object-store URI, an ADM npz or a folder
+    holding images (a Parquet or WebDataset split has none). ConfigError in one sentence otherwise. The default
+    reference of a synthetic set the tokenizer stage is still to make is made with it."""
+    from ideal_ray.config import ConfigError, check_data_root
+    from ideal_ray.eval.reference import ImageFolderReference, reference_source
+
+    if not given and not check_data_root(tok_cfg):  # (a missing data.root: its own sentence)
+        return
+    try:
+        source = reference_source(reference, 256)  # the size does not matter here
+        if isinstance(source, ImageFolderReference):
+            source.files()
+        return
+    except FileNotFoundError:
+        problem = "nothing is there"
+    except ValueError:
+        problem = "the folder holds no image files"
+    how = "set gen.reference to ADM's VIRTUAL_imagenet256_labeled.npz or a folder of reference images."
+    if given:
+        raise ConfigError(f"gen.reference={reference}: {problem}; {how}")
+    raise ConfigError(f"data.root={tok_cfg.data.root} has no val folder of images to be the generation evaluation's FID "
+                      f"reference (gen.reference defaults to <data.root>/val); {how}")
 
 
 def run_pipeline(tok_cfg, pcfg=None, *, only: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None,

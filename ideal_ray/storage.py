@@ -157,13 +157,16 @@ def file_size(fs, path: str):
     return info.size if info.type == pyarrow.fs.FileType.File else None
 
 
-def list_files(fs, path: str) -> dict:
+def list_files(fs, path: str, recursive: bool = False) -> dict:
     """``{name: size}`` of the files directly in folder ``path`` of ``fs`` (an object store's keys one level below
-    the prefix); ``{}`` when there is no such folder."""
+    the prefix); ``{}`` when there is no such folder. ``recursive``: every file below ``path``, named by its path
+    relative to ``path`` (``/``-separated; one paginated listing on an object store)."""
     import pyarrow.fs
 
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False, allow_not_found=True))
-    return {i.base_name: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return {(i.path[len(base):] if recursive else i.base_name): i.size for i in infos
+            if i.type == pyarrow.fs.FileType.File}
 
 
 def read_bytes(fs, path: str) -> bytes:

@@ -187,3 +187,50 @@ def test_one_local_cluster_is_sized_for_every_training_stage(monkeypatch):
     init_ray(tok, ar)
     assert calls == [(local_cluster_cpus(ar), "", {"env_vars": {"DS_ACCELERATOR": "cpu"}})]
     assert local_cluster_cpus(ar) > local_cluster_cpus(tok)
+
+
+def test_the_gen_reference_is_found_before_the_first_stage(tmp_path, monkeypatch):
+    """A reference that is not there is refused when the chain is built, in one sentence, not after the training
+    stages: a given path, or the default <data.root>/val (a split without images included); the default of a
+    synthetic set the tokenizer stage is still to make is made with it."""
+    from ideal_ray.config import ConfigError, load_config
+    from ideal_ray.data.synthetic import make_synthetic_imagenet
+    from ideal_ray import pipeline
+
+    root = tmp_path / "data"
+    make_synthetic_imagenet(str(root), num_classes=2, train_per_class=2, val_per_class=1, size=16, seed=0)
+    tok = load_config("tiny", [f"data.root={root}"])
+    pcfg = pipeline.pipeline_config(tok)
+    assert [s.name for s in pipeline.tokenizer_to_eval_stages(tok, str(tmp_path / "run"), pcfg)][-2:] == [
+        "evaluate", "sweep"]  # <data.root>/val holds images
+    nope = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    with pytest.raises(ConfigError, match=f"^gen.reference={nope}: nothing is there; set gen.reference to ADM's"):
+        pipeline.tokenizer_to_eval_stages(tok, str(tmp_path / "run"), pipeline.pipeline_config(tok, [
+            f"gen.reference={nope}"]))
+    for val in (root / "val").iterdir():  # a val split of Parquet shards, say: no images
+        for f in val.iterdir():
+            f.unlink()
+    with pytest.raises(ConfigError, match=f"^data.root={root} has no val folder of images to be the generation "
+                                          f"evaluation's FID reference \\(gen.reference defaults to <data.root>/val\\)"):
+        pipeline.tokenizer_to_eval_stages(tok, str(tmp_path / "run"), pcfg)
+
+    monkeypatch.chdir(tmp_path)  # the tiny preset's own root, data/synthetic, not made yet: made by the first stage
+    tiny = load_config("tiny")
+    assert not os.path.exists(tiny.data.root)
+    assert len(pipeline.tokenizer_to_eval_stages(tiny, str(tmp_path / "run2"), pipeline.pipeline_config(tiny))) == 6
+
+
+def test_a_rerun_of_the_evaluate_stage_goes_on_after_its_finished_reconstruction_part(tmp_path):
+    """The evaluate stage's reconstruction evaluation finished, then its generation evaluation failed: the rerun
+    takes the finished part of the same tokenizer file as it is (the evaluation refuses to write over a result);
+    one of another file is not taken."""
+    from ideal_ray.pipeline import _finished_recon
+
+    out, tok = tmp_path / "eval-recon", tmp_path / "tokenizer_step4.pt"
+    assert _finished_recon(str(out), str(tok)) is None
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"rfid": 1.5, "psnr": 20.0, "usage": 0.5,
+                                                 "protocol": {"tokenizer": str(tok)}}))
+    assert _finished_recon(str(out), str(tok)) == {"rfid": 1.5, "psnr": 20.0, "usage": 0.5, "out_dir": str(out),
+                                                   "protocol": {"tokenizer": str(tok)}}
+    assert _finished_recon(str(out), str(tmp_path / "tokenizer_step8.pt")) is None

@@ -211,3 +211,44 @@ def test_extraction_from_the_bucket_writes_the_same_tokens(sets, tmp_path):
     np.testing.assert_array_equal(s3.labels, local.labels)
     np.testing.assert_array_equal(s3.tokens, local.tokens)
     assert read_manifest(tmp_path / "s3")["listing_sha256"] == read_manifest(tmp_path / "local")["listing_sha256"]
+
+
+# ------------------------------------------------------------------------------------------------ FID references
+def test_a_reference_in_the_bucket_is_its_local_copy(sets, tmp_path):
+    """The generation evaluation's reference read from ``s3://`` (a folder of images, an ADM npz) gives what its
+    local copy gives: the same identity (so the same cache entry), images, skipped files and ADM statistics."""
+    from ideal_ray.eval.reference import AdmNpzReference, ImageFolderReference, reference_source
+
+    folder = tmp_path / "val"  # the folder set's training images, plus hidden entries that are not images to use
+    shutil.copytree(sets["folder"][0] / "train", folder)
+    some = next(folder.glob("*/*.JPEG"))
+    (folder / ".cache").mkdir()
+    shutil.copy(some, folder / ".cache" / "a.JPEG")
+    shutil.copy(some, some.parent / ".b.JPEG")
+    fs, path = filesystem(f"{PREFIX}/refs/val")
+    pyarrow.fs.copy_files(str(folder), path, destination_filesystem=fs)
+    local, remote = reference_source(str(folder), 16), reference_source(f"{PREFIX}/refs/val", 16)
+    assert isinstance(local, ImageFolderReference) and isinstance(remote, ImageFolderReference)
+    a, b = local.identity(), remote.identity()
+    assert b["path"] == f"{PREFIX}/refs/val" and {**b, "path": a["path"]} == a and a["num_files"] == 26
+    got, want = list(remote.batches(8)), list(local.batches(8))
+    assert len(got) == len(want) and all(np.array_equal(x, y) for x, y in zip(got, want))
+    assert remote.skipped == local.skipped and len(local.skipped) == 4
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, arr_0=rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8), mu=rng.normal(size=4),
+             sigma=np.eye(4), mu_s=rng.normal(size=3), sigma_s=np.eye(3))
+    fs, path = filesystem(f"{PREFIX}/refs/ref.npz")
+    pyarrow.fs.copy_files(str(npz), path, destination_filesystem=fs)
+    local, remote = reference_source(str(npz), 16), reference_source(f"{PREFIX}/refs/ref.npz", 16)
+    assert isinstance(local, AdmNpzReference) and isinstance(remote, AdmNpzReference)
+    a, b = local.identity(), remote.identity()
+    assert b["path"] == f"{PREFIX}/refs/ref.npz" and {**b, "path": a["path"]} == a
+    assert all(np.array_equal(x, y) for x, y in zip(remote.batches(2), local.batches(2)))
+    assert {k: v.tolist() for k, v in remote.adm_stats().items()} == {k: v.tolist() for k, v in local.adm_stats().items()}
+
+    with pytest.raises(FileNotFoundError, match=f"reference {PREFIX}/nope does not exist"):
+        reference_source(f"{PREFIX}/nope", 16)
+    with pytest.raises(ValueError, match="has no image files"):
+        reference_source(f"{PREFIX}/parquet/train", 16).files()

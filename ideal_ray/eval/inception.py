@@ -115,12 +115,14 @@ def _layer_map() -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks."""
+def file_sha256(source) -> str:
+    """Hex sha256 of a file: a path, or a binary file object read from where it stands; in 8 MiB chunks."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return file_sha256(f)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: source.read(1 << 23), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -15,7 +15,9 @@ to ``crop`` (``ideal_ray.data.crops.center_crop_arr``) and, when ``size`` differ
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import numpy as np
 from PIL import Image
 
+from ideal_ray import storage
 from ideal_ray.data.crops import center_crop_arr
 from ideal_ray.data.folder import DECODE_ERRORS, IMAGE_EXTENSIONS, open_rgb
 from ideal_ray.eval.fid import Gaussian, ReferenceStats, features
@@ -45,6 +48,7 @@ __all__ = [
     "store",
     "default_cache_dir",
     "read_adm_npz",
+    "reference_source",
     "reference_stats",
 ]
 
@@ -61,9 +65,22 @@ def default_cache_dir() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- ADM npz
+@contextlib.contextmanager
+def _open_binary(path: str) -> Iterator[Any]:
+    """A seekable binary file of a local path or an object-store URI (``s3://bucket/refs/x.npz``; ranged reads)."""
+    if storage.is_uri(path):
+        fs, key = storage.filesystem(path)
+        with fs.open_input_file(key) as f:
+            yield f
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
 def read_adm_npz(path: str, batch_size: int = 500) -> Iterator[np.ndarray]:
-    """Stream ``arr_0`` of an npz as uint8 batches (B, H, W, 3) without loading all of it (10k x 256^2 x 3 is 2 GB)."""
-    with zipfile.ZipFile(path) as archive:
+    """Stream ``arr_0`` of an npz (a local path or an object-store URI) as uint8 batches (B, H, W, 3) without
+    loading all of it (10k x 256^2 x 3 is 2 GB)."""
+    with _open_binary(path) as raw, zipfile.ZipFile(raw) as archive:
         if "arr_0.npy" not in archive.namelist():
             raise ValueError(f"{path} has no arr_0 (keys: {sorted(n[:-4] for n in archive.namelist())}); an ADM "
                              "reference batch stores its images as arr_0.")
@@ -88,69 +105,102 @@ def read_adm_npz(path: str, batch_size: int = 500) -> Iterator[np.ndarray]:
 
 @dataclass
 class AdmNpzReference:
-    """An ADM reference batch: images ``arr_0`` used as stored, plus ADM's precomputed statistics if present."""
+    """An ADM reference batch (a local path or an object-store URI): images ``arr_0`` used as stored, plus ADM's
+    precomputed statistics if present."""
 
     path: str
     skipped: List[str] = field(default_factory=list)  # an npz has no per-image failures; kept for the protocol
 
     def identity(self) -> Dict[str, Any]:
-        with np.load(self.path) as npz:
-            keys = sorted(npz.files)
-        return {"kind": "adm-npz", "name": os.path.basename(self.path), "path": os.path.abspath(self.path),
-                "sha256": file_sha256(self.path), "sha256_of": "the file", "keys": keys,
+        with _open_binary(self.path) as f:
+            with np.load(f) as npz:
+                keys = sorted(npz.files)
+            f.seek(0)
+            sha256 = file_sha256(f)
+        return {"kind": "adm-npz", "name": os.path.basename(self.path), "path": storage.absolute(self.path),
+                "sha256": sha256, "sha256_of": "the file", "keys": keys,
                 "preprocess": "none: arr_0 images used as stored"}
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         return read_adm_npz(self.path, batch_size)
 
     def adm_stats(self) -> Dict[str, np.ndarray]:
-        with np.load(self.path) as npz:
+        with _open_binary(self.path) as f, np.load(f) as npz:
             if not set(ADM_STAT_KEYS) <= set(npz.files):
                 return {}
             return {key: np.asarray(npz[key], dtype=np.float64) for key in ADM_STAT_KEYS}
 
 
 # ------------------------------------------------------------------------------------------ image folder
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
 @dataclass
 class ImageFolderReference:
-    """Every image file under ``root`` (recursive, sorted; hidden entries ignored), ADM-center-cropped to ``crop``
-    and PIL-bicubic resized to ``size``. Decoding uses ``workers`` threads; undecodable files go to ``skipped``."""
+    """Every image file under ``root`` (a local folder or an object-store URI such as ``s3://bucket/imagenet/val``;
+    recursive, sorted; hidden entries ignored), ADM-center-cropped to ``crop`` and PIL-bicubic resized to ``size``.
+    The folder is listed once (a snapshot: every file with its byte size, one paginated listing in a bucket).
+    Decoding uses ``workers`` threads; undecodable files go to ``skipped``."""
 
     root: str
     crop: int = 256
     size: int = 256
     workers: int = 4
     skipped: List[str] = field(default_factory=list)
+    _sizes: Optional[Dict[str, int]] = field(default=None, init=False, repr=False, compare=False)
+    _store: Any = field(default=None, init=False, repr=False, compare=False)  # (file system, folder) of a URI
+
+    def _listed(self) -> Dict[str, int]:
+        """{relative path (``/``-separated): byte size} of the image files."""
+        if self._sizes is None:
+            image = lambda rel: rel.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel)  # noqa: E731
+            if storage.is_uri(self.root):
+                if not storage.StorePath(self.root).is_dir():
+                    raise FileNotFoundError(f"reference folder {self.root} does not exist; pass a folder of images.")
+                self._store = fs, path = storage.filesystem(self.root)
+                found = {rel: size for rel, size in storage.list_files(fs, path, recursive=True).items() if image(rel)}
+            else:
+                if not os.path.isdir(self.root):
+                    raise FileNotFoundError(f"reference folder {self.root} does not exist; pass a folder of images.")
+                found = {}
+                for folder, dirs, names in os.walk(self.root):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    for n in names:
+                        rel = os.path.relpath(os.path.join(folder, n), self.root)
+                        if image(rel):
+                            found[rel] = os.path.getsize(os.path.join(folder, n))
+            if not found:
+                raise ValueError(f"reference folder {self.root} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+            self._sizes = found
+        return self._sizes
 
     def files(self) -> List[str]:
         """Relative paths of the image files, sorted."""
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"reference folder {self.root} does not exist; pass a folder of images.")
-        found = []
-        for folder, dirs, names in os.walk(self.root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found += [os.path.relpath(os.path.join(folder, n), self.root) for n in names
-                      if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
-        if not found:
-            raise ValueError(f"reference folder {self.root} has no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-        return sorted(found)
+        return sorted(self._listed())
 
     def identity(self) -> Dict[str, Any]:
-        files = self.files()
-        listing = "".join(f"{rel}\t{os.path.getsize(os.path.join(self.root, rel))}\n" for rel in files)
+        sizes = self._listed()
+        listing = "".join(f"{rel}\t{sizes[rel]}\n" for rel in self.files())
         return {"kind": "image-folder", "name": os.path.basename(os.path.normpath(self.root)),
-                "path": os.path.abspath(self.root), "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                "path": storage.absolute(self.root), "sha256": hashlib.sha256(listing.encode()).hexdigest(),
                 "sha256_of": "the listing: relative path and byte size of each image file, sorted",
-                "num_files": len(files),
+                "num_files": len(sizes),
                 "preprocess": f"ADM center crop to {self.crop} (BOX halvings, bicubic), "
                               f"then PIL bicubic to {self.size}" if self.size != self.crop else
                               f"ADM center crop to {self.crop} (BOX halvings, bicubic)"}
 
     def _load(self, rel: str) -> Optional[np.ndarray]:
+        where = storage.join(self.root, rel)
         try:
-            img = center_crop_arr(open_rgb(os.path.join(self.root, rel)), self.crop)
+            if self._store is not None:  # the object's bytes, decoded as a file's
+                fs, folder = self._store
+                img = open_rgb(io.BytesIO(storage.read_bytes(fs, f"{folder}/{rel}")))
+            else:
+                img = open_rgb(where)
+            img = center_crop_arr(img, self.crop)
         except DECODE_ERRORS as err:
-            log.warning("skipping reference image %s: %s", os.path.join(self.root, rel), err)
+            log.warning("skipping reference image %s: %s", where, err)
             return None
         if self.size != self.crop:
             img = img.resize((self.size, self.size), Image.BICUBIC)
@@ -176,6 +226,23 @@ class ImageFolderReference:
 
 
 Reference = Union[AdmNpzReference, ImageFolderReference]
+
+
+def reference_source(reference: str, size: int) -> Reference:
+    """The reference at ``reference``, a local path or an object-store URI: an ADM reference npz (a file), or a
+    folder of images, ADM-center-cropped and resized to ``size`` (the samples' size). FileNotFoundError naming what
+    to pass when nothing is there."""
+    if storage.is_uri(reference):
+        where = storage.StorePath(reference)  # a store that cannot be read: one sentence naming the URI
+        is_dir, is_file = where.is_dir(), where.is_file()
+    else:
+        is_dir, is_file = os.path.isdir(reference), os.path.isfile(reference)
+    if is_dir:
+        return ImageFolderReference(reference, crop=size, size=size)
+    if is_file:
+        return AdmNpzReference(reference)
+    raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz or a "
+                            f"folder of reference images.")
 
 
 # ---------------------------------------------------------------------------------------------- caching

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from ideal_ray import storage
 from ideal_ray.cluster import process_device
 from ideal_ray.config import ConfigError, GenEvalConfig, ReconEvalConfig, validate_stage
 from ideal_ray.data import sources
@@ -411,13 +412,7 @@ def evaluate_gen(cfg: GenEvalConfig, *, run_name: Optional[str] = None,
         sample_labels = z["labels"] if "labels" in z.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{samples_npz} arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, 3).")
-    if os.path.isdir(reference):
-        source = ref_mod.ImageFolderReference(reference, crop=images.shape[1], size=images.shape[1])
-    elif os.path.isfile(reference):
-        source = ref_mod.AdmNpzReference(reference)
-    else:
-        raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
-                                f"or a folder of reference images.")
+    source = ref_mod.reference_source(reference, images.shape[1])  # a local path or an object-store URI
     cls_data = None
     if c.data:  # checked before any image is read: the split exists, the samples' labels fit its classes
         cls_data = ca.classifier_data(c.data, c.split, c.per_class, kind=c.kind)
@@ -454,7 +449,7 @@ def evaluate_gen(cfg: GenEvalConfig, *, run_name: Optional[str] = None,
     result["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1, default=float))
     with run_tracker(cfg.tracking_uri, out_dir, EXPERIMENT, run_name or f"gen-{os.path.basename(out_dir)}") as tr:
-        tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": os.path.abspath(reference),
+        tr.log_params({"kind": "gen", "samples": os.path.abspath(samples_npz), "reference": storage.absolute(reference),
                        "num_images": len(images), "evaluator_weights": result["protocol"]["evaluator"]["weights_file"],
                        "classifier_data": cls_data.where if cls_data is not None else "",
                        "classifier_per_class": cls_data.per_class if cls_data is not None else 0,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ideal_ray.config import CfgSweepConfig, ConfigError, validate_stage
+from ideal_ray import storage
 from ideal_ray.io import record_settings
 from ideal_ray.tune import common
 
@@ -208,8 +209,7 @@ def _warm_reference(reference: str, size: int, settings: Dict[str, Any], resourc
         from ideal_ray.eval import reference as ref_mod
         from ideal_ray.eval.inception import load_inception
 
-        source = (ref_mod.ImageFolderReference(reference, crop=size, size=size) if os.path.isdir(reference)
-                  else ref_mod.AdmNpzReference(reference))
+        source = ref_mod.reference_source(reference, size)
         extractor = load_inception(settings["inception_weights"], device=device)
         stats = ref_mod.reference_stats(source, extractor, settings["cache_dir"],
                                         batch_size=settings["eval_batch_size"])
@@ -273,7 +273,7 @@ def sweep_cfg(cfg: CfgSweepConfig, log: Callable[[str], None] = print) -> Dict[s
     from ideal_ray.checkpoint import GPT, check_models
     from ideal_ray.eval.inception import resolve_inception_weights
     from ideal_ray.pipelines.sample_local import _resolve_classes
-    from ideal_ray.eval.reference import default_cache_dir
+    from ideal_ray.eval.reference import default_cache_dir, reference_source
     from ideal_ray.tracking import default_tracking_uri
 
     validate_stage(cfg)  # the values and sample settings (per_class, batch sizes, top_p ...), precision, resources
@@ -286,9 +286,7 @@ def sweep_cfg(cfg: CfgSweepConfig, log: Callable[[str], None] = print) -> Dict[s
     path = common.sweep_path(cfg.storage_path, name)
     space = param_space(list(cfg.cfg_scales), [iv[i: i + 2] for i in range(0, len(iv), 2)] or None,
                         list(cfg.temperatures) or None, list(cfg.top_ks) or None)
-    if not (os.path.isdir(reference) or os.path.isfile(reference)):
-        raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz "
-                                f"or a folder of reference images.")
+    reference_source(reference, out_size)  # there (a local path or an object-store URI), else one sentence
     num_classes = check_models(gpt, tokenizer, classes)[GPT].num_classes
     if classes is not None:
         _resolve_classes(classes, num_classes)  # none, or one listed twice
@@ -312,7 +310,7 @@ def sweep_cfg(cfg: CfgSweepConfig, log: Callable[[str], None] = print) -> Dict[s
     sample = fixed_sample(cfg)
     grid = {k: v["grid_search"] for k, v in space.items()}
     fixed = {"gpt": os.path.abspath(gpt), "tokenizer": os.path.abspath(tokenizer),
-             "reference": os.path.abspath(reference), "classes": None if classes is None else [int(c) for c in classes],
+             "reference": storage.absolute(reference), "classes": None if classes is None else [int(c) for c in classes],
              "sample": sample, "precision": cfg.precision, "inception_weights": os.path.abspath(weights),
              "cache_dir": os.path.abspath(os.path.expanduser(cfg.fid.cache_dir or default_cache_dir())),
              "eval_batch_size": int(cfg.fid.batch_size), "classifier": classifier}
