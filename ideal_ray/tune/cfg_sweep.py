@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ideal_ray.config import CfgSweepConfig, ConfigError, validate_stage
 from ideal_ray import storage
+from ideal_ray.config import CfgSweepConfig, ConfigError, validate_stage
 from ideal_ray.io import record_settings
 from ideal_ray.tune import common
 
