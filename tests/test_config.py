@@ -223,6 +223,7 @@ def test_every_float_field_refuses_inf_nan_and_negatives(stage):
     (["name=a/b"], "name=a/b is not a single folder name"),
     (["name=a\\b"], "is not a single folder name"),
     (["output_dir="], "output_dir is empty"),
+    (["output_dir=s3://bucket/runs"], "output_dir=s3://bucket/runs is an object-store URI, but the run's exports, log and MLflow store are written there as files"),  # was a local folder named s3:
     (["data.root="], "data.root is empty"),
     (["data.root=  "], "data.root is empty"),
     (["optim.epochs=0", "optim.warmup_epochs=0", "schedule.steps=0"], "give a run of no steps"),
@@ -248,6 +249,7 @@ def test_tokenizer_refusals_name_key_and_value(overrides, fragment):
     (["name=../x"], "name=../x is not a single folder name"),
     (["name="], "name is empty"),
     (["output_dir="], "output_dir is empty"),
+    (["output_dir=gs://bucket/runs"], "output_dir=gs://bucket/runs is an object-store URI, but the run's exports, log and MLflow store are written there as files"),
     (["data.shards="], "data.shards is empty"),
 ])
 def test_ar_refusals_name_key_and_value(overrides, fragment):
@@ -342,6 +344,13 @@ def test_a_job_without_its_paths_is_told_which_one():
     ("PipelineConfig", ["ar_preset=ar-XL"], "ar_preset 'ar-XL' is unknown"),
     ("PipelineConfig", ["extract.views=x"], "extract.views 'x' is unknown"),
     ("PipelineConfig", ["sweep.cfg_intervals=1,0"], "sweep.cfg_intervals=1.0,0.0 must be start,end pairs"),
+    # outputs written as local files: a URI would have become a local folder named s3: (extraction's out may be one)
+    ("SampleJobConfig", ["out=s3://b/samples"], "out=s3://b/samples is an object-store URI, but this stage writes out as local files"),
+    ("ReconEvalConfig", ["fid.cache_dir=s3://b/refs"], "fid.cache_dir=s3://b/refs is an object-store URI, but this stage writes fid.cache_dir"),
+    ("GenEvalConfig", ["out=s3://b/eval"], "out=s3://b/eval is an object-store URI, but this stage writes out"),
+    ("CfgSweepConfig", ["storage_path=s3://b/sweeps"], "storage_path=s3://b/sweeps is an object-store URI, but this stage writes storage_path"),
+    ("AblationSweepConfig", ["fid_cache_dir=gs://b/refs"], "fid_cache_dir=gs://b/refs is an object-store URI, but this stage writes fid_cache_dir"),
+    ("PipelineConfig", ["gen.fid.cache_dir=s3://b/refs"], "gen.fid.cache_dir=s3://b/refs is an object-store URI, but this stage writes fid.cache_dir"),
 ])
 def test_offline_stage_refusals_name_key_and_value(cls, overrides, fragment):
     import ideal_ray.config as c
@@ -349,6 +358,12 @@ def test_offline_stage_refusals_name_key_and_value(cls, overrides, fragment):
     with pytest.raises(ConfigError) as e:
         load_stage_config(getattr(c, cls), "tiny", overrides, complete=False)
     _one_sentence(e.value, fragment)
+
+
+def test_extraction_writes_its_shards_to_an_object_store():
+    import ideal_ray.config as c
+
+    assert load_stage_config(c.ExtractConfig, "tiny", ["out=s3://b/tokens"], complete=False).out == "s3://b/tokens"
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -407,6 +422,8 @@ def _tree(root):
     ("sweep_cfg.py", ["cfg_intervals=0,1,0.5"], "cfg_intervals=0.0,1.0,0.5 must be start,end pairs"),
     ("sweep_ablation.py", ["--study", "custom"], "study=custom needs variants"),
     ("pipeline.py", ["sweep.top_ks=-1"], "sweep.top_ks=-1 has a negative value"),
+    ("sample.py", ["--out", "s3://bucket/samples"], "out=s3://bucket/samples is an object-store URI"),
+    ("pipeline.py", ["gen.fid.cache_dir=s3://bucket/refs"], "gen.fid.cache_dir=s3://bucket/refs is an object-store"),
 ])
 def test_a_job_refuses_in_one_sentence_before_anything_heavy(tmp_path, job, args, fragment):
     """A real job in a subprocess: exit code 2, one sentence on stderr, no traceback, nothing created (the job runs

@@ -419,6 +419,7 @@ class ExtractConfig(StageConfig):
     # inputs checked for existence by the jobs (the checkpoint files are checked by their own loader's sentences)
     INPUTS: ClassVar[Tuple[str, ...]] = ("data.root", "data.labels_file", "data.class_index")
     OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+    STORE_OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)  # outputs the stage writes to an object store itself
 
     preset: str = "paper"
     tokenizer: str = ""  # our export or the authors' release tokenizer file
@@ -463,7 +464,7 @@ class ReconEvalConfig(StageConfig):
 
     REQUIRED: ClassVar[Tuple[str, ...]] = ("tokenizer", "data.root", "out")  # paths a run cannot go without
     INPUTS: ClassVar[Tuple[str, ...]] = ("data.root", "data.labels_file", "data.class_index", "fid.inception_weights")
-    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out", "fid.cache_dir")  # (the reference statistics' cache)
 
     preset: str = "paper"
     tokenizer: str = ""
@@ -487,7 +488,7 @@ class GenEvalConfig(StageConfig):
 
     REQUIRED: ClassVar[Tuple[str, ...]] = ("samples", "reference", "out")  # paths a run cannot go without
     INPUTS: ClassVar[Tuple[str, ...]] = ("samples", "reference", "classifier.data", "fid.inception_weights")
-    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out",)
+    OUTPUTS: ClassVar[Tuple[str, ...]] = ("out", "fid.cache_dir")  # (the reference statistics' cache)
 
     preset: str = "paper"
     samples: str = ""  # samples.npz of jobs/sample.py (arr_0 uint8 N x H x W x 3)

@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional, Tuple
 
 from ideal_ray.config.overrides import _show
+from ideal_ray.storage import is_uri
 from ideal_ray.config.schema import (AblationSweepConfig, ARTrainConfig, CfgSweepConfig, ClassifierConfig, ConfigError,
                                      DistributedConfig, ExtractConfig, FIDConfig, GenEvalConfig, OptimConfig,
                                      PerfConfig, PipelineConfig, ReconEvalConfig, RunConfig, SampleConfig,
@@ -74,6 +75,22 @@ def validate_run_folder(name: str, output_dir: str) -> None:
            f"name={name} is not a single folder name (the run folder output_dir/name would lie outside output_dir); "
            f"pass a plain name like name=my-run and choose where runs go with output_dir.")
     _non_empty("output_dir", output_dir, "the folder runs are written under, e.g. output_dir=runs")
+    _check(not is_uri(output_dir),
+           f"output_dir={output_dir} is an object-store URI, but the run's exports, log and MLflow store are written "
+           f"there as files; pass a local or shared folder (the checkpoints go to a bucket with "
+           f"dist.storage_path={output_dir}).")
+
+
+def _local_outputs(cfg: Any) -> None:
+    """Every output path of a stage config (its ``OUTPUTS``) is a local or shared folder, except those the stage
+    writes to an object store itself (``STORE_OUTPUTS``): a URI given to ``os.makedirs`` would become a local
+    folder named ``s3:``, the results silently kept on this machine."""
+    for key in getattr(cfg, "OUTPUTS", ()):
+        value = get_key(cfg, key)
+        _check(key in getattr(cfg, "STORE_OUTPUTS", ()) or not is_uri(value),
+               f"{key}={value} is an object-store URI, but this stage writes {key} as local files; pass a local or "
+               f"shared folder (a bucket takes the training stages' checkpoints, dist.storage_path, and extraction's "
+               f"token shards, out).")
 
 
 def validate_optim(o: OptimConfig, global_batch: int) -> None:
@@ -447,6 +464,7 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
             continue  # no sweep stage
         try:
             STAGE_VALIDATORS[type(sub)](sub)
+            _local_outputs(sub)
         except ConfigError as e:
             raise ConfigError(f"{key}.{e}") from None
 
@@ -461,6 +479,7 @@ def validate_stage(cfg: Any, complete: bool = True) -> None:
     """One offline stage's config (:data:`STAGE_VALIDATORS`); with ``complete``, also every path the stage needs
     (its ``REQUIRED`` fields) is set: a job checks that, the pipeline fills them in when the earlier stages ran."""
     STAGE_VALIDATORS[type(cfg)](cfg)
+    _local_outputs(cfg)
     if complete:
         for key in getattr(cfg, "REQUIRED", ()):
             _non_empty(key, get_key(cfg, key), f"{key}=PATH")
