@@ -147,7 +147,8 @@ def _examples(cls: type) -> List[str]:
 def stage_config_from_args(cls: type, args: argparse.Namespace, shorthands: Sequence[tuple]):
     """The stage config of a job's arguments (:func:`add_stage_args`): the preset, then the shorthand flags given,
     then the overrides, validated; its output paths must be durable (:func:`require_durable_paths`) and its input
-    paths must exist (:func:`require_existing`). A wrong value exits (code 2) with one sentence, naming the flag
+    paths must exist (:func:`require_existing`), its output folders must be folders or creatable
+    (:func:`require_usable_folders`). A wrong value exits (code 2) with one sentence, naming the flag
     the user typed where there was one; nothing is imported or created."""
     from ideal_ray.config import get_key, load_stage_config
 
@@ -165,7 +166,9 @@ def stage_config_from_args(cls: type, args: argparse.Namespace, shorthands: Sequ
         if not get_key(cfg, key):
             how = f"{short[key]} PATH (or {key}=PATH)" if key in short else f"{key}=PATH"
             refuse(f"config error: {key} is not set; pass {how}.")
-    require_durable_paths(**{name(k): get_key(cfg, k) for k in getattr(cls, "OUTPUTS", ())})
+    outputs = {name(k): get_key(cfg, k) for k in getattr(cls, "OUTPUTS", ())}
+    require_durable_paths(**outputs)
+    require_usable_folders(**outputs)
     require_existing(**{name(k): get_key(cfg, k) for k in getattr(cls, "INPUTS", ())})
     return cfg
 
@@ -232,9 +235,7 @@ def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) 
     folders = [("output_dir", output_dir)] + [(k, v) for k, v in storage.items() if v and "://" not in v]
     for key, root in folders:
         run = os.path.join(os.path.expanduser(root), name)
-        existing = run
-        while not os.path.lexists(existing):  # the nearest existing ancestor (a relative path ends at the cwd)
-            existing = os.path.dirname(existing) or os.curdir
+        existing = _nearest_existing(run)
         if not os.path.isdir(existing) and existing == run:
             refuse(f"config error: the run folder {run} ({key}/name) exists and is not a folder; pass another name "
                    f"or {key}, or move it away.")
@@ -244,6 +245,32 @@ def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) 
         if not os.access(existing, os.W_OK | os.X_OK):
             refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} is not writable by "
                    f"this user; pass a folder you can write to as {key}.")
+
+
+def require_usable_folders(**paths: Optional[str]) -> None:
+    """Refuse (exit code 2, one sentence) the first of ``paths`` (a flag or key name -> an output folder) that cannot
+    be a folder: it is a file, or its nearest existing ancestor is not a folder this user can write to. Empty values
+    and URIs are skipped; nothing is created here."""
+    for key, path in paths.items():
+        if not path or "://" in path:
+            continue
+        folder = os.path.expanduser(path)
+        existing = _nearest_existing(folder)
+        if existing == folder and not os.path.isdir(folder):
+            refuse(f"config error: {key}={path} exists and is not a folder; pass a folder, or move the file away.")
+        if not os.path.isdir(existing):
+            refuse(f"config error: {key}={path} cannot be made: {existing} exists and is not a folder; pass another "
+                   f"{key}, or move {existing} away.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            refuse(f"config error: {key}={path} cannot be made: {existing} is not writable by this user; pass a "
+                   f"folder you can write to as {key}.")
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` or its nearest existing ancestor (a relative path ends at the working directory)."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path) or os.curdir
+    return path
 
 
 def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None, classes=None) -> dict:

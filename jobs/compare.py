@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ideal_ray.cli import outcome, require_durable_paths  # noqa: E402
+from ideal_ray.cli import outcome, require_durable_paths, require_usable_folders  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None)
     args = p.parse_args(argv)
     require_durable_paths(**{"--out": args.out})  # under `ray job submit --working-dir`: absolute only
+    require_usable_folders(**{"--out": args.out})
 
     from ideal_ray.tune.compare import compare_runs, tracking_uri_for
 

@@ -423,6 +423,10 @@ def _tree(root):
     ("sweep_ablation.py", ["--study", "custom"], "study=custom needs variants"),
     ("pipeline.py", ["sweep.top_ks=-1"], "sweep.top_ks=-1 has a negative value"),
     ("sample.py", ["--out", "s3://bucket/samples"], "out=s3://bucket/samples is an object-store URI"),
+    ("extract_tokens.py", ["--preset", "tiny", "--data-root", "{tmp}", "--tokenizer", "{file}", "--out", "{file}"],
+     "--out={file} exists and is not a folder; pass a folder"),  # was a traceback (exit 1)
+    ("sample.py", ["--gpt", "{file}", "--tokenizer", "{file}", "--out", "{file}/samples"],
+     "--out={file}/samples cannot be made: {file} exists and is not a folder"),
     ("pipeline.py", ["gen.fid.cache_dir=s3://bucket/refs"], "gen.fid.cache_dir=s3://bucket/refs is an object-store"),
 ])
 def test_a_job_refuses_in_one_sentence_before_anything_heavy(tmp_path, job, args, fragment):

@@ -190,3 +190,14 @@ def test_gen_known_answers_and_cli(setup, tmp_path):
         job.main(["gen", "--samples", str(npz), "--reference", ref_dir, "--out", str(tmp_path / "y"),
                   "fid.batch_size=0"])
     assert refused.value.code == 2 and not (tmp_path / "y").exists()
+    for bad, said in ((b"junk", "is not an npz archive"), (None, "is one array, not an npz archive")):
+        path = tmp_path / "bad.npz"
+        if bad is None:
+            with open(path, "wb") as f:
+                np.save(f, np.zeros(3))
+        else:
+            path.write_bytes(bad)
+        cfg = GenEvalConfig(samples=str(path), reference=ref_dir, out=str(tmp_path / "bad"), device="cpu",
+                            tracking_uri="")
+        with pytest.raises(ValueError, match=f"^samples file {path} {said}; pass an ADM-format npz"):
+            evaluate_gen(cfg, log_fn=lambda m: None)  # numpy's own words offered to unpickle the file

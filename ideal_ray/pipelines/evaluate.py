@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -405,7 +406,15 @@ def evaluate_gen(cfg: GenEvalConfig, *, run_name: Optional[str] = None,
     t0 = time.perf_counter()
     if not os.path.isfile(samples_npz):
         raise FileNotFoundError(f"samples file {samples_npz} does not exist; make one with jobs/sample.py.")
-    with np.load(samples_npz) as z:
+    try:
+        z = np.load(samples_npz)
+    except (OSError, ValueError, zipfile.BadZipFile):  # not an npz archive (numpy would offer to unpickle it)
+        raise ValueError(f"samples file {samples_npz} is not an npz archive; pass an ADM-format npz (arr_0 and "
+                         f"labels), as jobs/sample.py writes.") from None
+    if not hasattr(z, "files"):  # a plain .npy array
+        raise ValueError(f"samples file {samples_npz} is one array, not an npz archive; pass an ADM-format npz "
+                         f"(arr_0 and labels), as jobs/sample.py writes.")
+    with z:
         if "arr_0" not in z.files:
             raise ValueError(f"{samples_npz} has no arr_0; it must be an ADM-format npz (jobs/sample.py writes one).")
         images = z["arr_0"]
