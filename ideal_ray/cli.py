@@ -235,16 +235,8 @@ def require_usable_output(output_dir: str, name: str, **storage: Optional[str]) 
     folders = [("output_dir", output_dir)] + [(k, v) for k, v in storage.items() if v and "://" not in v]
     for key, root in folders:
         run = os.path.join(os.path.expanduser(root), name)
-        existing = _nearest_existing(run)
-        if not os.path.isdir(existing) and existing == run:
-            refuse(f"config error: the run folder {run} ({key}/name) exists and is not a folder; pass another name "
-                   f"or {key}, or move it away.")
-        if not os.path.isdir(existing):
-            refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} exists and is not a "
-                   f"folder; pass another {key}, or move {existing} away.")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            refuse(f"config error: {key}={root} cannot hold the run folder {run}: {existing} is not writable by "
-                   f"this user; pass a folder you can write to as {key}.")
+        _require_folder(run, key, f"the run folder {run} ({key}/name) exists and is not a folder; pass another name "
+                                  f"or {key}, or move it away.", f"{key}={root} cannot hold the run folder {run}")
 
 
 def require_usable_folders(**paths: Optional[str]) -> None:
@@ -252,25 +244,26 @@ def require_usable_folders(**paths: Optional[str]) -> None:
     be a folder: it is a file, or its nearest existing ancestor is not a folder this user can write to. Empty values
     and URIs are skipped; nothing is created here."""
     for key, path in paths.items():
-        if not path or "://" in path:
-            continue
-        folder = os.path.expanduser(path)
-        existing = _nearest_existing(folder)
-        if existing == folder and not os.path.isdir(folder):
-            refuse(f"config error: {key}={path} exists and is not a folder; pass a folder, or move the file away.")
-        if not os.path.isdir(existing):
-            refuse(f"config error: {key}={path} cannot be made: {existing} exists and is not a folder; pass another "
-                   f"{key}, or move {existing} away.")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            refuse(f"config error: {key}={path} cannot be made: {existing} is not writable by this user; pass a "
-                   f"folder you can write to as {key}.")
+        if path and "://" not in path:
+            _require_folder(os.path.expanduser(path), key, f"{key}={path} exists and is not a folder; pass a folder, or "
+                                                           f"move the file away.", f"{key}={path} cannot be made")
 
 
-def _nearest_existing(path: str) -> str:
-    """``path`` or its nearest existing ancestor (a relative path ends at the working directory)."""
-    while not os.path.lexists(path):
-        path = os.path.dirname(path) or os.curdir
-    return path
+def _require_folder(folder: str, key: str, is_a_file: str, cannot: str) -> None:
+    """Refuse ``folder`` (set by ``key``) unless it is a folder or can be made: ``is_a_file`` when it is something
+    else, ``cannot`` + why when its nearest existing ancestor (a relative path ends at the working directory) is
+    not a folder this user can write to."""
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing) or os.curdir
+    if existing == folder and not os.path.isdir(folder):
+        refuse(f"config error: {is_a_file}")
+    if not os.path.isdir(existing):
+        refuse(f"config error: {cannot}: {existing} exists and is not a folder; pass another {key}, or move "
+               f"{existing} away.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        refuse(f"config error: {cannot}: {existing} is not writable by this user; pass a folder you can write to as "
+               f"{key}.")
 
 
 def check_checkpoints(gpt: Optional[str] = None, tokenizer: Optional[str] = None, classes=None) -> dict:
