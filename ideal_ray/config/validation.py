@@ -6,12 +6,12 @@ import math
 from typing import Any, Optional, Tuple
 
 from ideal_ray.config.overrides import _show
-from ideal_ray.storage import is_uri
 from ideal_ray.config.schema import (AblationSweepConfig, ARTrainConfig, CfgSweepConfig, ClassifierConfig, ConfigError,
                                      DistributedConfig, ExtractConfig, FIDConfig, GenEvalConfig, OptimConfig,
                                      PerfConfig, PipelineConfig, ReconEvalConfig, RunConfig, SampleConfig,
                                      SampleJobConfig,
                                      SourceConfig, TokenizerConfig, TokenizerTrainConfig)
+from ideal_ray.storage import is_uri
 
 
 # ---------------------------------------------------------------------------------------- validation
