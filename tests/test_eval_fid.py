@@ -262,3 +262,17 @@ def test_adm_npz_reference_end_to_end(extractor, photos, base_feats, tmp_path):
     assert result["fid_adm_stats"] == pytest.approx(result["fid"], rel=1e-6)
     assert result["sfid_adm_stats"] == pytest.approx(result["sfid"], rel=1e-6)
     assert "fid_adm_stats" in result["protocol"]["metrics"]
+
+
+def test_the_cache_folder_from_the_environment_is_a_folder_not_a_uri(monkeypatch):
+    """``$IDEAL_RAY_FID_REFS`` as ``fid.cache_dir`` is: a local or shared folder; a URI is one sentence (it became a
+    local folder named ``s3:``)."""
+    from ideal_ray.config import ConfigError
+    from ideal_ray.eval.reference import default_cache_dir
+
+    monkeypatch.setenv("IDEAL_RAY_FID_REFS", "s3://bucket/refs")
+    with pytest.raises(ConfigError, match="^IDEAL_RAY_FID_REFS=s3://bucket/refs is an object-store URI, but the "
+                                          "reference statistics are cached there as local files"):
+        default_cache_dir()
+    monkeypatch.setenv("IDEAL_RAY_FID_REFS", "/shared/refs")
+    assert default_cache_dir() == "/shared/refs"

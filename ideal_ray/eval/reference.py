@@ -60,8 +60,15 @@ CACHE_ENV = "IDEAL_RAY_FID_REFS"
 
 
 def default_cache_dir() -> str:
-    """``$IDEAL_RAY_FID_REFS`` if set, else ``~/.cache/ideal_ray/fid_refs`` (read at call time)."""
-    return os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/ideal_ray/fid_refs")
+    """``$IDEAL_RAY_FID_REFS`` if set, else ``~/.cache/ideal_ray/fid_refs`` (read at call time). A local or shared
+    folder: an object-store URI there is a ConfigError (it would become a local folder named ``s3:``)."""
+    from ideal_ray.config import ConfigError
+
+    value = os.environ.get(CACHE_ENV)
+    if value and storage.is_uri(value):
+        raise ConfigError(f"{CACHE_ENV}={value} is an object-store URI, but the reference statistics are cached there "
+                          f"as local files; set it to a local or shared folder.")
+    return os.path.expanduser(value or "~/.cache/ideal_ray/fid_refs")
 
 
 # ---------------------------------------------------------------------------------------------- ADM npz
