@@ -291,13 +291,17 @@ def _check_reference(tok_cfg, reference: str, given: str) -> None:
         return
     try:
         source = reference_source(reference, 256)  # the size does not matter here
-        if isinstance(source, ImageFolderReference):
-            source.files()
-        return
     except FileNotFoundError:
         problem = "nothing is there"
     except ValueError:
-        problem = "the folder holds no image files"
+        problem = "the file is not an ADM reference npz (an npz archive holding arr_0)"
+    else:
+        try:
+            if isinstance(source, ImageFolderReference):
+                source.files()
+            return
+        except ValueError:
+            problem = "the folder holds no image files"
     how = "set gen.reference to ADM's VIRTUAL_imagenet256_labeled.npz or a folder of reference images."
     if given:
         raise ConfigError(f"gen.reference={reference}: {problem}; {how}")

@@ -276,3 +276,21 @@ def test_the_cache_folder_from_the_environment_is_a_folder_not_a_uri(monkeypatch
         default_cache_dir()
     monkeypatch.setenv("IDEAL_RAY_FID_REFS", "/shared/refs")
     assert default_cache_dir() == "/shared/refs"
+
+
+def test_a_reference_file_is_an_npz_archive_holding_arr_0(tmp_path):
+    """A reference that is a file must be an ADM reference npz, said in one sentence before any image is read (numpy
+    itself offered to unpickle a file that is not one)."""
+    from ideal_ray.eval.reference import AdmNpzReference, reference_source
+
+    junk, keys, good = tmp_path / "junk.npz", tmp_path / "keys.npz", tmp_path / "ref.npz"
+    junk.write_bytes(b"not an archive")
+    np.savez(keys, images=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(good, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=f"^reference {junk} is not an npz archive; pass ADM's"):
+        reference_source(str(junk), 8)
+    with pytest.raises(ValueError, match=r"has no arr_0 \(keys: \['images'\]\)"):
+        reference_source(str(keys), 8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reference_source(str(tmp_path / "missing.npz"), 8)
+    assert isinstance(reference_source(str(good), 8), AdmNpzReference)

@@ -207,6 +207,11 @@ def test_the_gen_reference_is_found_before_the_first_stage(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=f"^gen.reference={nope}: nothing is there; set gen.reference to ADM's"):
         pipeline.tokenizer_to_eval_stages(tok, str(tmp_path / "run"), pipeline.pipeline_config(tok, [
             f"gen.reference={nope}"]))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(ConfigError, match=f"^gen.reference={junk}: the file is not an ADM reference npz"):
+        pipeline.tokenizer_to_eval_stages(tok, str(tmp_path / "run"), pipeline.pipeline_config(tok, [
+            f"gen.reference={junk}"]))
     for val in (root / "val").iterdir():  # a val split of Parquet shards, say: no images
         for f in val.iterdir():
             f.unlink()

@@ -238,7 +238,7 @@ Reference = Union[AdmNpzReference, ImageFolderReference]
 def reference_source(reference: str, size: int) -> Reference:
     """The reference at ``reference``, a local path or an object-store URI: an ADM reference npz (a file), or a
     folder of images, ADM-center-cropped and resized to ``size`` (the samples' size). FileNotFoundError naming what
-    to pass when nothing is there."""
+    to pass when nothing is there, ValueError for a file that is not an npz archive holding ``arr_0``."""
     if storage.is_uri(reference):
         where = storage.StorePath(reference)  # a store that cannot be read: one sentence naming the URI
         is_dir, is_file = where.is_dir(), where.is_file()
@@ -246,7 +246,16 @@ def reference_source(reference: str, size: int) -> Reference:
         is_dir, is_file = os.path.isdir(reference), os.path.isfile(reference)
     if is_dir:
         return ImageFolderReference(reference, crop=size, size=size)
-    if is_file:
+    if is_file:  # an npz archive holding arr_0 (its directory only: a few ranged reads in a bucket)
+        try:
+            with _open_binary(reference) as raw, zipfile.ZipFile(raw) as archive:
+                members = archive.namelist()
+        except zipfile.BadZipFile:
+            raise ValueError(f"reference {reference} is not an npz archive; pass ADM's VIRTUAL_imagenet256_labeled.npz "
+                             f"or a folder of reference images.") from None
+        if "arr_0.npy" not in members:
+            raise ValueError(f"reference {reference} has no arr_0 (keys: {sorted(n[:-4] for n in members)}); an ADM "
+                             f"reference batch stores its images as arr_0.")
         return AdmNpzReference(reference)
     raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz or a "
                             f"folder of reference images.")
