@@ -84,13 +84,19 @@ def _open_binary(path: str) -> Iterator[Any]:
             yield f
 
 
+def _require_arr_0(members: List[str], path: str) -> None:
+    """ValueError naming ``path`` and its keys unless the npz's ``members`` hold ``arr_0``, where an ADM reference
+    batch stores its images."""
+    if "arr_0.npy" not in members:
+        raise ValueError(f"{path} has no arr_0 (keys: {sorted(n[:-4] for n in members)}); an ADM reference batch "
+                         f"stores its images as arr_0.")
+
+
 def read_adm_npz(path: str, batch_size: int = 500) -> Iterator[np.ndarray]:
     """Stream ``arr_0`` of an npz (a local path or an object-store URI) as uint8 batches (B, H, W, 3) without
     loading all of it (10k x 256^2 x 3 is 2 GB)."""
     with _open_binary(path) as raw, zipfile.ZipFile(raw) as archive:
-        if "arr_0.npy" not in archive.namelist():
-            raise ValueError(f"{path} has no arr_0 (keys: {sorted(n[:-4] for n in archive.namelist())}); an ADM "
-                             "reference batch stores its images as arr_0.")
+        _require_arr_0(archive.namelist(), path)
         with archive.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
             readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -253,9 +259,7 @@ def reference_source(reference: str, size: int) -> Reference:
         except zipfile.BadZipFile:
             raise ValueError(f"reference {reference} is not an npz archive; pass ADM's VIRTUAL_imagenet256_labeled.npz "
                              f"or a folder of reference images.") from None
-        if "arr_0.npy" not in members:
-            raise ValueError(f"reference {reference} has no arr_0 (keys: {sorted(n[:-4] for n in members)}); an ADM "
-                             f"reference batch stores its images as arr_0.")
+        _require_arr_0(members, reference)
         return AdmNpzReference(reference)
     raise FileNotFoundError(f"reference {reference} does not exist; pass ADM's VIRTUAL_imagenet256_labeled.npz or a "
                             f"folder of reference images.")
